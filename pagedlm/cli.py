@@ -1,0 +1,44 @@
+"""``pagedlm`` command line: generate | chat | serve | bench | inspect.
+
+Each command lives in its own module with ``register(subparsers)``; this file only wires them
+and turns user errors into a message and a non-zero exit (never a traceback). Nothing here
+imports torch, so ``pagedlm inspect`` and ``--help`` are instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pagedlm.errors import USER_ERRORS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pagedlm",
+        description="pagedlm: an LLM inference engine with a paged KV cache and continuous batching.",
+        epilog="Run 'pagedlm COMMAND --help' for the options of each command.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    from pagedlm.commands import register_engine_commands
+
+    register_engine_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        print(f"pagedlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
