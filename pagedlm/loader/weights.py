@@ -1,0 +1,217 @@
+"""Stream checkpoint tensors into a built model, strictly.
+
+Sources: HF directories (``model.safetensors``, sharded safetensors with
+``model.safetensors.index.json``, ``pytorch_model.bin`` through ``torch.load(weights_only=True)``)
+and GGUF files (dequantised by the ``gguf`` package; names mapped to HF names; llama.cpp's
+q/k row permutation and Gemma's norm ``+1`` undone). Every parameter must be loaded exactly once;
+missing, unexpected and mis-shaped tensors raise ``ModelLoadError`` naming them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from pagedlm.config import ModelConfig
+from pagedlm.errors import ModelLoadError
+from pagedlm.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, default_weight_loader
+
+_IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias$|\.attn\.masked_bias$|^rope_freqs\.weight$)")
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h)\.(\d+)\.")
+
+
+# ---- sources ---------------------------------------------------------------------------------
+
+def iter_hf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    files = _hf_weight_files(path)
+    for f in files:
+        if f.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            try:
+                with safe_open(f, framework="pt") as sf:
+                    for name in sf.keys():
+                        yield name, sf.get_tensor(name)
+            except ModelLoadError:
+                raise
+            except Exception as e:
+                raise ModelLoadError(f"cannot read safetensors file {f!r}: {e}") from e
+        else:
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise ModelLoadError(f"cannot read {f!r} with torch.load(weights_only=True): {e}") from e
+            if not isinstance(state, dict):
+                raise ModelLoadError(f"{f!r} does not hold a state dict")
+            yield from state.items()
+
+
+def _hf_weight_files(path: str) -> list[str]:
+    for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        index = os.path.join(path, index_name)
+        if os.path.isfile(index):
+            try:
+                with open(index, encoding="utf-8") as fh:
+                    weight_map = json.load(fh)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ModelLoadError(f"{index!r} is not a valid weight index: {e}") from e
+            files = sorted(set(weight_map.values()))
+            for f in files:
+                if not os.path.isfile(os.path.join(path, f)):
+                    raise ModelLoadError(f"{index!r} names shard {f!r}, which does not exist")
+            return [os.path.join(path, f) for f in files]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(path, single)):
+            return [os.path.join(path, single)]
+    st = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if st:
+        return [os.path.join(path, f) for f in st]
+    raise ModelLoadError(f"no weights in {path!r}: expected model.safetensors, a sharded safetensors "
+                         "index, pytorch_model.bin, or a .gguf file")
+
+
+_GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "attn_norm": "input_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    "post_attention_norm": "post_attention_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+
+
+def gguf_to_hf_name(name: str, cfg: ModelConfig) -> str | None:
+    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+    if name in top:
+        return top[name]
+    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
+    if not m:
+        return None
+    layer, part, kind = m.groups()
+    if part == "ffn_norm":
+        hf = "pre_feedforward_layernorm" if cfg.post_norms else "post_attention_layernorm"
+    else:
+        hf = _GGUF_LAYER_NAMES.get(part)
+    if hf is None:
+        return None
+    return f"model.layers.{layer}.{hf}.{kind}"
+
+
+def iter_gguf_weights(path: str, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    import numpy as np
+    from gguf import dequantize
+
+    from pagedlm.loader.gguf_meta import open_gguf
+
+    if cfg.family == "gpt2":
+        raise ModelLoadError("GGUF GPT-2 checkpoints are not supported; use an HF directory")
+    reader = open_gguf(path)
+    for t in reader.tensors:
+        if _IGNORED.search(t.name):
+            continue
+        name = gguf_to_hf_name(t.name, cfg)
+        if name is None:
+            raise ModelLoadError(f"{path!r}: unexpected GGUF tensor {t.name!r}")
+        try:
+            arr = dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise ModelLoadError(f"{path!r}: cannot dequantise {t.name!r} ({t.tensor_type.name}): {e}") from e
+        shape = tuple(int(s) for s in reversed(t.shape))
+        if arr.size != int(np.prod(shape)):
+            raise ModelLoadError(f"{path!r}: tensor {t.name!r} is truncated")
+        w = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
+        if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
+            # llama.cpp interleaves the two rope halves of each head; restore "rotate half" order.
+            w = w.view(heads, cfg.head_dim // 2, 2, -1).transpose(1, 2).reshape(shape)
+        if cfg.norm_weight_offset and name.endswith("norm.weight"):
+            w = w - cfg.norm_weight_offset  # llama.cpp stores Gemma's (1 + w)
+        yield name, w
+
+
+def iter_weights(path: str, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+    if path.endswith(".gguf"):
+        return iter_gguf_weights(path, cfg)
+    return iter_hf_weights(path)
+
+
+# ---- the walk --------------------------------------------------------------------------------
+
+def _expected_shards(model: nn.Module) -> dict[str, set]:
+    expected: dict[str, set] = {}
+    for mod_name, mod in model.named_modules():
+        for pname, _ in mod.named_parameters(recurse=False):
+            full = f"{mod_name}.{pname}" if mod_name else pname
+            if isinstance(mod, QKVParallelLinear):
+                expected[full] = {"q", "k", "v"}
+            elif isinstance(mod, MergedColumnParallelLinear):
+                expected[full] = set(range(len(mod.output_sizes)))
+            else:
+                expected[full] = {None}
+    return expected
+
+
+def default_remap(model: nn.Module, name: str, tensor: torch.Tensor):
+    cfg: ModelConfig = model.config
+    if name == "lm_head.weight" and cfg.tie_word_embeddings:
+        return
+    for ckpt, (packed, shard) in model.packed_modules_mapping.items():
+        if f".{ckpt}." in name:
+            yield name.replace(f".{ckpt}.", f".{packed}."), tensor, shard
+            return
+    yield name, tensor, None
+
+
+def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
+    params = dict(model.named_parameters())
+    for n, p in params.items():
+        p._pagedlm_name = n
+    expected = _expected_shards(model)
+    loaded: dict[str, set] = {n: set() for n in params}
+    unexpected: list[str] = []
+    remap = getattr(model, "remap_checkpoint", None)
+    own_layers = getattr(model, "own_layer", None)
+    for name, tensor in weights:
+        if _IGNORED.search(name):
+            continue
+        m = _LAYER.search(name)
+        if m and own_layers is not None and not own_layers(int(m.group(1))):
+            continue  # another pipeline stage's layer
+        items = remap(name, tensor) if remap is not None else default_remap(model, name, tensor)
+        for pname, t, shard in items:
+            param = params.get(pname)
+            if param is None:
+                if own_layers is not None and not own_layers(None, pname):
+                    continue
+                unexpected.append(name)
+                continue
+            if shard in loaded[pname]:
+                raise ModelLoadError(f"checkpoint tensor {name!r} loaded twice")
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            try:
+                with torch.no_grad():
+                    loader(param, t, shard) if shard is not None else loader(param, t)
+            except ValueError as e:
+                raise ModelLoadError(f"checkpoint tensor {name!r}: {e}") from e
+            loaded[pname].add(shard)
+    missing = sorted(n for n, shards in expected.items() if loaded.get(n, set()) != shards)
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:20])}" + (" ..." if len(missing) > 20 else ""))
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:20])}"
+                        + (" ..." if len(unexpected) > 20 else ""))
+    if problems:
+        raise ModelLoadError("checkpoint does not match the model: " + "; ".join(problems))

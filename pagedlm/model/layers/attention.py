@@ -1,0 +1,163 @@
+"""Attention over a paged KV cache, for one flat varlen batch of decodes and prefill chunks.
+
+The batch layout (built by the ModelRunner, read by every attention layer):
+
+    tokens [0, num_decodes)            one new token per decoding sequence
+    tokens [num_decodes, num_tokens)   prefill chunks, one contiguous segment per sequence
+
+Each layer's cache is one tensor ``(2, num_blocks, block_size, kv_heads, head_dim)`` (K then V);
+token ``t`` of a sequence lives in slot ``block_table[t // block_size] * block_size + t % block_size``.
+New K/V are written by ``slot_mapping``; block tables are read for the context.
+
+Backends sit behind ``AttentionBackend.forward``; ``TorchAttentionBackend`` is the portable
+reference (CPU and CUDA, via ``scaled_dot_product_attention``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class PrefillSegment:
+    q_start: int  # first token of this chunk in the flat batch
+    q_len: int  # tokens in this chunk
+    context_len: int  # tokens of the sequence seen after this chunk (cached prefix + chunk)
+    block_table: torch.Tensor  # (num_blocks_of_seq,) int64
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # (num_tokens,) int64
+    num_decodes: int = 0
+    decode_block_tables: torch.Tensor | None = None  # (num_decodes, max_blocks) int64
+    decode_context_lens: torch.Tensor | None = None  # (num_decodes,) int64, incl. the new token
+    decode_max_context: int = 0
+    prefills: list[PrefillSegment] = field(default_factory=list)
+    block_size: int = 16
+    # Masks are the same for every layer of a step: built once, on first use, per window.
+    _mask_cache: dict = field(default_factory=dict, repr=False)
+
+    def decode_mask(self, window: int | None) -> torch.Tensor | None:
+        """(num_decodes, 1, 1, T) bool mask over the gathered context, or None when every key is
+        visible (a single sequence with no window in force)."""
+        key = ("decode", window)
+        if key not in self._mask_cache:
+            lens = self.decode_context_lens
+            t = self.decode_max_context
+            need_window = window is not None and t > window
+            if self.num_decodes == 1 and not need_window:
+                self._mask_cache[key] = None
+            else:
+                pos = torch.arange(t, device=lens.device)[None, :]
+                mask = pos < lens[:, None]
+                if need_window:
+                    mask &= pos > (lens[:, None] - 1 - window)
+                self._mask_cache[key] = mask[:, None, None, :]
+        return self._mask_cache[key]
+
+    def prefill_mask(self, i: int, window: int | None) -> torch.Tensor | None:
+        """(q_len, context_len) bool mask for segment i; None where plain causal attention over the
+        chunk itself is exact (no cached prefix and no window in force)."""
+        key = ("prefill", i, window)
+        if key not in self._mask_cache:
+            seg = self.prefills[i]
+            offset = seg.context_len - seg.q_len
+            need_window = window is not None and seg.context_len > window
+            if offset == 0 and not need_window:
+                self._mask_cache[key] = None
+            else:
+                dev = self.slot_mapping.device
+                qpos = torch.arange(offset, seg.context_len, device=dev)[:, None]
+                kpos = torch.arange(seg.context_len, device=dev)[None, :]
+                mask = kpos <= qpos
+                if need_window:
+                    mask &= kpos > qpos - window
+                self._mask_cache[key] = mask
+        return self._mask_cache[key]
+
+
+class TorchAttentionBackend:
+    """Portable reference: gathers each sequence's blocks and calls SDPA (GQA without repeating
+    K/V: ``enable_gqa``)."""
+
+    name = "torch"
+
+    @staticmethod
+    def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        _, nb, bs, h, d = kv_cache.shape
+        kv_cache[0].view(nb * bs, h, d).index_copy_(0, slots, k)
+        kv_cache[1].view(nb * bs, h, d).index_copy_(0, slots, v)
+
+    @staticmethod
+    def forward(
+        q: torch.Tensor,  # (tokens, heads, head_dim)
+        k: torch.Tensor,  # (tokens, kv_heads, head_dim)
+        v: torch.Tensor,
+        kv_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        window: int | None,
+    ) -> torch.Tensor:
+        TorchAttentionBackend.write_kv(kv_cache, k, v, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            t = meta.decode_max_context
+            nblocks = (t + meta.block_size - 1) // meta.block_size
+            bt = meta.decode_block_tables[:, :nblocks]
+            h, d = kv_cache.shape[-2:]
+            # (nd, nblocks, block, kv_heads, hd) -> (nd, kv_heads, t, hd)
+            kc = kv_cache[0][bt].view(nd, -1, h, d)[:, :t].transpose(1, 2)
+            vc = kv_cache[1][bt].view(nd, -1, h, d)[:, :t].transpose(1, 2)
+            qd = q[:nd].unsqueeze(2)  # (nd, heads, 1, hd)
+            o = F.scaled_dot_product_attention(
+                qd, kc, vc, attn_mask=meta.decode_mask(window), scale=scale, enable_gqa=True
+            )
+            out[:nd] = o.squeeze(2)
+        for i, seg in enumerate(meta.prefills):
+            s, n = seg.q_start, seg.q_len
+            qs = q[s : s + n].transpose(0, 1)  # (heads, n, hd)
+            if seg.context_len == n:
+                ks, vs = k[s : s + n].transpose(0, 1), v[s : s + n].transpose(0, 1)
+            else:
+                h, d = kv_cache.shape[-2:]
+                bt = seg.block_table
+                ks = kv_cache[0][bt].view(-1, h, d)[: seg.context_len].transpose(0, 1)
+                vs = kv_cache[1][bt].view(-1, h, d)[: seg.context_len].transpose(0, 1)
+            mask = meta.prefill_mask(i, window)
+            o = F.scaled_dot_product_attention(
+                qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),
+                attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=True,
+            )
+            out[s : s + n] = o.squeeze(0).transpose(0, 1)
+        return out
+
+
+class Attention(nn.Module):
+    """Attention core of one layer: owns nothing but its KV cache slot (set by the runner)."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
+                 sliding_window: int | None = None, backend: type = TorchAttentionBackend):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.sliding_window = sliding_window
+        self.backend = backend
+        self.kv_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        # q: (tokens, heads * hd) -> (tokens, heads, hd); same for k/v with kv_heads
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if self.kv_cache is None:
+            raise RuntimeError("attention layer has no KV cache: the ModelRunner allocates it")
+        o = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale, self.sliding_window)
+        return o.reshape(-1, self.num_heads * self.head_dim)

@@ -1,0 +1,197 @@
+"""Linear layers that own their tensor-parallel sharding rule (nano-vllm style).
+
+Each parameter carries a ``weight_loader(param, loaded_weight, shard_id=None)`` that narrows the
+checkpoint tensor to this rank's shard and copies it in place, so the loader is a plain walk.
+With tp_size == 1 every layer is a plain ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedlm.distributed.state import get_parallel_state
+
+
+def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
+    if tuple(param.shape) != tuple(loaded.shape):
+        raise ValueError(f"shape mismatch for {what}: model expects {tuple(param.shape)}, "
+                         f"checkpoint has {tuple(loaded.shape)}")
+    param.data.copy_(loaded)
+
+
+def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+    _copy_checked(param, loaded, getattr(param, "_pagedlm_name", "parameter"))
+
+
+class LinearBase(nn.Module):
+    tp_dim: int | None = None  # 0: shard output rows; 1: shard input columns; None: replicated
+
+    def __init__(self, in_features: int, out_features: int, bias: bool):
+        super().__init__()
+        ps = get_parallel_state()
+        self.tp_rank, self.tp_size, self.tp_group = ps.tp_rank, ps.tp_size, ps.tp_group
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def _shard(self, param: nn.Parameter, loaded: torch.Tensor) -> torch.Tensor:
+        if self.tp_dim is None or self.tp_size == 1 or (self.tp_dim == 1 and loaded.dim() == 1):
+            return loaded
+        size = param.shape[self.tp_dim]
+        return loaded.narrow(self.tp_dim, self.tp_rank * size, size)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        _copy_checked(param, self._shard(param, loaded), getattr(param, "_pagedlm_name", "linear"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class ReplicatedLinear(LinearBase):
+    tp_dim = None
+
+
+class ColumnParallelLinear(LinearBase):
+    """Output features split across TP ranks; no communication in forward."""
+
+    tp_dim = 0
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        tp = get_parallel_state().tp_size
+        if out_features % tp:
+            raise ValueError(f"output size {out_features} is not divisible by tensor parallel size {tp}")
+        super().__init__(in_features, out_features // tp, bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel outputs in one matmul (e.g. gate and up); shard_id is the index."""
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool = False):
+        self.output_sizes = list(output_sizes)
+        super().__init__(in_features, sum(output_sizes), bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if shard_id is None:
+            return super().weight_loader(param, loaded)
+        tp = self.tp_size
+        offset = sum(self.output_sizes[:shard_id]) // tp
+        size = self.output_sizes[shard_id] // tp
+        target = param.data.narrow(0, offset, size)
+        loaded = loaded.narrow(0, self.tp_rank * size, size) if tp > 1 else loaded
+        _copy_checked(target, loaded, f"{getattr(param, '_pagedlm_name', 'merged')}[{shard_id}]")
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """q, k and v projections in one matmul. Heads are split across TP ranks; KV heads are
+    replicated when there are fewer of them than ranks."""
+
+    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+        tp = get_parallel_state().tp_size
+        if num_heads % tp:
+            raise ValueError(f"num_attention_heads {num_heads} is not divisible by tensor parallel size {tp}")
+        if num_kv_heads >= tp and num_kv_heads % tp:
+            raise ValueError(f"num_key_value_heads {num_kv_heads} is not divisible by tensor parallel size {tp}")
+        if num_kv_heads < tp and tp % num_kv_heads:
+            raise ValueError(f"tensor parallel size {tp} is not a multiple of num_key_value_heads {num_kv_heads}")
+        self.head_dim = head_dim
+        self.num_heads = num_heads // tp
+        self.num_kv_heads = max(1, num_kv_heads // tp)
+        self.total_kv_heads = num_kv_heads
+        out_total = (self.num_heads + 2 * self.num_kv_heads) * head_dim * tp
+        super().__init__(hidden_size, out_total, bias)
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if shard_id is None:
+            return LinearBase.weight_loader(self, param, loaded)
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        offset, size = {"q": (0, q), "k": (q, kv), "v": (q + kv, kv)}[shard_id]
+        if self.tp_size > 1:
+            if shard_id == "q":
+                head_rank = self.tp_rank
+            elif self.total_kv_heads < self.tp_size:  # replicated KV heads: tp/kv ranks share one
+                head_rank = self.tp_rank // (self.tp_size // self.total_kv_heads)
+            else:
+                head_rank = self.tp_rank
+            loaded = loaded.narrow(0, head_rank * size, size)
+        target = param.data.narrow(0, offset, size)
+        _copy_checked(target, loaded, f"{getattr(param, '_pagedlm_name', 'qkv')}[{shard_id}]")
+
+
+class RowParallelLinear(LinearBase):
+    """Input features split across TP ranks; the partial outputs are all-reduced in forward."""
+
+    tp_dim = 1
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        tp = get_parallel_state().tp_size
+        if in_features % tp:
+            raise ValueError(f"input size {in_features} is not divisible by tensor parallel size {tp}")
+        super().__init__(in_features // tp, out_features, bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.weight)
+        from pagedlm.distributed.comm import all_reduce
+
+        all_reduce(y, self.tp_group)
+        return y + self.bias if self.bias is not None else y
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding rows split across TP ranks; ids outside this rank's range give zeros, then an
+    all-reduce sums the shards."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int):
+        super().__init__()
+        ps = get_parallel_state()
+        self.tp_rank, self.tp_size, self.tp_group = ps.tp_rank, ps.tp_size, ps.tp_group
+        self.num_embeddings = num_embeddings
+        self.per_rank = (num_embeddings + self.tp_size - 1) // self.tp_size
+        self.start = self.tp_rank * self.per_rank
+        self.end = min(self.start + self.per_rank, num_embeddings)
+        self.weight = nn.Parameter(torch.empty(self.per_rank, embedding_dim), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
+        if loaded.shape[0] != self.num_embeddings:
+            raise ValueError(f"shape mismatch for {getattr(param, '_pagedlm_name', 'embedding')}: model "
+                             f"expects {self.num_embeddings} rows, checkpoint has {loaded.shape[0]}")
+        shard = loaded[self.start : self.end]
+        param.data.zero_()
+        _copy_checked(param.data[: shard.shape[0]], shard, getattr(param, "_pagedlm_name", "embedding"))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(ids, self.weight)
+        mask = (ids >= self.start) & (ids < self.end)
+        y = F.embedding((ids - self.start) * mask, self.weight) * mask[:, None].to(self.weight.dtype)
+        from pagedlm.distributed.comm import all_reduce
+
+        all_reduce(y, self.tp_group)
+        return y
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Output projection with vocab rows split across TP ranks; logits are gathered on every rank."""
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.weight)
+        if self.tp_size == 1:
+            return logits
+        from pagedlm.distributed.comm import all_gather_last_dim
+
+        return all_gather_last_dim(logits, self.tp_group)[:, : self.num_embeddings]
+
+
+__all__ = [
+    "ColumnParallelLinear", "MergedColumnParallelLinear", "ParallelLMHead", "QKVParallelLinear",
+    "ReplicatedLinear", "RowParallelLinear", "VocabParallelEmbedding", "default_weight_loader",
+]
