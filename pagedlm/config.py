@@ -294,7 +294,12 @@ class ModelConfig:
         n_kv = int(d.get("num_key_value_heads") or n_heads)
         head_dim = int(d.get("head_dim") or hidden // n_heads)
         n_layers = int(req("num_hidden_layers"))
-        theta, scaling, local_theta = _rope_from_hf(d, family)
+        if arch in ANALYSIS_ONLY_ARCHITECTURES:
+            # Never run by the engine, so its rope scaling (DeepSeek-V3: YaRN) is not needed here.
+            theta, scaling, local_theta = _rope_from_hf(
+                {k: v for k, v in d.items() if k not in ("rope_scaling", "rope_parameters")}, family)
+        else:
+            theta, scaling, local_theta = _rope_from_hf(d, family)
         act = d.get("hidden_act") or d.get("hidden_activation") or "silu"
         kw: dict[str, Any] = dict(
             hidden_size=hidden,
@@ -309,8 +314,10 @@ class ModelConfig:
             rope_theta=theta,
             rope_scaling=scaling,
             attention_bias=bool(d.get("attention_bias", False)) or arch == "Qwen2ForCausalLM"
-            or arch == "Qwen2MoeForCausalLM",
-            o_proj_bias=False,
+            or (arch == "Qwen2MoeForCausalLM" and bool(d.get("qkv_bias", True))),
+            # transformers gives o_proj a bias with attention_bias in these (never in Qwen2/Mistral).
+            o_proj_bias=bool(d.get("attention_bias", False)) and arch in (
+                "LlamaForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"),
             mlp_bias=bool(d.get("mlp_bias", False)),
             qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "Gemma3ForCausalLM"),
         )
