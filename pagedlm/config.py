@@ -363,7 +363,7 @@ class ModelConfig:
                 norm_topk_prob=True,
             )
         elif arch in ("Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM"):
-            n_exp = int(req("num_experts"))
+            n_exp = int(req("num_experts", "num_local_experts"))  # transformers 5 saves the latter
             step = int(d.get("decoder_sparse_step", 1) or 1)
             mlp_only = set(d.get("mlp_only_layers") or [])
             kw.update(
