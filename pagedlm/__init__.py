@@ -1,3 +1,35 @@
 """pagedlm: an LLM inference engine written from first principles on PyTorch."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LLMEngine", "EngineConfig"]
+
+if TYPE_CHECKING:
+    from pagedlm.engine.engine import EngineConfig, LLMEngine
+    from pagedlm.llm import LLM
+    from pagedlm.outputs import CompletionOutput, RequestOutput
+    from pagedlm.sampling_params import SamplingParams
+
+
+def __getattr__(name: str):
+    # Lazy: `pagedlm inspect` and `--help` must not pay for importing torch.
+    if name == "LLM":
+        from pagedlm.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from pagedlm.sampling_params import SamplingParams
+
+        return SamplingParams
+    if name in ("RequestOutput", "CompletionOutput"):
+        from pagedlm import outputs
+
+        return getattr(outputs, name)
+    if name in ("LLMEngine", "EngineConfig"):
+        from pagedlm.engine import engine
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'pagedlm' has no attribute {name!r}")

@@ -1,0 +1,107 @@
+"""The offline API, in vLLM's shapes: ``LLM(model=...).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as Seq
+from typing import Any
+
+from pagedlm.engine.engine import EngineConfig, LLMEngine
+from pagedlm.outputs import RequestOutput
+from pagedlm.sampling_params import SamplingParams
+from pagedlm.tokenizer import apply_chat_template
+
+PromptType = str | dict[str, Any]
+
+
+class LLM:
+    """Load a model (HF directory, .gguf file, or None for the default SmolLM2) and generate.
+
+    Keyword arguments are ``EngineConfig`` fields: dtype, block_size, kv_cache_memory,
+    max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, seed, ...
+    """
+
+    def __init__(self, model: str | None = None, dtype: str = "bfloat16", **kwargs: Any):
+        self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: PromptType | Seq[PromptType],
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"got {len(params)} SamplingParams for {len(prompts)} prompts")
+        ids = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = f"gen-{next(self._ids)}"
+                if isinstance(prompt, dict):
+                    if "prompt_token_ids" in prompt:
+                        self.engine.add_request(rid, prompt.get("prompt"), p, prompt_token_ids=prompt["prompt_token_ids"])
+                    elif "prompt" in prompt:
+                        self.engine.add_request(rid, prompt["prompt"], p)
+                    else:
+                        raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+                else:
+                    self.engine.add_request(rid, prompt, p)
+                ids.append(rid)
+        except Exception:
+            for rid in ids:  # do not leave half a batch queued
+                self.engine.abort_request(rid)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(self, messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+             sampling_params: SamplingParams | None = None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        tok = self.engine.tokenizer
+        prompts = []
+        for conv in conversations:
+            text = apply_chat_template(tok, conv, add_generation_prompt)
+            prompts.append({"prompt": text, "prompt_token_ids": tok(text, add_special_tokens=False)["input_ids"]})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        done: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(ids), desc="Processed prompts", dynamic_ncols=True)
+        eng = self.engine
+        t0 = time.perf_counter()
+        p0, d0 = eng.stats["prefill_tokens"], eng.stats["decode_tokens"]
+        wanted = set(ids)
+        try:
+            while len(done) < len(ids) and eng.has_unfinished_requests():
+                for out in eng.step():
+                    if out.finished and out.request_id in wanted:
+                        done[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+                if bar is not None:
+                    dt = max(time.perf_counter() - t0, 1e-9)
+                    bar.set_postfix_str(f"prefill {(eng.stats['prefill_tokens'] - p0) / dt:.0f} tok/s, "
+                                        f"decode {(eng.stats['decode_tokens'] - d0) / dt:.0f} tok/s", refresh=False)
+        except BaseException:
+            for rid in ids:
+                if rid not in done and rid in eng.requests:
+                    eng.abort_request(rid)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return [done[r] for r in ids]

@@ -1,0 +1,105 @@
+"""Batched sampling with per-request parameters.
+
+Order, per row: penalties (repetition over prompt + output, frequency / presence over output)
+-> min_tokens (EOS and stop ids masked) -> greedy rows take the argmax -> temperature ->
+top-k -> top-p -> min-p -> a draw by the exponential race: argmax(p / E), E ~ Exp(1), which
+picks token i with probability p_i. Each seeded request draws its noise from its own generator,
+one vocab-sized draw per token, so its samples do not depend on what else is in the batch.
+Logprobs are of the model's raw distribution (log_softmax of the logits), as in vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from pagedlm.sampling_params import SamplingParams
+
+
+@dataclass
+class SamplingRow:
+    params: SamplingParams
+    prompt_ids: list[int]
+    output_ids: list[int]
+    generator: torch.Generator | None
+    banned: list[int]  # ids masked by min_tokens this step
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: list[int]
+    logprobs: list[float] | None  # logprob of each sampled token (when any row asked)
+    top_logprobs: list[tuple[list[int], list[float]] | None]  # per row: top ids and logprobs
+
+
+def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    vocab = logits.shape[-1]
+    for i, r in enumerate(rows):
+        p = r.params
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(sorted(set(r.prompt_ids) | set(r.output_ids)), dtype=torch.long)
+            seen = seen[seen < vocab]
+            vals = logits[i, seen]
+            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+        if (p.frequency_penalty or p.presence_penalty) and r.output_ids:
+            ids = torch.tensor(r.output_ids, dtype=torch.long)
+            counts = torch.zeros(vocab, dtype=logits.dtype).index_add_(0, ids, torch.ones(len(ids), dtype=logits.dtype))
+            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+
+
+def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator | None = None
+           ) -> SamplerOutput:
+    """logits: (rows, vocab), float32."""
+    logits = logits.float()
+    n, vocab = logits.shape
+    want_logprobs = any(r.params.logprobs is not None for r in rows)
+    raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
+    if any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty
+           for r in rows):
+        logits = logits.clone()
+        _apply_penalties(logits, rows)
+    for i, r in enumerate(rows):
+        if r.banned:
+            logits[i, torch.tensor(r.banned, dtype=torch.long)] = float("-inf")
+
+    tokens = logits.argmax(dim=-1)
+    random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
+    if random_rows:
+        idx = torch.tensor(random_rows, dtype=torch.long)
+        sub = logits[idx]
+        temps = torch.tensor([rows[i].params.temperature for i in random_rows], dtype=sub.dtype)
+        sub = sub / temps[:, None]
+        top_k = [rows[i].params.top_k for i in random_rows]
+        top_p = [rows[i].params.top_p for i in random_rows]
+        min_p = [rows[i].params.min_p for i in random_rows]
+        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+            sorted_logits, order = sub.sort(dim=-1, descending=True)
+            ks = torch.tensor([k if k > 0 else vocab for k in top_k])
+            ranks = torch.arange(vocab)[None, :]
+            sorted_logits = sorted_logits.masked_fill(ranks >= ks[:, None], float("-inf"))
+            probs_sorted = sorted_logits.softmax(dim=-1)
+            # keep the smallest head whose mass reaches top_p (always at least the top token)
+            before = probs_sorted.cumsum(dim=-1) - probs_sorted
+            ps = torch.tensor(top_p, dtype=sub.dtype)
+            sorted_logits = sorted_logits.masked_fill(before >= ps[:, None], float("-inf"))
+            sub = torch.full_like(sub, float("-inf")).scatter_(1, order, sorted_logits)
+        probs = sub.softmax(dim=-1)
+        if any(m > 0 for m in min_p):
+            mp = torch.tensor(min_p, dtype=probs.dtype)
+            probs = probs.masked_fill(probs < mp[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+        noise = torch.empty_like(probs)
+        for j, i in enumerate(random_rows):
+            noise[j].exponential_(generator=rows[i].generator or default_generator)
+        tokens[idx] = (probs / noise).argmax(dim=-1)
+
+    token_list = tokens.tolist()
+    lp, top = None, [None] * n
+    if raw_logprobs is not None:
+        lp = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+        for i, r in enumerate(rows):
+            k = r.params.logprobs
+            if k:
+                vals, ids = raw_logprobs[i].topk(k)
+                top[i] = (ids.tolist(), vals.tolist())
+    return SamplerOutput(token_list, lp, top)

@@ -1,0 +1,81 @@
+"""RequestOutput and CompletionOutput in vLLM's shapes, with per-request timings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Logprob:
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None = None
+    logprobs: list[dict[int, Logprob]] | None = None  # one dict per generated token
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    # Streaming: what this output added since the previous RequestOutput of its request.
+    text_delta: str = ""
+    token_ids_delta: list[int] = field(default_factory=list)
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestMetrics:
+    arrival_time: float
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_generated_tokens: int = 0
+
+    @property
+    def queue_time(self) -> float | None:
+        if self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.arrival_time
+
+    @property
+    def ttft(self) -> float | None:
+        return None if self.first_token_time is None else self.first_token_time - self.arrival_time
+
+    @property
+    def decode_time(self) -> float | None:
+        if self.first_token_time is None or self.finished_time is None:
+            return None
+        return self.finished_time - self.first_token_time
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        dt = self.decode_time
+        if not dt or self.num_generated_tokens < 2:
+            return None
+        return (self.num_generated_tokens - 1) / dt
+
+    def as_dict(self) -> dict:
+        return {
+            "queue_time": self.queue_time, "ttft": self.ttft, "decode_time": self.decode_time,
+            "decode_tokens_per_s": self.decode_tokens_per_s, "prompt_tokens": self.num_prompt_tokens,
+            "cached_prompt_tokens": self.num_cached_tokens, "generated_tokens": self.num_generated_tokens,
+        }
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    metrics: RequestMetrics | None = None
