@@ -158,6 +158,8 @@ def _expected_shards(model: nn.Module) -> dict[str, set]:
                 expected[full] = {"q", "k", "v"}
             elif isinstance(mod, MergedColumnParallelLinear):
                 expected[full] = set(range(len(mod.output_sizes)))
+            elif hasattr(mod, "checkpoint_shards"):  # e.g. fused MoE experts: (expert, part) shards
+                expected[full] = mod.checkpoint_shards(pname)
             else:
                 expected[full] = {None}
     return expected
@@ -174,6 +176,19 @@ def default_remap(model: nn.Module, name: str, tensor: torch.Tensor):
     yield name, tensor, None
 
 
+def _stage_layers(params: dict[str, torch.Tensor]):
+    """``own_layer`` for a pipeline stage: the layer numbers its own parameters carry."""
+    owned = {int(m.group(1)) for n in params if (m := _LAYER.search(n))}
+
+    def own_layer(layer: int | None, pname: str | None = None) -> bool:
+        if layer is None:  # a remapped name this stage lacks: owned only if it is not a layer's
+            m = _LAYER.search(pname or "")
+            return m is None or int(m.group(1)) in owned
+        return layer in owned
+
+    return own_layer
+
+
 def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) -> None:
     params = dict(model.named_parameters())
     for n, p in params.items():
@@ -183,6 +198,8 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
     unexpected: list[str] = []
     remap = getattr(model, "remap_checkpoint", None)
     own_layers = getattr(model, "own_layer", None)
+    if own_layers is None and not (getattr(model, "first", True) and getattr(model, "last", True)):
+        own_layers = _stage_layers(params)  # a pipeline stage: other stages' layers are skipped
     for name, tensor in weights:
         if _IGNORED.search(name):
             continue

@@ -165,3 +165,24 @@ class LlamaForCausalLM(nn.Module):
 
     def attention_layers(self) -> list[Attention]:
         return [m.self_attn.attn for m in self.model.layers.values()]
+
+    def remap_checkpoint(self, name: str, tensor: torch.Tensor):
+        """Yield (parameter name, tensor, shard id): MoE experts of any layout (layers/moe.py),
+        then the fused q/k/v and gate/up of ``packed_modules_mapping``."""
+        from pagedlm.loader.weights import default_remap
+
+        if self.config.is_moe:
+            from pagedlm.model.layers.moe import remap_moe, rename_moe
+
+            items = remap_moe(name, tensor, self._experts_of)
+            if items is not None:
+                yield from items
+                return
+            name = rename_moe(name)
+        yield from default_remap(self, name, tensor)
+
+    def _experts_of(self, prefix: str):
+        try:
+            return self.get_submodule(prefix + ".experts")
+        except AttributeError:
+            return None
