@@ -76,6 +76,12 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    # Parallelism: world size = tp x pp x ep ranks, spawned by the engine (pagedlm.distributed).
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    expert_parallel_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 0  # 0: a free port, so several engines can share a host
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -90,6 +96,16 @@ class EngineConfig:
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         resolve_dtype(self.dtype)
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.master_port, int) or not 0 <= self.master_port < 65536:
+            raise ValueError(f"master_port must be a port number (0 for a free one), got {self.master_port!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size * self.expert_parallel_size
 
 
 class Request:
@@ -115,7 +131,17 @@ class LLMEngine:
         self.model_path, self.weights_path, self.model_config = resolve_model(config.model)
         dtype = resolve_dtype(config.dtype)
         t0 = time.perf_counter()
-        self.runner = ModelRunner(self.weights_path, self.model_config, dtype, config.device)
+        if config.world_size > 1:
+            from pagedlm.distributed.layout import ParallelLayout
+            from pagedlm.distributed.runner import DistributedModelRunner
+
+            layout = ParallelLayout(config.tensor_parallel_size, config.pipeline_parallel_size,
+                                    config.expert_parallel_size)
+            self.runner = DistributedModelRunner(self.weights_path, self.model_config, dtype, config.device, layout,
+                                                 config.master_addr, config.master_port,
+                                                 **config.extra.get("distributed", {}))
+        else:
+            self.runner = ModelRunner(self.weights_path, self.model_config, dtype, config.device)
         self.tokenizer = load_tokenizer(self.model_path, self.weights_path)
         self.load_time = time.perf_counter() - t0
         per_token = self.runner.kv_bytes_per_token()
@@ -126,7 +152,8 @@ class LLMEngine:
                              f"{config.block_size} tokens ({per_block} bytes each)")
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
         self.kv_bytes_per_token = per_token
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        prefix_caching = config.enable_prefix_caching and getattr(self.runner, "supports_prefix_caching", True)
+        self.block_manager = BlockManager(num_blocks, config.block_size, prefix_caching)
         cache_tokens = num_blocks * config.block_size
         model_max = self.model_config.max_position_embeddings
         self.max_model_len = min(config.max_model_len or model_max, model_max, cache_tokens)
@@ -256,7 +283,7 @@ class LLMEngine:
             t = time.perf_counter()
             for j, (seq, _) in enumerate(inputs.samples):
                 tok = result.token_ids[j]
-                lp = None if result.logprobs is None else result.logprobs[j]
+                lp = None if result.logprobs is None else (result.logprobs[j], result.ranks[j])
                 self._append_token(seq, tok, lp, result.top_logprobs[j], t)
                 changed[seq.request_id] = self.requests[seq.request_id]
         return [self._make_output(req) for req in changed.values()]
@@ -279,7 +306,7 @@ class LLMEngine:
                         entry.setdefault(tid, Logprob(v, rank))
                 req.prompt_logprobs.append(entry)
 
-    def _append_token(self, seq: Sequence, tok: int, lp: float | None, top, now: float) -> None:
+    def _append_token(self, seq: Sequence, tok: int, lp: tuple[float, int] | None, top, now: float) -> None:
         req = self.requests[seq.request_id]
         p = seq.params
         seq.token_ids.append(tok)
@@ -287,9 +314,9 @@ class LLMEngine:
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
         if lp is not None:
-            seq.state["cum_logprob"] += lp
+            seq.state["cum_logprob"] += lp[0]
             if seq.state["logprobs"] is not None:
-                entry = {tok: Logprob(lp)}
+                entry = {tok: Logprob(*lp)}
                 if top is not None:
                     for rank, (tid, v) in enumerate(zip(*top), 1):
                         entry.setdefault(tid, Logprob(v, rank))
@@ -357,6 +384,12 @@ class LLMEngine:
             self.requests.pop(req.request_id, None)
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished,
                              req.prompt_logprobs, req.metrics)
+
+    def shutdown(self) -> None:
+        """Stop the model ranks of a parallel engine (no-op for a single process)."""
+        stop = getattr(self.runner, "shutdown", None)
+        if stop is not None:
+            stop()
 
     # ---- metrics ---------------------------------------------------------------------------
     def get_metrics(self) -> dict[str, float]:

@@ -30,6 +30,7 @@ class SamplingRow:
 class SamplerOutput:
     token_ids: list[int]
     logprobs: list[float] | None  # logprob of each sampled token (when any row asked)
+    ranks: list[int] | None  # rank of each sampled token in the raw distribution (1 = likeliest)
     top_logprobs: list[tuple[list[int], list[float]] | None]  # per row: top ids and logprobs
 
 
@@ -94,12 +95,14 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
         tokens[idx] = (probs / noise).argmax(dim=-1)
 
     token_list = tokens.tolist()
-    lp, top = None, [None] * n
+    lp, ranks, top = None, None, [None] * n
     if raw_logprobs is not None:
-        lp = raw_logprobs.gather(1, tokens[:, None]).squeeze(1).tolist()
+        chosen = raw_logprobs.gather(1, tokens[:, None])
+        lp = chosen.squeeze(1).tolist()
+        ranks = ((raw_logprobs > chosen).sum(dim=-1) + 1).tolist()
         for i, r in enumerate(rows):
             k = r.params.logprobs
             if k:
                 vals, ids = raw_logprobs[i].topk(k)
                 top[i] = (ids.tolist(), vals.tolist())
-    return SamplerOutput(token_list, lp, top)
+    return SamplerOutput(token_list, lp, ranks, top)
