@@ -50,7 +50,8 @@ class LlamaAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # (tokens, kv_heads, head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # rope on q and k in one pass: (tokens, heads + kv_heads, head_dim)
+        q, k = apply_rope(torch.cat((q, k), dim=1), cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         o = self.attn(q, k, v, meta)  # (tokens, heads * head_dim)
         return self.o_proj(o)
 

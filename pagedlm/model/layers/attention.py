@@ -111,9 +111,9 @@ class TorchAttentionBackend:
             nblocks = (t + meta.block_size - 1) // meta.block_size
             bt = meta.decode_block_tables[:, :nblocks]
             h, d = kv_cache.shape[-2:]
-            # (nd, nblocks, block, kv_heads, hd) -> (nd, kv_heads, t, hd)
-            kc = kv_cache[0][bt].view(nd, -1, h, d)[:, :t].transpose(1, 2)
-            vc = kv_cache[1][bt].view(nd, -1, h, d)[:, :t].transpose(1, 2)
+            # one gather for K and V: (2, nd, nblocks, block, kv_heads, hd) -> 2 x (nd, kv_heads, t, hd)
+            kv = kv_cache[:, bt].view(2, nd, -1, h, d)[:, :, :t].transpose(2, 3)
+            kc, vc = kv[0], kv[1]
             qd = q[:nd].unsqueeze(2)  # (nd, heads, 1, hd)
             o = F.scaled_dot_product_attention(
                 qd, kc, vc, attn_mask=meta.decode_mask(window), scale=scale, enable_gqa=True
@@ -126,9 +126,8 @@ class TorchAttentionBackend:
                 ks, vs = k[s : s + n].transpose(0, 1), v[s : s + n].transpose(0, 1)
             else:
                 h, d = kv_cache.shape[-2:]
-                bt = seg.block_table
-                ks = kv_cache[0][bt].view(-1, h, d)[: seg.context_len].transpose(0, 1)
-                vs = kv_cache[1][bt].view(-1, h, d)[: seg.context_len].transpose(0, 1)
+                kv = kv_cache[:, seg.block_table].view(2, -1, h, d)[:, : seg.context_len].transpose(1, 2)
+                ks, vs = kv[0], kv[1]
             mask = meta.prefill_mask(i, window)
             o = F.scaled_dot_product_attention(
                 qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0),

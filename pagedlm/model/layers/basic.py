@@ -25,12 +25,13 @@ class RMSNorm(nn.Module):
         self.dim = dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 as the reference implementations do, then scale.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.weight_offset:
+            # Gemma: normalise and scale by (1 + w) in float32, as its reference does.
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
             return (xf * (self.weight.float() + self.weight_offset)).to(x.dtype)
-        return self.weight * xf.to(x.dtype)
+        # One fused op (accumulates in float32 for reduced-precision inputs).
+        return F.rms_norm(x, (self.dim,), self.weight, self.eps)
 
 
 class LayerNorm(nn.Module):
