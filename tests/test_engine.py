@@ -263,3 +263,20 @@ def test_metrics_and_timings(llm):
     assert m.num_generated_tokens == 8
     em = llm.engine.get_metrics()
     assert em["num_requests_running"] == 0 and em["kv_cache_usage"] == 0.0
+
+
+def test_generation_config_eos_ids(tiny_llama_dir, tmp_path):
+    import json
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_llama_dir, d)
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 11]}))
+    llm = LLM(str(d), dtype="float32")
+    assert {7, 11} <= llm.engine.eos_ids
+
+
+def test_kv_pool_capped_by_what_can_be_used(tiny_llama_dir):
+    llm = LLM(tiny_llama_dir, dtype="float32", max_num_seqs=2, max_model_len=64, block_size=16)
+    assert llm.engine.num_kv_blocks == 2 * 64 // 16
+    assert "8 blocks" in llm.engine.cache_report()

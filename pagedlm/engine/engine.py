@@ -7,6 +7,7 @@ detokenize -> RequestOutputs for every request that changed (with text deltas fo
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import math
 import os
@@ -61,6 +62,21 @@ def resolve_model(model: str | None) -> tuple[str, str, ModelConfig]:
         raise ModelLoadError(f"{path!r} is a file but not a .gguf file; pass an HF model directory or a .gguf file")
     cfg = ModelConfig.from_pretrained(weights)
     return path, weights, cfg
+
+
+def _generation_config_eos(model_path: str) -> set[int]:
+    """EOS ids from generation_config.json (e.g. Llama 3 Instruct ends turns with <|eot_id|>)."""
+    path = os.path.join(model_path, "generation_config.json") if os.path.isdir(model_path) else ""
+    if not path or not os.path.isfile(path):
+        return set()
+    try:
+        with open(path, encoding="utf-8") as f:
+            eos = json.load(f).get("eos_token_id")
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"cannot read {path!r}: {e}") from e
+    if eos is None:
+        return set()
+    return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
 
 
 @dataclass
@@ -146,7 +162,14 @@ class LLMEngine:
         self.load_time = time.perf_counter() - t0
         per_token = self.runner.kv_bytes_per_token()
         per_block = per_token * config.block_size
-        num_blocks = config.num_kv_blocks or config.kv_cache_memory // per_block
+        model_max = min(config.max_model_len or self.model_config.max_position_embeddings,
+                        self.model_config.max_position_embeddings)
+        if config.num_kv_blocks:
+            num_blocks = config.num_kv_blocks
+        else:
+            # No more than every sequence at full length could ever use.
+            usable = -(-config.max_num_seqs * model_max // config.block_size)
+            num_blocks = min(config.kv_cache_memory // per_block, usable)
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory={config.kv_cache_memory} bytes holds no block of "
                              f"{config.block_size} tokens ({per_block} bytes each)")
@@ -155,8 +178,7 @@ class LLMEngine:
         prefix_caching = config.enable_prefix_caching and getattr(self.runner, "supports_prefix_caching", True)
         self.block_manager = BlockManager(num_blocks, config.block_size, prefix_caching)
         cache_tokens = num_blocks * config.block_size
-        model_max = self.model_config.max_position_embeddings
-        self.max_model_len = min(config.max_model_len or model_max, model_max, cache_tokens)
+        self.max_model_len = min(model_max, cache_tokens)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    self.max_model_len)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -164,6 +186,7 @@ class LLMEngine:
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
+        self.eos_ids |= _generation_config_eos(self.model_path)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "prefill_tokens": 0,
                       "decode_tokens": 0}
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token)", num_blocks,
