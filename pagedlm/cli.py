@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     from pagedlm.commands import register_engine_commands
 
     register_engine_commands(sub)
+    from pagedlm.server.cli import register as register_serve
+    register_serve(sub)
     from pagedlm.analysis.cli import register as register_inspect
     register_inspect(sub)
     return parser

@@ -1,0 +1,155 @@
+"""``pagedlm serve``: the OpenAI-compatible server (FastAPI + uvicorn) over the paged engine.
+
+torch, FastAPI and uvicorn are imported inside the command, so ``pagedlm --help`` stays fast.
+SIGTERM / SIGINT: stop accepting connections, abort the requests in flight (streams end with
+finish_reason "abort", waiting calls get 503), stop the engine thread, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from pagedlm.errors import PagedLMError
+
+
+def _size(text: str) -> int:
+    """Bytes from '512M', '2G', '1048576', ..."""
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
+    num = t[:-1] if t[-1:] in "KMGT" and t else t
+    try:
+        value = int(float(num) * mult)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512M, 2G, 1048576)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port must be in [0, 65535] (0 = any free port), got {value}")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, SSE streaming, metrics).",
+                       description="Serve a model over an OpenAI-compatible HTTP API with continuous batching.")
+    p.add_argument("--model", default=None,
+                   help="HF model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct GGUF)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the name clients pass as 'model' (default: the model's file or directory name)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--api-key", default=os.environ.get("PAGEDLM_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $PAGEDLM_API_KEY, else none)")
+    p.add_argument("--dtype", default="bfloat16", help="weights and KV cache dtype (default bfloat16)")
+    p.add_argument("--kv-cache-memory", type=_size, default=1 << 30, help="KV cache pool size, e.g. 512M, 2G")
+    p.add_argument("--max-num-seqs", type=_positive, default=64, help="sequences per step (default 64)")
+    p.add_argument("--max-num-batched-tokens", type=_positive, default=2048, help="tokens per step (default 2048)")
+    p.add_argument("--max-model-len", type=_positive, default=None, help="context length limit")
+    p.add_argument("--block-size", type=_positive, default=16, help="tokens per KV block (default 16)")
+    p.add_argument("--max-waiting", type=_non_negative, default=None,
+                   help="refuse new requests with 503 while N sequences wait for a slot (default: no limit)")
+    p.add_argument("--max-body-size", type=_size, default=1 << 20, help="largest request body (default 1M; 413)")
+    p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise PagedLMError(f"pagedlm serve needs fastapi and uvicorn: {e}") from e
+    from pagedlm.engine.async_engine import AsyncLLMEngine
+    from pagedlm.engine.engine import EngineConfig, LLMEngine
+    from pagedlm.server.app import ServerConfig, build_app
+
+    engine = LLMEngine(EngineConfig(
+        model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        block_size=args.block_size, seed=args.seed))
+    print(engine.cache_report(), file=sys.stderr, flush=True)
+    name = args.served_model_name or default_served_name(engine.model_path)
+    async_engine = AsyncLLMEngine(engine, max_waiting=args.max_waiting)
+    app = build_app(async_engine, ServerConfig(served_model_name=name, api_key=args.api_key,
+                                               max_body_bytes=args.max_body_size))
+    server = make_server(app, async_engine, args.host, args.port, log_level=args.log_level)
+    server.run()
+    return 0
+
+
+def default_served_name(model_path: str) -> str:
+    base = os.path.basename(os.path.normpath(model_path))
+    return base.removesuffix(".gguf") or model_path
+
+
+def make_server(app, async_engine, host: str, port: int, log_level: str = "info",
+                graceful_timeout: float = 10.0):
+    """A uvicorn server that drains the engine on SIGTERM/SIGINT and exits 0 (uvicorn re-raises
+    the signal after shutdown by default, which would end the process with 128+signal)."""
+    import contextlib
+    import signal
+    import threading
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        bound_port: int | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            if not self.should_exit:
+                async_engine.drain()  # in-flight requests end now; uvicorn then waits for their replies
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            old = {s: signal.signal(s, self.handle_exit) for s in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                yield
+            finally:
+                for s, h in old.items():
+                    signal.signal(s, h)
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets)
+            if self.servers and self.servers[0].sockets:
+                sockname = self.servers[0].sockets[0].getsockname()
+                self.bound_port = sockname[1]
+                print(f"pagedlm serve: listening on http://{host}:{self.bound_port}", file=sys.stderr, flush=True)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_timeout,
+                            lifespan="on", access_log=log_level == "debug")
+    return Server(config)

@@ -1,0 +1,68 @@
+"""Prometheus metrics under vLLM's names (``vllm:...``), so vLLM dashboards work unchanged.
+
+Each app owns a ``CollectorRegistry`` (never the process-global one), so several servers can
+live in one process (tests). Engine state (running, waiting, KV usage, prefix cache, token
+counters) is read from a snapshot of ``LLMEngine.get_metrics()`` taken on the engine thread
+just before each scrape; latencies are histograms observed by the request handlers.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
+               0.75, 1.0, 2.5, 5.0, 10.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
+               480.0, 960.0)
+
+
+class _EngineCollector:
+    def __init__(self, model_name: str):
+        self.model_name = model_name
+        self.snapshot: dict[str, float] = {}
+
+    def collect(self):
+        s, labels = self.snapshot, [self.model_name]
+        gauges = (("vllm:num_requests_running", "Sequences running in the engine.", "num_requests_running"),
+                  ("vllm:num_requests_waiting", "Sequences waiting for a slot.", "num_requests_waiting"),
+                  ("vllm:kv_cache_usage_perc", "KV cache usage, a fraction in [0, 1].", "kv_cache_usage"))
+        for name, doc, key in gauges:
+            g = GaugeMetricFamily(name, doc, labels=["model_name"])
+            g.add_metric(labels, float(s.get(key, 0.0)))
+            yield g
+        counters = (("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+                    ("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", "prefix_cache_hits"),
+                    ("vllm:num_preemptions", "Sequences preempted (recompute).", "num_preemptions"),
+                    ("vllm:prompt_tokens", "Prompt tokens admitted.", "prompt_tokens"),
+                    ("vllm:generation_tokens", "Tokens generated.", "generation_tokens"))
+        for name, doc, key in counters:
+            c = CounterMetricFamily(name, doc, labels=["model_name"])
+            c.add_metric(labels, float(s.get(key, 0.0)))
+            yield c
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str):
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.engine = _EngineCollector(model_name)
+        self.registry.register(self.engine)
+        labels = ["model_name"]
+        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Time to first token.", labels,
+                              buckets=TTFT_BUCKETS, registry=self.registry).labels(model_name)
+        self.itl = Histogram("vllm:inter_token_latency_seconds", "Time between output tokens.", labels,
+                             buckets=ITL_BUCKETS, registry=self.registry).labels(model_name)
+        self.e2e = Histogram("vllm:e2e_request_latency_seconds", "Request latency, arrival to finish.", labels,
+                             buckets=E2E_BUCKETS, registry=self.registry).labels(model_name)
+        self._success = Counter("vllm:request_success", "Requests finished, by reason.",
+                                labels + ["finished_reason"], registry=self.registry)
+        self.model_name = model_name
+
+    def request_finished(self, reason: str) -> None:
+        self._success.labels(self.model_name, reason).inc()
+
+    def render(self, snapshot: dict[str, float]) -> bytes:
+        self.engine.snapshot = snapshot
+        return generate_latest(self.registry)
