@@ -2,7 +2,7 @@
 
 Each parameter carries a ``weight_loader(param, loaded_weight, shard_id=None)`` that narrows the
 checkpoint tensor to this rank's shard and copies it in place, so the loader is a plain walk.
-With tp_size == 1 every layer is a plain ``F.linear``.
+With tp_size == 1 every layer is one matmul (``matmul.linear``: picks the kernel by hardware).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedlm.distributed.state import get_parallel_state
+from pagedlm.model.layers.matmul import linear
 
 
 def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
@@ -51,7 +52,7 @@ class LinearBase(nn.Module):
         _copy_checked(param, self._shard(param, loaded), getattr(param, "_pagedlm_name", "linear"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return linear(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -137,8 +138,8 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.linear(x, self.weight, self.bias)
-        y = F.linear(x, self.weight)
+            return linear(x, self.weight, self.bias)
+        y = linear(x, self.weight)
         from pagedlm.distributed.comm import all_reduce
 
         all_reduce(y, self.tp_group)
@@ -183,7 +184,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Output projection with vocab rows split across TP ranks; logits are gathered on every rank."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.weight)
+        logits = linear(hidden, self.weight)
         if self.tp_size == 1:
             return logits
         from pagedlm.distributed.comm import all_gather_last_dim
