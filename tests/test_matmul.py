@@ -29,3 +29,16 @@ def test_float32_never_upcast_or_changed():
         assert torch.equal(matmul.linear(x, w), F.linear(x, w))
     finally:
         matmul.set_bf16_upcast(None)
+
+
+def test_dtype_auto_follows_hardware(monkeypatch):
+    from pagedlm.model.registry import resolve_dtype
+
+    monkeypatch.setattr(matmul, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto") == torch.bfloat16
+    monkeypatch.setattr(matmul, "cpu_has_native_bf16", lambda: False)
+    assert resolve_dtype("auto") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("bf16") == torch.bfloat16
+    with pytest.raises(ValueError, match="float8"):
+        resolve_dtype("float8")

@@ -82,7 +82,7 @@ def _generation_config_eos(model_path: str) -> set[int]:
 @dataclass
 class EngineConfig:
     model: str | None = None
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: bfloat16 where the hardware has native bf16, else float32
     device: str = "cpu"
     block_size: int = 16
     kv_cache_memory: int = 1 << 30  # bytes for the KV cache pool
@@ -145,7 +145,8 @@ class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs: Any):
         self.config = config = config or EngineConfig(**kwargs)
         self.model_path, self.weights_path, self.model_config = resolve_model(config.model)
-        dtype = resolve_dtype(config.dtype)
+        dtype = resolve_dtype(config.dtype, config.device)
+        self.dtype = dtype
         t0 = time.perf_counter()
         if config.world_size > 1:
             from pagedlm.distributed.layout import ParallelLayout
@@ -200,7 +201,7 @@ class LLMEngine:
     def cache_report(self) -> str:
         bm = self.block_manager
         mib = bm.num_blocks * bm.block_size * self.kv_bytes_per_token / 2**20
-        return (f"KV cache: {bm.num_blocks} blocks x {bm.block_size} tokens = {bm.num_blocks * bm.block_size} "
+        return (f"dtype {str(self.dtype).removeprefix('torch.')}; KV cache: {bm.num_blocks} blocks x {bm.block_size} tokens = {bm.num_blocks * bm.block_size} "
                 f"tokens ({mib:.1f} MiB, {self.kv_bytes_per_token} bytes/token); max_model_len {self.max_model_len}")
 
     # ---- requests --------------------------------------------------------------------------

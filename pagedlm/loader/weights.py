@@ -131,7 +131,10 @@ def iter_gguf_weights(path: str, cfg: ModelConfig) -> Iterator[tuple[str, torch.
         shape = tuple(int(s) for s in reversed(t.shape))
         if arr.size != int(np.prod(shape)):
             raise ModelLoadError(f"{path!r}: tensor {t.name!r} is truncated")
-        w = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32).reshape(shape))
+        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
+        if not arr.flags.writeable:  # unquantised tensors come straight from the memory map
+            arr = arr.copy()
+        w = torch.from_numpy(arr)
         if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
             # llama.cpp interleaves the two rope halves of each head; restore "rotate half" order.

@@ -13,13 +13,22 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """A torch dtype from a name. "auto": bfloat16 on CUDA and on CPUs with native bf16 matrix
+    instructions, float32 elsewhere (on AVX2-only CPUs bf16 GEMM is emulated and several times
+    slower than float32; see pagedlm.model.layers.matmul)."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
-            raise ValueError(f"unsupported dtype {dtype}; supported: float32, bfloat16, float16")
+            raise ValueError(f"unsupported dtype {dtype}; supported: auto, float32, bfloat16, float16")
         return dtype
+    if isinstance(dtype, str) and dtype.lower() == "auto":
+        from pagedlm.model.layers.matmul import cpu_has_native_bf16
+
+        if torch.device(device).type == "cuda" or cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
     if not isinstance(dtype, str) or dtype.lower() not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; supported: float32, bfloat16, float16")
+        raise ValueError(f"unsupported dtype {dtype!r}; supported: auto, float32, bfloat16, float16")
     return DTYPES[dtype.lower()]
 
 
