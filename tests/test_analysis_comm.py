@@ -40,7 +40,7 @@ def test_ep_dispatch_and_combine_per_moe_layer_with_count_exchange():
     assert k["all_reduce"].calls == 0
     assert k["all_to_all"].calls == 3 * 32  # counts, dispatch, combine per MoE layer
     routed = 5 * 2 * 4096 * 2  # tokens x top-2 x hidden x bf16
-    assert k["all_to_all"].payload_bytes == 32 * (4 * 8 + 2 * routed)
+    assert k["all_to_all"].payload_bytes == 32 * (8 * 8 + 2 * routed)  # counts: one int64 per expert
     purposes = {x.purpose: x.calls for x in step.collectives}
     assert purposes == {"moe count exchange": 32, "moe dispatch": 32, "moe combine": 32}
 
@@ -76,7 +76,7 @@ def test_seeds_deepseek_v3_communication_example():
     the embedding all-reduce and the logits all-gather.
     Bytes do not: the notes' expression 108 x 7168 x 2 x (1+1) x 2 x 58 + 61 x 16 x 7168 evaluates
     to 366,198,784 B (349 MiB), not "~171 MB" (171 MiB is 179,601,408 B: the first term with one
-    factor 2 dropped). Our model: per decode step of 16 tokens one rank sends 189,928,816 B
+    factor 2 dropped). Our model: per decode step of 16 tokens one rank sends 190,016,512 B
     (181 MiB), 11.3 MiB per token; dispatch + combine payload 2 x 58 x 16 x 8 x 7168 x 2 B.
     """
     assert 108 * 7168 * 2 * (1 + 1) * 2 * 58 + 61 * 16 * 7168 == 366_198_784
@@ -89,8 +89,8 @@ def test_seeds_deepseek_v3_communication_example():
     dispatch_combine = sum(x.payload_bytes for x in step.collectives if x.purpose in ("moe dispatch", "moe combine"))
     assert dispatch_combine == 2 * 58 * 16 * 8 * 7168 * 2
     sent = sum(t.sent_bytes for t in k.values())
-    assert round(sent) == 189_928_816
-    assert step.sent_bytes_per_token_per_device() == pytest.approx(189_928_816 / 16)
+    assert round(sent) == 190_016_512
+    assert step.sent_bytes_per_token_per_device() == pytest.approx(190_016_512 / 16)
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -7,8 +7,9 @@ The model (documented in docs/inspect.md; the engine's collective counters are t
   each of ``num_tokens x hidden`` elements. Once per step: an all-reduce after the
   vocab-parallel embedding (first stage) and an all-gather of the logits of the
   ``num_sampled`` sampled tokens (``num_sampled x vocab``, last stage).
-* EP (``ep`` > 1), per MoE layer: an all-to-all count exchange (one int64 per destination
-  rank), an all-to-all dispatch of ``num_tokens x top_k`` hidden vectors and an all-to-all
+* EP (``ep`` > 1), per MoE layer: an all-to-all count exchange (one int64 per expert: each
+  destination rank learns how many rows come for each of its experts, which it needs to run
+  them grouped), an all-to-all dispatch of ``num_tokens x top_k`` hidden vectors and an all-to-all
   combine of as many. EP ranks hold different tokens (``num_tokens`` is per rank).
 * PP (``pp`` > 1): per stage boundary and micro-batch, one send of the hidden states
   (``num_tokens / micro_batches x hidden``) by the earlier stage and one recv by the later.
@@ -124,8 +125,9 @@ def collectives_per_step(cfg: ModelConfig, tp: int = 1, pp: int = 1, ep: int = 1
         if ep > 1 and n_moe:
             a2a = (ep - 1) / ep
             routed = t * cfg.num_experts_per_tok * h * b
-            out.append(Collective("moe count exchange", "all_to_all", "ep", s, n_moe, n_moe * ep * 8,
-                                  n_moe * a2a * ep * 8, "moe_layers x ep*8 (int64 counts)"))
+            counts = cfg.num_experts * 8
+            out.append(Collective("moe count exchange", "all_to_all", "ep", s, n_moe, n_moe * counts,
+                                  n_moe * a2a * counts, "moe_layers x num_experts*8 (int64 counts)"))
             for what in ("moe dispatch", "moe combine"):
                 out.append(Collective(what, "all_to_all", "ep", s, n_moe, n_moe * routed, n_moe * a2a * routed,
                                       "moe_layers x tokens*top_k*hidden*bytes"))
