@@ -103,9 +103,10 @@ CASES = [
     ("mixtral", {"expert_parallel_size": 2}),
     ("qwen2_moe", {"expert_parallel_size": 2}),
     ("qwen3_moe", {"tensor_parallel_size": 2}),
+    ("qwen2_moe", {"tensor_parallel_size": 2, "expert_parallel_size": 2}),  # 4 ranks
 ]
 COUNTED = {("llama", "tensor_parallel_size"), ("mixtral", "expert_parallel_size"),
-           ("llama", "pipeline_parallel_size")}
+           ("llama", "pipeline_parallel_size"), ("qwen2_moe", "tensor_parallel_size")}
 
 
 @pytest.mark.parametrize("kind, layout", CASES, ids=[f"{k}-{'-'.join(f'{n[0]}{v}' for n, v in lay.items())}"
