@@ -51,6 +51,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--engine-seed", type=int, default=0, help="seed for requests without their own seed")
+    g = p.add_argument_group("parallelism (the engine spawns one process per rank; gloo on CPU, NCCL on CUDA)")
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="split heads and MLPs over T ranks")
+    g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None, help="split layers into P stages")
+    g.add_argument("--expert-parallel-size", "-ep", type=int, default=None, help="split MoE experts over E ranks")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -152,3 +152,8 @@ def test_cli_bad_sampling(argv, match, capsys, tiny_llama_dir):
 def test_token_ids_outside_vocab(tiny_llm):
     with pytest.raises(ValueError, match="999999"):
         tiny_llm.generate({"prompt_token_ids": [1, 999999]}, use_tqdm=False)
+
+
+def test_cli_bad_parallel_layout(capsys, tiny_llama_dir):
+    assert main(["generate", "hi", "--model", tiny_llama_dir, "--tensor-parallel-size", "3"]) == 2
+    assert "3" in capsys.readouterr().err
