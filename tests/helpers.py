@@ -40,6 +40,9 @@ TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=512)
 
 
+KINDS_ALL = ["llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "gpt2", "mixtral", "qwen2_moe", "qwen3_moe"]
+
+
 def hf_tiny(kind: str, **overrides):
     """An HF model with random weights of the given architecture (seeded)."""
     import transformers as T
@@ -71,6 +74,17 @@ def hf_tiny(kind: str, **overrides):
         cfg = T.GPT2Config(vocab_size=kw["vocab_size"], n_embd=64, n_layer=2, n_head=4, n_positions=512,
                            bos_token_id=0, eos_token_id=0)
         cls = T.GPT2LMHeadModel
+    elif kind == "mixtral":
+        cfg = T.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2)
+        cls = T.MixtralForCausalLM
+    elif kind == "qwen2_moe":
+        cfg = T.Qwen2MoeConfig(**kw, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                               shared_expert_intermediate_size=48)
+        cls = T.Qwen2MoeForCausalLM
+    elif kind == "qwen3_moe":
+        cfg = T.Qwen3MoeConfig(**{**kw, "head_dim": 16}, num_experts=4, num_experts_per_tok=2,
+                               moe_intermediate_size=32)
+        cls = T.Qwen3MoeForCausalLM
     else:
         raise ValueError(kind)
     return cls(cfg).eval()
