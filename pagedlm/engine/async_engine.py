@@ -132,6 +132,10 @@ class AsyncLLMEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort every request, stop the thread and wait for it. Safe to call twice."""
         with self._cond:

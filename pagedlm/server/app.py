@@ -506,8 +506,8 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     # ---- routes -------------------------------------------------------------------------------
     @app.get("/health", response_model=P.HealthResponse, responses={503: {"model": P.ErrorResponse}})
     async def health():
-        if not async_engine.is_running:
-            return error_response(503, "the engine is not running", "service_unavailable")
+        if not async_engine.is_running or async_engine.draining:
+            return error_response(503, "the engine is not running (or shutting down)", "service_unavailable")
         return P.HealthResponse(status="ok")
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
@@ -766,7 +766,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             yield _sse(error_body(f"internal error: {type(e).__name__}: {e}", "internal_error"))
         yield "data: [DONE]\n\n"
 
-    app.add_middleware(_BodyLimitAndAuth, api_key=config.api_key, max_body_bytes=config.max_body_bytes)
+    app.add_middleware(_BodyLimitAndAuth, api_key=config.api_key or None, max_body_bytes=config.max_body_bytes)
     return app
 
 

@@ -101,7 +101,7 @@ def serve(args: argparse.Namespace) -> int:
     print(engine.cache_report(), file=sys.stderr, flush=True)
     name = args.served_model_name or default_served_name(engine.model_path)
     async_engine = AsyncLLMEngine(engine, max_waiting=args.max_waiting)
-    app = build_app(async_engine, ServerConfig(served_model_name=name, api_key=args.api_key,
+    app = build_app(async_engine, ServerConfig(served_model_name=name, api_key=args.api_key or None,
                                                max_body_bytes=args.max_body_size))
     server = make_server(app, async_engine, args.host, args.port, log_level=args.log_level)
     server.run()
