@@ -280,3 +280,29 @@ def test_kv_pool_capped_by_what_can_be_used(tiny_llama_dir):
     llm = LLM(tiny_llama_dir, dtype="float32", max_num_seqs=2, max_model_len=64, block_size=16)
     assert llm.engine.num_kv_blocks == 2 * 64 // 16
     assert "8 blocks" in llm.engine.cache_report()
+
+
+def test_streamed_deltas_never_show_a_stop_string(tiny_llama_dir):
+    """Deltas concatenate to the final text, which excludes the stop string, at every step."""
+    from pagedlm import LLMEngine
+
+    eng = LLMEngine(model=tiny_llama_dir, dtype="float32")
+    full_params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    eng.add_request("full", None, full_params, prompt_token_ids=[5, 6, 7])
+    full = None
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            full = o.outputs[0].text
+    for stop in (full[4:9], full[10:12] + "\u2603"):  # a real stop, and one whose prefix appears
+        eng.add_request("s", None, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop]),
+                        prompt_token_ids=[5, 6, 7])
+        streamed, final = "", None
+        while eng.has_unfinished_requests():
+            for o in eng.step():
+                streamed += o.outputs[0].text_delta
+                assert stop not in streamed and final is None
+                assert o.outputs[0].text.startswith(streamed)
+                if o.finished:
+                    final = o.outputs[0].text
+        assert streamed == final
+        assert final == (full[: full.index(stop)] if stop in full else full)

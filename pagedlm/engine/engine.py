@@ -79,6 +79,17 @@ def _generation_config_eos(model_path: str) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
 
 
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest end of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None
@@ -394,13 +405,18 @@ class LLMEngine:
         for seq in req.seqs:
             text = seq.state["text"]
             toks = seq.output_token_ids
+            # While running, hold back a tail that may be the start of a stop string: a stream must
+            # never show text that the stop string will cut.
+            ready = len(text) if seq.is_finished else len(text) - _stop_prefix_len(text, seq.params.stop_list)
+            sent = seq.state["sent_text"]
             out = CompletionOutput(
                 index=seq.index, text=text, token_ids=list(toks),
                 cumulative_logprob=seq.state["cum_logprob"] if seq.params.logprobs is not None else None,
                 logprobs=seq.state["logprobs"], finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                text_delta=text[seq.state["sent_text"]:], token_ids_delta=list(toks[seq.state["sent_tokens"]:]),
+                text_delta=text[sent:ready] if ready > sent else "",
+                token_ids_delta=list(toks[seq.state["sent_tokens"]:]),
             )
-            seq.state["sent_text"], seq.state["sent_tokens"] = len(text), len(toks)
+            seq.state["sent_text"], seq.state["sent_tokens"] = max(sent, ready), len(toks)
             outs.append(out)
         req.metrics.num_generated_tokens = sum(s.num_output_tokens for s in req.seqs)
         finished = req.finished
