@@ -25,7 +25,9 @@ def run_pagedlm(model, ids: torch.Tensor, prefill: int, block_size: int = 4) -> 
     """Logits of a prefill of ``prefill`` tokens, then one decode step per remaining token."""
     n = len(ids)
     nb = (n + block_size - 1) // block_size + 1
-    dtype = next(model.parameters()).dtype
+    from pagedlm.model.layers.matmul import split_dtype
+
+    dtype = split_dtype(next(model.parameters()).dtype)[1]  # the compute dtype holds the KV cache
     for a in model.attention_layers():
         a.kv_cache = torch.zeros(2, nb, block_size, a.num_kv_heads, a.head_dim, dtype=dtype)
     table = torch.randperm(nb)  # blocks need not be contiguous

@@ -78,7 +78,10 @@ class DistributedModelRunner(ModelRunner):
         layout.validate(cfg)  # before any process starts
         if device.startswith("cuda") and torch.cuda.device_count() < 1:
             raise ValueError(f"device {device!r} asked for, but no CUDA device is visible")
+        from pagedlm.model.layers.matmul import split_dtype
+
         self.cfg, self.dtype, self.layout = cfg, dtype, layout
+        self.weight_dtype, self.compute_dtype = split_dtype(dtype, device)  # as each rank's ModelRunner
         self.device = torch.device("cpu")  # where batches are packed; ranks move them to their device
         self.block_size = 0
         self.kv_caches = []

@@ -212,7 +212,10 @@ class LLMEngine:
     def cache_report(self) -> str:
         bm = self.block_manager
         mib = bm.num_blocks * bm.block_size * self.kv_bytes_per_token / 2**20
-        return (f"dtype {str(self.dtype).removeprefix('torch.')}; KV cache: {bm.num_blocks} blocks x {bm.block_size} tokens = {bm.num_blocks * bm.block_size} "
+        r = self.runner
+        w, c = (str(d).removeprefix("torch.") for d in (r.weight_dtype, getattr(r, "compute_dtype", r.dtype)))
+        dt = f"dtype {c}" if w == c else f"weights {w}, compute {c}"
+        return (f"{dt}; KV cache: {bm.num_blocks} blocks x {bm.block_size} tokens = {bm.num_blocks * bm.block_size} "
                 f"tokens ({mib:.1f} MiB, {self.kv_bytes_per_token} bytes/token); max_model_len {self.max_model_len}")
 
     # ---- requests --------------------------------------------------------------------------

@@ -34,8 +34,10 @@ class StepInputs:
 
 class ModelRunner:
     def __init__(self, model_path: str, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu", **stage):
+        from pagedlm.model.layers.matmul import split_dtype
+
         self.cfg = cfg
-        self.dtype = dtype
+        self.weight_dtype, self.dtype = split_dtype(dtype, device)  # self.dtype: activations and KV cache
         self.device = torch.device(device)
         self.model = load_model(model_path, cfg, dtype, device, **stage)
         self.kv_caches: list[torch.Tensor] = []

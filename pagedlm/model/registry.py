@@ -45,9 +45,15 @@ def model_class(cfg: ModelConfig) -> type[nn.Module]:
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu", **stage) -> nn.Module:
-    """Build with uninitialised weights (torch.empty) in the target dtype: loading fills them."""
+    """Build with uninitialised weights (torch.empty) in the target dtype: loading fills them.
+    Where the hardware computes bf16 slowly, linear and embedding weights are bf16 and the rest
+    fp32 (``matmul.split_dtype``)."""
+    from pagedlm.model.layers.linear import LinearBase, VocabParallelEmbedding
+    from pagedlm.model.layers.matmul import split_dtype
+
+    weight_dtype, compute_dtype = split_dtype(dtype, device)
     prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(compute_dtype)
     try:
         with torch.device(device):
             model = model_class(cfg)(cfg, **stage)
@@ -57,6 +63,10 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device
     for mod in model.modules():
         if hasattr(mod, "inv_freq"):
             mod.inv_freq = mod.inv_freq.float()
+        if weight_dtype != compute_dtype and isinstance(mod, (LinearBase, VocabParallelEmbedding)):
+            mod.weight.data = mod.weight.data.to(weight_dtype)  # same Parameter: keeps its weight_loader
+            if isinstance(mod, VocabParallelEmbedding):
+                mod.out_dtype = compute_dtype
     return model.eval()
 
 

@@ -169,11 +169,18 @@ class VocabParallelEmbedding(nn.Module):
         param.data.zero_()
         _copy_checked(param.data[: shard.shape[0]], shard, getattr(param, "_pagedlm_name", "embedding"))
 
+    # Set by build_model when weights are stored in a lower precision than the activations.
+    out_dtype: torch.dtype | None = None
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return F.embedding(ids, self.weight)
+            y = F.embedding(ids, self.weight)
+            return y if self.out_dtype is None else y.to(self.out_dtype)
         mask = (ids >= self.start) & (ids < self.end)
-        y = F.embedding((ids - self.start) * mask, self.weight) * mask[:, None].to(self.weight.dtype)
+        y = F.embedding((ids - self.start) * mask, self.weight)
+        if self.out_dtype is not None:
+            y = y.to(self.out_dtype)
+        y = y * mask[:, None].to(y.dtype)
         from pagedlm.distributed.comm import all_reduce
 
         all_reduce(y, self.tp_group)

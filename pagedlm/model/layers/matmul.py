@@ -1,12 +1,17 @@
 """The one place that picks how a linear layer multiplies, by hardware.
 
-On CPUs without native bf16 matrix instructions (no AVX512-BF16 / AMX; e.g. AVX2-only parts),
-PyTorch's bf16 GEMM is emulated and runs at ~15 GFLOP/s whatever the batch, while fp32 GEMM
-reaches ~100 GFLOP/s on the same 2 cores. A bf16 GEMV (one row: batch-1 decode) is still ~20%
-faster than fp32, because it is memory-bound and bf16 weights are half the bytes. So bf16
-weights are kept (half the memory) and multiplied in bf16 for a few rows, but upcast to fp32 on
-the fly for many rows (prefill, batched decode), where converting the weight costs far less
-than the emulated GEMM. Measured with benchmarks/bench_matmul.py; see docs/benchmarks.md.
+On CPUs without native bf16 matrix instructions (no AVX512-BF16 / AMX; e.g. AVX2-only parts)
+PyTorch emulates bf16: a bf16 GEMM runs at ~15 GFLOP/s whatever the batch (fp32: ~100 on the
+same 2 cores) and every bf16 elementwise op pays a conversion. A bf16 GEMV (one row: batch-1
+decode) is still the fastest way to stream the weights, because it reads half the bytes: all of
+SmolLM2's decode matmuls take 17 ms in bf16 and 46 ms in fp32.
+
+So on such CPUs ``dtype=bfloat16`` means *bf16 weights, fp32 compute* (as llama.cpp keeps
+quantised weights and fp32 activations): linear and embedding weights are stored in bf16,
+everything else (activations, norms, biases, the KV cache) is fp32. A linear layer multiplies
+a few rows in bf16 (input rounded to bf16, output back to fp32) and many rows in fp32 with the
+weight upcast on the fly (prefill, batched decode), where converting the weight costs far less
+than the emulated bf16 GEMM. Measured with benchmarks/bench_matmul.py; see docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-# Rows from which an upcast pays off on a CPU without native bf16 (measured: 4 rows no, 16 yes).
+# Rows from which the fp32 upcast pays off (measured on AVX2: 4 rows no, 16 yes).
 UPCAST_MIN_ROWS = 8
 
 
@@ -30,22 +35,18 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-_upcast_override: bool | None = None
-
-
-def set_bf16_upcast(enabled: bool | None) -> None:
-    """Force the upcast on or off (None: decide by the CPU). For tests and benchmarks."""
-    global _upcast_override
-    _upcast_override = enabled
-
-
-def upcast_enabled() -> bool:
-    return (not cpu_has_native_bf16()) if _upcast_override is None else _upcast_override
+def split_dtype(dtype: torch.dtype, device: str | torch.device = "cpu") -> tuple[torch.dtype, torch.dtype]:
+    """(weight dtype, compute dtype) for a requested model dtype on a device."""
+    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not cpu_has_native_bf16():
+        return torch.bfloat16, torch.float32
+    return dtype, dtype
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    if (weight.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() == 2
-            and x.shape[0] >= UPCAST_MIN_ROWS and upcast_enabled()):
-        y = F.linear(x.float(), weight.float(), None if bias is None else bias.float())
-        return y.to(x.dtype)
-    return F.linear(x, weight, bias)
+    if weight.dtype == x.dtype:
+        return F.linear(x, weight, bias)
+    # Mixed: low-precision weights, higher-precision activations (see the module docstring).
+    if x.dim() == 2 and x.shape[0] >= UPCAST_MIN_ROWS:
+        return F.linear(x, weight.to(x.dtype), bias)
+    y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
+    return y if bias is None else y + bias
