@@ -76,7 +76,8 @@ def main() -> None:
     rng = random.Random(0)
     prompt = [rng.randrange(100, 49000) for _ in range(args.prompt_len)]
     bw = measure_bandwidth()
-    gflops = measure_matmul(torch.bfloat16)
+    gflops = measure_matmul(torch.bfloat16, n=1024)
+    gflops32 = measure_matmul(torch.float32, n=1024)
     rows = []
     for name, dt in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
         ours = bench_pagedlm(path, name, prompt, args.decode, args.repeats)
@@ -92,8 +93,10 @@ def main() -> None:
             "roofline_decode_tok_s": bw * 1e9 / weight_bytes,
         })
     report = {"machine": machine(), "bandwidth_GBps": bw, "bf16_matmul_GFLOPs": gflops,
+              "fp32_matmul_GFLOPs": gflops32,
               "prompt_len": args.prompt_len, "decode_tokens": args.decode, "rows": rows}
-    print(f"machine: {report['machine']}; memory bandwidth {bw:.1f} GB/s; bf16 matmul {gflops:.0f} GFLOP/s")
+    print(f"machine: {report['machine']}; memory bandwidth {bw:.1f} GB/s; matmul bf16 {gflops:.1f} GFLOP/s, "
+          f"fp32 {gflops32:.1f} GFLOP/s")
     print(f"{'dtype':9} {'prefill tok/s (ours / HF / ratio)':36} {'decode tok/s (ours / HF / ratio)':34} roofline")
     for r in rows:
         print(f"{r['dtype']:9} {r['pagedlm_prefill_tok_s']:8.0f} / {r['hf_prefill_tok_s']:6.0f} / "

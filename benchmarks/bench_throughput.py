@@ -8,15 +8,15 @@ random token ids, ignore_eos, fixed seed (the same list for every engine). Count
 requested ones only: a static batch that runs to its longest output and pads its shortest
 prompt gets no credit for the padding or the surplus tokens.
 
-- pagedlm: all requests submitted at once, continuous batching, bf16 (LLMEngine.step loop).
+- pagedlm: all requests submitted at once, continuous batching (LLMEngine.step loop).
 - transformers: ``generate`` as its users run it: one left-padded static batch of all requests,
-  greedy, run to the longest output (min_new_tokens = max_new_tokens = longest), bf16.
+  greedy, run to the longest output (min_new_tokens = max_new_tokens = longest), same dtype.
 - llama.cpp (llama-cpp-python, same GGUF, Q4_1 weights): its low-level batch API with one
   sequence id per request, all requests decoded in parallel (n_seq_max = N), run in a separate
   process because it lives in another venv (it is compiled from source).
 
-The compute roofline: 2 x parameters FLOPs per token (+ attention) at the bf16 matmul GFLOP/s
-measured in the same run.
+The compute roofline: 2 x parameters FLOPs per token at the matmul GFLOP/s of the chosen dtype
+measured in the same run (attention FLOPs are left out, which flatters the fraction slightly).
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from benchmarks.common import load_hf_gguf, machine, measure_matmul  # noqa: E40
 from pagedlm.bench import BenchConfig, make_workload, run_workload  # noqa: E402
 
 
-def bench_pagedlm(path: str, work) -> dict:
+def bench_pagedlm(path: str, work, dtype: str) -> dict:
     from pagedlm.engine.engine import EngineConfig, LLMEngine
 
-    eng = LLMEngine(EngineConfig(model=path, dtype="bfloat16", max_num_seqs=256, max_num_batched_tokens=2048))
+    eng = LLMEngine(EngineConfig(model=path, dtype=dtype, max_num_seqs=256, max_num_batched_tokens=2048))
     run_workload(eng, [(w[0][:16], 4) for w in work[:4]], tag="warm")
     r = run_workload(eng, work)
     r["params"] = sum(p.numel() for p in eng.runner.model.parameters())
@@ -46,8 +46,8 @@ def bench_pagedlm(path: str, work) -> dict:
     return r
 
 
-def bench_hf(path: str, work) -> dict:
-    model = load_hf_gguf(path, torch.bfloat16)
+def bench_hf(path: str, work, dtype: torch.dtype) -> dict:
+    model = load_hf_gguf(path, dtype)
     longest_in = max(len(p) for p, _ in work)
     longest_out = max(n for _, n in work)
     pad = 0
@@ -141,23 +141,27 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--sweep", default="", help="comma-separated request counts for the scaling plot")
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--dtype", default="auto", help="pagedlm and transformers dtype (default: auto, "
+                    "which is float32 on CPUs without native bf16)")
     ap.add_argument("--llama-cpp-python", default=None, help="a python with llama_cpp installed")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG of throughput vs number of requests")
     args = ap.parse_args()
     from pagedlm.engine.engine import default_model_path
+    from pagedlm.model.registry import resolve_dtype
 
     path = args.model or default_model_path()
-    gflops = measure_matmul(torch.bfloat16)
+    dtype = resolve_dtype(args.dtype)
+    gflops = measure_matmul(dtype, n=1024)
     counts = [int(c) for c in args.sweep.split(",") if c] or [args.requests]
     rows = []
     tmp = tempfile.mkdtemp()
     for n in counts:
         work = make_workload(BenchConfig(num_requests=n, input_len=(32, 256), output_len=(32, 256), seed=0), 49152)
-        ours = bench_pagedlm(path, work)
+        ours = bench_pagedlm(path, work, args.dtype)
         row = {"requests": n, "pagedlm": ours}
         if not args.no_hf:
-            row["transformers"] = bench_hf(path, work)
+            row["transformers"] = bench_hf(path, work, dtype)
         if args.llama_cpp_python:
             row["llama.cpp"] = bench_llama_cpp(args.llama_cpp_python, path, work, tmp)
         flops_per_token = 2 * ours["params"]
@@ -172,7 +176,7 @@ def main() -> None:
                 print(f"; {other} {o['total_tokens_per_s']:.0f} tok/s ({o['wall_s']:.1f} s, "
                       f"pagedlm {ours['total_tokens_per_s'] / o['total_tokens_per_s']:.2f}x)", end="")
         print(f"; roofline {row['roofline_tok_s']:.0f} tok/s -> {row['pagedlm_fraction_of_roofline']:.0%}")
-    report = {"machine": machine(), "bf16_matmul_GFLOPs": gflops, "rows": rows}
+    report = {"machine": machine(), "dtype": str(dtype), "matmul_GFLOPs": gflops, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -191,7 +195,7 @@ def main() -> None:
         ax.set_xlabel("requests (prompt 32-256, output 32-256 tokens)")
         ax.set_ylabel("total tokens/s")
         ax.set_xscale("log", base=2)
-        ax.set_title("SmolLM2-135M offline throughput, bf16, 2 CPU threads")
+        ax.set_title(f"SmolLM2-135M offline throughput, {str(dtype)[6:]}, 2 CPU threads")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()

@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--url", default=None, help="server base URL (default: --launch one)")
     ap.add_argument("--launch", action="store_true", help="start 'pagedlm serve' on a free port for the run")
     ap.add_argument("--model-path", default=None, help="with --launch: the model (default: bundled SmolLM2)")
-    ap.add_argument("--dtype", default="bfloat16", help="with --launch: the dtype")
+    ap.add_argument("--dtype", default="auto", help="with --launch: the dtype (default auto)")
     ap.add_argument("--model", default=None, help="the 'model' field to send (default: omitted)")
     ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     ap.add_argument("--concurrency", type=int, nargs="*", default=None, help="closed loop: clients in flight")

@@ -70,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--api-key", default=os.environ.get("PAGEDLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $PAGEDLM_API_KEY, else none)")
-    p.add_argument("--dtype", default="bfloat16", help="weights and KV cache dtype (default bfloat16)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
+                   help="model dtype; auto = bfloat16 where the hardware has native bf16, else float32")
     p.add_argument("--kv-cache-memory", type=_size, default=1 << 30, help="KV cache pool size, e.g. 512M, 2G")
     p.add_argument("--max-num-seqs", type=_positive, default=64, help="sequences per step (default 64)")
     p.add_argument("--max-num-batched-tokens", type=_positive, default=2048, help="tokens per step (default 2048)")
