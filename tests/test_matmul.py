@@ -18,9 +18,12 @@ def test_mixed_linear_matches_fp32_math_on_bf16_weights(rows):
     assert (y - ref).abs().max().item() < tol  # few rows round the input to bf16; many rows are exact
 
 
-def test_same_dtype_is_plain_linear():
-    w, x = torch.randn(8, 4), torch.randn(16, 4)
-    assert torch.equal(matmul.linear(x, w), F.linear(x, w))
+@pytest.mark.parametrize("rows", [1, 2, 16, 127, 128, 300])
+def test_same_dtype_matches_linear(rows):
+    w, b, x = torch.randn(40, 24), torch.randn(40), torch.randn(rows, 24)
+    y = matmul.linear(x, w, b)
+    assert y.shape == (rows, 40) and y.is_contiguous()
+    assert torch.allclose(y, F.linear(x, w, b), atol=1e-5)
 
 
 def test_split_dtype(monkeypatch):

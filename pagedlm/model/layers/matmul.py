@@ -42,11 +42,24 @@ def split_dtype(dtype: torch.dtype, device: str | torch.device = "cpu") -> tuple
     return dtype, dtype
 
 
+# Rows for which W @ x^T beats x @ W^T on CPU (fp32, weights streamed from memory): for a few
+# rows MKL's GEMM path for F.linear is up to 2.2x slower than the transposed product (measured:
+# 30 layers of SmolLM2 at 8 rows, 104 ms vs 46 ms); from ~128 rows F.linear wins.
+SMALL_BATCH_ROWS = range(2, 128)
+
+
+def _cpu_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] in SMALL_BATCH_ROWS:
+        y = (weight @ x.t()).t().contiguous()  # (out, rows) -> (rows, out)
+        return y if bias is None else y + bias
+    return F.linear(x, weight, bias)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     if weight.dtype == x.dtype:
-        return F.linear(x, weight, bias)
+        return _cpu_matmul(x, weight, bias)
     # Mixed: low-precision weights, higher-precision activations (see the module docstring).
     if x.dim() == 2 and x.shape[0] >= UPCAST_MIN_ROWS:
-        return F.linear(x, weight.to(x.dtype), bias)
+        return _cpu_matmul(x, weight.to(x.dtype), bias)
     y = F.linear(x.to(weight.dtype), weight).to(x.dtype)
     return y if bias is None else y + bias
