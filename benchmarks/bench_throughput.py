@@ -195,7 +195,7 @@ def main() -> None:
         ax.set_xlabel("requests (prompt 32-256, output 32-256 tokens)")
         ax.set_ylabel("total tokens/s")
         ax.set_xscale("log", base=2)
-        ax.set_title(f"SmolLM2-135M offline throughput, {str(dtype)[6:]}, 2 CPU threads")
+        ax.set_title(f"SmolLM2-135M throughput (pagedlm/transformers {str(dtype)[6:]}, llama.cpp Q4_1), 2 threads")
         ax.legend()
         ax.grid(alpha=0.3)
         fig.tight_layout()
