@@ -79,7 +79,7 @@ def _generation_config_eos(model_path: str) -> set[int]:
     return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
 
 
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
+def stop_prefix_len(text: str, stops: list[str]) -> int:
     """Length of the longest end of ``text`` that is a proper prefix of a stop string."""
     best = 0
     for stop in stops:
@@ -410,7 +410,7 @@ class LLMEngine:
             toks = seq.output_token_ids
             # While running, hold back a tail that may be the start of a stop string: a stream must
             # never show text that the stop string will cut.
-            ready = len(text) if seq.is_finished else len(text) - _stop_prefix_len(text, seq.params.stop_list)
+            ready = len(text) if seq.is_finished else len(text) - stop_prefix_len(text, seq.params.stop_list)
             sent = seq.state["sent_text"]
             out = CompletionOutput(
                 index=seq.index, text=text, token_ids=list(toks),

@@ -35,6 +35,7 @@ from pagedlm.engine.async_engine import (
     RequestAbortedError,
     RequestStream,
 )
+from pagedlm.engine.engine import stop_prefix_len
 from pagedlm.errors import RequestRejectedError
 from pagedlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedlm.sampling_params import SamplingParams
@@ -249,13 +250,7 @@ class _Choice:
         text = out.text
         end = len(text)
         if out.finish_reason is None and stops:
-            hold = 0
-            for s in stops:
-                for k in range(min(len(s) - 1, len(text)), hold, -1):
-                    if text.endswith(s[:k]):
-                        hold = k
-                        break
-            end -= hold
+            end -= stop_prefix_len(text, stops)
         if end <= self.sent_text:
             return ""
         delta = text[self.sent_text:end]
