@@ -157,3 +157,10 @@ def test_token_ids_outside_vocab(tiny_llm):
 def test_cli_bad_parallel_layout(capsys, tiny_llama_dir):
     assert main(["generate", "hi", "--model", tiny_llama_dir, "--tensor-parallel-size", "3"]) == 2
     assert "3" in capsys.readouterr().err
+
+
+def test_serve_takes_the_engine_options(capsys, tiny_llama_dir):
+    """serve shares generate's engine options (parallel layout included): a bad layout is a clear
+    error before anything binds."""
+    assert main(["serve", "--model", tiny_llama_dir, "--tensor-parallel-size", "3", "--port", "0"]) == 2
+    assert "3" in capsys.readouterr().err

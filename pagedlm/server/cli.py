@@ -12,21 +12,8 @@ import logging
 import os
 import sys
 
+from pagedlm.commands import add_engine_args, engine_kwargs, parse_bytes
 from pagedlm.errors import PagedLMError
-
-
-def _size(text: str) -> int:
-    """Bytes from '512M', '2G', '1048576', ..."""
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}.get(t[-1:], 1)
-    num = t[:-1] if t[-1:] in "KMGT" and t else t
-    try:
-        value = int(float(num) * mult)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 512M, 2G, 1048576)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
-    return value
 
 
 def _port(text: str) -> int:
@@ -36,16 +23,6 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"port must be in [0, 65535] (0 = any free port), got {value}")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return value
 
 
@@ -62,26 +39,19 @@ def _non_negative(text: str) -> int:
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, SSE streaming, metrics).",
                        description="Serve a model over an OpenAI-compatible HTTP API with continuous batching.")
-    p.add_argument("--model", default=None,
-                   help="HF model directory or .gguf file (default: the bundled SmolLM2-135M-Instruct GGUF)")
     p.add_argument("--served-model-name", default=None,
                    help="the name clients pass as 'model' (default: the model's file or directory name)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--api-key", default=os.environ.get("PAGEDLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $PAGEDLM_API_KEY, else none)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
-                   help="model dtype; auto = bfloat16 where the hardware has native bf16, else float32")
-    p.add_argument("--kv-cache-memory", type=_size, default=1 << 30, help="KV cache pool size, e.g. 512M, 2G")
-    p.add_argument("--max-num-seqs", type=_positive, default=64, help="sequences per step (default 64)")
-    p.add_argument("--max-num-batched-tokens", type=_positive, default=2048, help="tokens per step (default 2048)")
-    p.add_argument("--max-model-len", type=_positive, default=None, help="context length limit")
-    p.add_argument("--block-size", type=_positive, default=16, help="tokens per KV block (default 16)")
     p.add_argument("--max-waiting", type=_non_negative, default=None,
                    help="refuse new requests with 503 while N sequences wait for a slot (default: no limit)")
-    p.add_argument("--max-body-size", type=_size, default=1 << 20, help="largest request body (default 1M; 413)")
-    p.add_argument("--seed", type=int, default=0, help="engine seed for unseeded sampling")
+    p.add_argument("--max-body-size", type=parse_bytes, default=1 << 20, help="largest request body (default 1M; 413)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    # The engine options are the ones generate / chat / bench take (one declaration).
+    add_engine_args(p)
+    p.add_argument("--seed", dest="engine_seed", type=int, default=argparse.SUPPRESS, help="alias of --engine-seed")
     p.set_defaults(func=serve)
 
 
@@ -95,10 +65,7 @@ def serve(args: argparse.Namespace) -> int:
     from pagedlm.engine.engine import EngineConfig, LLMEngine
     from pagedlm.server.app import ServerConfig, build_app
 
-    engine = LLMEngine(EngineConfig(
-        model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
-        block_size=args.block_size, seed=args.seed))
+    engine = LLMEngine(EngineConfig(**engine_kwargs(args)))
     print(engine.cache_report(), file=sys.stderr, flush=True)
     name = args.served_model_name or default_served_name(engine.model_path)
     async_engine = AsyncLLMEngine(engine, max_waiting=args.max_waiting)
