@@ -34,6 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command != "serve":  # serve configures logging from --log-level
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger = logging.getLogger("pagedlm")
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)  # start-up facts: KV cache, quantization, compile progress
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

@@ -43,6 +43,13 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"],
                    help="weights and KV cache dtype; auto = bfloat16 where the hardware has native bf16 "
                         "(CUDA, AVX512-BF16/AMX CPUs), else float32 (default: auto)")
+    g.add_argument("--quantization", "-q", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weight-only quantization: auto keeps a GGUF file's precision class per tensor "
+                        "(Q4_x -> int4, Q8_0/Q5/Q6_K -> int8, F16/F32 -> none) and is none for HF "
+                        "directories; int8 / int4 quantize any model at load (default: auto)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="do not compile the decode step (compiling takes ~30-60 s per batch size the "
+                        "first time it is met)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=1 << 30,
                    help="memory for the paged KV cache, e.g. 512M, 2G (default: 1G)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
@@ -61,7 +68,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw = dict(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
-              seed=args.engine_seed)
+              seed=args.engine_seed, quantization=args.quantization)
+    if args.enforce_eager:
+        kw["enforce_eager"] = True
     for extra in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
         if getattr(args, extra, None) is not None:
             kw[extra] = getattr(args, extra)
@@ -189,6 +198,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    import os
+
+    from pagedlm.perplexity import perplexity
+
+    if args.model_path is not None:
+        args.model = args.model_path
+    if not os.path.isfile(args.file):
+        raise FileNotFoundError(f"text file does not exist: {args.file!r}")
+    with open(args.file, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise ValueError(f"text file {args.file!r} is empty")
+    eng = _make_engine(args)
+    ids = eng.encode(text)
+    if args.max_tokens is not None:
+        ids = ids[: args.max_tokens]
+    r = perplexity(eng, ids, args.ctx, args.stride)
+    print(f"perplexity {r.ppl:.4f} over {r.num_tokens} tokens (ctx {args.ctx}, stride {args.stride or args.ctx // 2}); "
+          f"{r.tokens_per_s:.0f} tokens/s, {r.seconds:.1f} s")
+    return 0
+
+
 def register_engine_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate a continuation of a prompt (streams; prints TTFT and tok/s)",
                        description="Generate text from a prompt, streamed as it comes, then print the time to "
@@ -207,6 +239,18 @@ def register_engine_commands(sub: argparse._SubParsersAction) -> None:
     add_sampling_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("perplexity", help="perplexity of a model on a text file (sliding window)",
+                       description="Perplexity on a text, as llama.cpp's llama-perplexity: windows of --ctx "
+                                   "tokens every --stride tokens, each token scored once. Shows what a "
+                                   "quantization costs: compare --quantization none and auto.")
+    p.add_argument("model_path", nargs="?", default=None, help="HF directory or .gguf file (same as --model)")
+    p.add_argument("--file", required=True, help="UTF-8 text file")
+    p.add_argument("--ctx", type=int, default=512, help="window length in tokens (default: 512)")
+    p.add_argument("--stride", type=int, default=None, help="window step (default: ctx / 2)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    add_engine_args(p)
+    p.set_defaults(func=cmd_perplexity)
 
     p = sub.add_parser("bench", help="offline throughput on a synthetic workload",
                        description="Offline throughput: N requests with random prompt and output lengths "

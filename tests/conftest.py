@@ -1,9 +1,13 @@
 import os
 
-import pytest
-import torch
+# Engines in tests run eagerly unless a test asks for the compiled decode step (tests of their own):
+# compiling a graph per tiny engine would dominate the suite's time.
+os.environ.setdefault("PAGEDLM_ENFORCE_EAGER", "1")
 
-from tests.helpers import save_tiny, smollm2_path
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tests.helpers import save_tiny, smollm2_path  # noqa: E402
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -26,4 +30,4 @@ def smollm2() -> str:
 def smollm2_llm(smollm2):
     from pagedlm import LLM
 
-    return LLM(smollm2, dtype="float32", kv_cache_memory=256 << 20)
+    return LLM(smollm2, dtype="float32", kv_cache_memory=256 << 20, quantization="none")

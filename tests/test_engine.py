@@ -60,16 +60,19 @@ def test_seed_reproducible_regardless_of_batch(tiny_llama_dir, alone_llm):
 
 
 @pytest.mark.slow
-def test_real_model_batched_equals_alone(smollm2_llm):
+@pytest.mark.parametrize("quantization", ["none", "auto"])
+def test_real_model_batched_equals_alone(smollm2_llm, quantization):
     from pagedlm import LLM
 
     prompts = ["The capital of France is", "def add(a, b):\n   ",
                "In 1969, the first human to walk on the Moon was"]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    alone = [smollm2_llm.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    ref = smollm2_llm if quantization == "none" else LLM(smollm2_llm.engine.weights_path, dtype="float32",
+                                                          kv_cache_memory=64 << 20, quantization=quantization)
+    alone = [ref.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
     # 12 blocks of 4 = 48 tokens for 3 sequences of up to 26: preemption; 8-token chunks.
     small = LLM(smollm2_llm.engine.weights_path, dtype="float32", block_size=4, num_kv_blocks=12,
-                max_num_batched_tokens=8)
+                max_num_batched_tokens=8, quantization=quantization)
     batched = [o.outputs[0].token_ids for o in small.generate(prompts, params, use_tqdm=False)]
     assert small.engine.get_metrics()["num_preemptions"] > 0
     assert batched == alone

@@ -103,6 +103,13 @@ class EngineConfig:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    # Weight-only quantization: auto (a GGUF file's own precision class per tensor; none for HF
+    # directories) | none | int8 | int4. See pagedlm/model/layers/quant.py.
+    quantization: str = "auto"
+    # False: decode-only steps run a compiled graph per batch bucket (engine/compiled.py).
+    # PAGEDLM_ENFORCE_EAGER=1 changes the default (the test suite sets it: compiling every
+    # tiny engine would dominate its time; the compiled step has tests of its own).
+    enforce_eager: bool = field(default_factory=lambda: os.environ.get("PAGEDLM_ENFORCE_EAGER", "") == "1")
     # Parallelism: world size = tp x pp x ep ranks, spawned by the engine (pagedlm.distributed).
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -123,6 +130,11 @@ class EngineConfig:
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 2):
             raise ValueError(f"max_model_len must be an integer >= 2, got {self.max_model_len!r}")
         resolve_dtype(self.dtype)
+        from pagedlm.model.layers.quant import validate_quantization
+
+        self.quantization = validate_quantization(self.quantization)
+        if not isinstance(self.enforce_eager, bool):
+            raise TypeError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -169,7 +181,10 @@ class LLMEngine:
                                                  config.master_addr, config.master_port,
                                                  **config.extra.get("distributed", {}))
         else:
-            self.runner = ModelRunner(self.weights_path, self.model_config, dtype, config.device)
+            self.runner = ModelRunner(self.weights_path, self.model_config, dtype, config.device,
+                                      quantization=config.quantization, enforce_eager=config.enforce_eager,
+                                      max_num_seqs=config.max_num_seqs,
+                                      dense_min_rows=config.extra.get("dense_min_rows"))
         self.tokenizer = load_tokenizer(self.model_path, self.weights_path)
         self.load_time = time.perf_counter() - t0
         per_token = self.runner.kv_bytes_per_token()
@@ -314,10 +329,10 @@ class LLMEngine:
                 banned = []
                 if seq.num_output_tokens < p.min_tokens:
                     banned = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_ids))
-                rows.append(SamplingRow(p, seq.token_ids[:seq.num_prompt_tokens], seq.output_token_ids,
-                                        seq.state.get("generator"), banned))
-            idx = torch.tensor([i for _, i in inputs.samples], dtype=torch.long)
-            result = sample(logits[idx], rows, self.generator)
+                rows.append(SamplingRow(p, seq.token_ids, seq.num_prompt_tokens, seq.state.get("generator"), banned))
+            idx = [i for _, i in inputs.samples]
+            result = sample(logits if idx == list(range(logits.shape[0])) else logits[torch.tensor(idx)],
+                            rows, self.generator)
             t = time.perf_counter()
             for j, (seq, _) in enumerate(inputs.samples):
                 tok = result.token_ids[j]

@@ -4,6 +4,10 @@ Per step: ``input_ids``, ``positions``, ``slot_mapping`` (where each new K/V goe
 tables and context lengths, and one prefill segment per prefilling sequence. Logits are computed
 only at rows that are sampled (the last token of each sequence whose prompt is complete) and,
 for ``prompt_logprobs``, at every prompt row.
+
+Steps made only of decodes go to the compiled decode step (``engine/compiled.py``) when it is
+on: fixed batch buckets, inputs in persistent buffers, attention reading the cache in place.
+Everything else (prefill chunks, mixed steps, prompt logprobs) runs eagerly.
 """
 
 from __future__ import annotations
@@ -30,18 +34,30 @@ class StepInputs:
     logit_rows: list[int]  # rows of the flat batch whose logits are needed
     samples: list[tuple[Sequence, int]]  # (seq, index into logit_rows) for sequences that sample
     prompt_rows: list[tuple[Sequence, int, int, int]]  # (seq, first logit index, count, first position)
+    compiled: object = None  # the compiled decode step's batch bucket, when it runs this step
 
 
 class ModelRunner:
-    def __init__(self, model_path: str, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu", **stage):
+    compiled = None  # CompiledDecode when the decode step is compiled
+    quant_counts: dict[str, int] = {}
+
+    def __init__(self, model_path: str, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu",
+                 quantization: str = "none", enforce_eager: bool = True, dense_min_rows: int | None = None,
+                 max_num_seqs: int = 64, **stage):
         from pagedlm.model.layers.matmul import split_dtype
 
         self.cfg = cfg
         self.weight_dtype, self.dtype = split_dtype(dtype, device)  # self.dtype: activations and KV cache
         self.device = torch.device(device)
-        self.model = load_model(model_path, cfg, dtype, device, **stage)
+        self.model = load_model(model_path, cfg, dtype, device, quantization, dense_min_rows, **stage)
+        self.quant_counts: dict[str, int] = getattr(self.model, "quant_counts", {})
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = 0
+        self.compiled = None
+        if not enforce_eager:
+            from pagedlm.engine.compiled import CompiledDecode
+
+            self.compiled = CompiledDecode(self.model, self.device, max_num_seqs)
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:
@@ -51,15 +67,24 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
         self.kv_caches = []
+        # The compiled decode step pads batches with rows that write to one scratch block, past
+        # the blocks the block manager hands out.
+        extra = 1 if self.compiled is not None else 0
         for a in self.model.attention_layers():
             # (K|V, blocks, block_size, kv_heads, head_dim)
-            cache = torch.zeros(2, num_blocks, block_size, a.num_kv_heads, a.head_dim,
+            cache = torch.zeros(2, num_blocks + extra, block_size, a.num_kv_heads, a.head_dim,
                                 dtype=self.dtype, device=self.device)
             a.kv_cache = cache
             self.kv_caches.append(cache)
+        if self.compiled is not None:
+            self.compiled.set_cache(num_blocks, block_size)
 
     # ---- one step ------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> StepInputs:
+        if self.compiled is not None:
+            step = self.compiled.prepare(out)
+            if step is not None:
+                return step
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []
@@ -108,9 +133,18 @@ class ModelRunner:
         return StepInputs(torch.tensor(ids, dtype=torch.long, device=dev),
                           torch.tensor(pos, dtype=torch.long, device=dev), meta, logit_rows, samples, prompt_rows)
 
-    @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
         """Run the model; return float32 logits for ``inputs.logit_rows`` (None if none needed)."""
+        if inputs.compiled is not None:
+            with torch.no_grad():  # not inference_mode: compiled graphs take no inference tensors
+                logits = self.compiled.execute(inputs.compiled)
+            if logits is not None:
+                return logits
+            inputs = self.prepare(inputs.compiled.sched)  # compiled step failed: now eager, same rows
+        with torch.inference_mode():
+            return self._execute_eager(inputs)
+
+    def _execute_eager(self, inputs: StepInputs) -> torch.Tensor | None:
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
         if not inputs.logit_rows:
             return None

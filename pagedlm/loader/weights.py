@@ -109,11 +109,15 @@ def gguf_to_hf_name(name: str, cfg: ModelConfig) -> str | None:
     return f"model.layers.{layer}.{hf}.{kind}"
 
 
-def iter_gguf_weights(path: str, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_gguf_weights(path: str, cfg: ModelConfig, int4_codes: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantised tensors under HF names. With ``int4_codes``, tensors stored as Q4_0 / Q4_1 / Q4_K
+    also carry their exact 4-bit codes (``tensor.gguf_int4``) for int4 layers to repack."""
     import numpy as np
     from gguf import dequantize
 
     from pagedlm.loader.gguf_meta import open_gguf
+    from pagedlm.loader.gguf_quant import INT4_TYPES
+    from pagedlm.loader.gguf_quant import int4_codes as gguf_int4
 
     if cfg.family == "gpt2":
         raise ModelLoadError("GGUF GPT-2 checkpoints are not supported; use an HF directory")
@@ -135,18 +139,25 @@ def iter_gguf_weights(path: str, cfg: ModelConfig) -> Iterator[tuple[str, torch.
         if not arr.flags.writeable:  # unquantised tensors come straight from the memory map
             arr = arr.copy()
         w = torch.from_numpy(arr)
+        codes = None
+        if int4_codes and t.tensor_type.name in INT4_TYPES and len(shape) == 2:
+            codes = gguf_int4(t.data, t.tensor_type.name, shape[1])
         if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
             # llama.cpp interleaves the two rope halves of each head; restore "rotate half" order.
-            w = w.view(heads, cfg.head_dim // 2, 2, -1).transpose(1, 2).reshape(shape)
+            perm = torch.arange(shape[0]).view(heads, cfg.head_dim // 2, 2).transpose(1, 2).reshape(-1)
+            w = w[perm]
+            codes = None if codes is None else tuple(c[perm] for c in codes)
         if cfg.norm_weight_offset and name.endswith("norm.weight"):
             w = w - cfg.norm_weight_offset  # llama.cpp stores Gemma's (1 + w)
+        if codes is not None:
+            w.gguf_int4 = codes
         yield name, w
 
 
-def iter_weights(path: str, cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_weights(path: str, cfg: ModelConfig, int4_codes: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     if path.endswith(".gguf"):
-        return iter_gguf_weights(path, cfg)
+        return iter_gguf_weights(path, cfg, int4_codes)
     return iter_hf_weights(path)
 
 

@@ -8,6 +8,12 @@ import torch
 from torch import nn
 
 from pagedlm.config import RUNNABLE_ARCHITECTURES, ModelConfig, UnsupportedArchitectureError
+from pagedlm.model.layers.quant import (
+    QuantConfig,
+    finalize_quantization,
+    gguf_tensor_types,
+    validate_quantization,
+)
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -44,18 +50,20 @@ def model_class(cfg: ModelConfig) -> type[nn.Module]:
     return LlamaForCausalLM
 
 
-def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu", **stage) -> nn.Module:
-    """Build with uninitialised weights (torch.empty) in the target dtype: loading fills them.
-    Where the hardware computes bf16 slowly, linear and embedding weights are bf16 and the rest
-    fp32 (``matmul.split_dtype``)."""
-    from pagedlm.model.layers.linear import LinearBase, VocabParallelEmbedding
+def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
+                quant: QuantConfig | None = None, **stage) -> nn.Module:
+    """Build with uninitialised weights (torch.empty): loading fills them. Linear and embedding
+    weights are created in the weight dtype, the rest in the compute dtype (``matmul.split_dtype``:
+    bf16 weights with fp32 compute where the hardware computes bf16 slowly). Each linear layer gets
+    its ``quant_method`` (``layers/quant.py``) by its checkpoint names."""
     from pagedlm.model.layers.matmul import split_dtype
+    from pagedlm.model.layers.quant import weight_dtype_scope
 
     weight_dtype, compute_dtype = split_dtype(dtype, device)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(compute_dtype)
     try:
-        with torch.device(device):
+        with torch.device(device), weight_dtype_scope(weight_dtype):
             model = model_class(cfg)(cfg, **stage)
     finally:
         torch.set_default_dtype(prev)
@@ -63,19 +71,49 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device
     for mod in model.modules():
         if hasattr(mod, "inv_freq"):
             mod.inv_freq = mod.inv_freq.float()
-        if weight_dtype != compute_dtype and isinstance(mod, (LinearBase, VocabParallelEmbedding)):
-            mod.weight.data = mod.weight.data.to(weight_dtype)  # same Parameter: keeps its weight_loader
-            if isinstance(mod, VocabParallelEmbedding):
-                mod.out_dtype = compute_dtype
+    assign_quant_methods(model, quant or QuantConfig(), torch.device(device))
     return model.eval()
 
 
-def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
-               **stage) -> nn.Module:
-    from pagedlm.loader.weights import iter_weights, load_weights
+def assign_quant_methods(model: nn.Module, quant: QuantConfig, device: torch.device) -> None:
+    """Give every linear layer, the output head and MoE experts their method, chosen from the
+    checkpoint names they load (a fused layer: all of its parts' names)."""
+    from pagedlm.model.layers.linear import LinearBase, ParallelLMHead, VocabParallelEmbedding
+    from pagedlm.model.layers.moe import FusedExperts
 
+    parts: dict[str, list[str]] = {}  # fused module name -> checkpoint module names
+    for ckpt, (fused, _) in getattr(model, "packed_modules_mapping", {}).items():
+        parts.setdefault(fused, []).append(ckpt)
+    tied_head = None
+    if model.config.tie_word_embeddings:
+        tied_head = next((m for m in model.modules() if isinstance(m, VocabParallelEmbedding)), None)
+    for name, mod in model.named_modules():
+        prefix, _, last = name.rpartition(".")
+        if isinstance(mod, LinearBase):
+            names = [f"{prefix}.{c}.weight" for c in parts.get(last, [last])]
+            mod.quant_method = quant.method(quant.class_for(names, *mod.weight.shape, device))
+        elif isinstance(mod, ParallelLMHead) or mod is tied_head:
+            mod.head_method = quant.method(quant.class_for([f"{name}.weight"], *mod.weight.shape, device))
+        elif isinstance(mod, FusedExperts) and quant.requested in ("int8", "int4"):
+            # Every expert matrix must suit the kind (GGUF MoE files are not loaded: no auto here).
+            shapes = [mod.gate_up_proj.shape[1:], mod.down_proj.shape[1:]]
+            kinds = {quant.class_for([], *shape, device) for shape in shapes}
+            mod.quant_kind = max(kinds, key=("int4", "int8", "none").index)
+
+
+def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
+               quantization: str = "none", dense_min_rows: int | None = None, **stage) -> nn.Module:
+    """Build, load strictly, then quantize as ``quantization`` says (auto | none | int8 | int4;
+    auto keeps a GGUF file's precision class per tensor and is none for HF directories)."""
+    from pagedlm.loader.weights import iter_weights, load_weights
+    from pagedlm.model.layers.matmul import split_dtype
+
+    quantization = validate_quantization(quantization)
     if not os.path.exists(path):
         raise FileNotFoundError(f"model path does not exist: {path!r}")
-    model = build_model(cfg, dtype, device, **stage)
-    load_weights(model, iter_weights(path, cfg))
+    types = gguf_tensor_types(path, cfg) if quantization == "auto" and path.endswith(".gguf") else {}
+    quant = QuantConfig(quantization, types, dense_min_rows)
+    model = build_model(cfg, dtype, device, quant, **stage)
+    load_weights(model, iter_weights(path, cfg, int4_codes=quantization in ("auto", "int4")))
+    model.quant_counts = finalize_quantization(model, split_dtype(dtype, device)[1], quant)
     return model

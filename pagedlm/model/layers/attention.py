@@ -9,8 +9,15 @@ Each layer's cache is one tensor ``(2, num_blocks, block_size, kv_heads, head_di
 token ``t`` of a sequence lives in slot ``block_table[t // block_size] * block_size + t % block_size``.
 New K/V are written by ``slot_mapping``; block tables are read for the context.
 
-Backends sit behind ``AttentionBackend.forward``; ``TorchAttentionBackend`` is the portable
-reference (CPU and CUDA, via ``scaled_dot_product_attention``).
+Backends sit behind one call, ``backend.forward(q, k, v, kv_cache, meta, scale, window)``, and
+each owns its metadata class: the layer runs ``meta.backend``. ``BACKENDS`` is the registry.
+
+    torch  ``AttentionMetadata``: the portable reference (CPU and CUDA, varlen decodes and prefill
+           chunks). Gathers each sequence's blocks into a contiguous copy and calls SDPA.
+    paged  ``PagedDecodeMetadata``: decode-only batches of a fixed size, for the compiled decode
+           step. Reads K/V where they lie in the cache (block table -> slot index per key) inside
+           the score and value reductions, so once compiled no context is copied; rows past a
+           sequence's length (block tables are padded) are masked.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ class AttentionMetadata:
     decode_max_context: int = 0
     prefills: list[PrefillSegment] = field(default_factory=list)
     block_size: int = 16
+    backend = None  # set below: TorchAttentionBackend
     # Masks are the same for every layer of a step: built once, on first use, per window.
     _mask_cache: dict = field(default_factory=dict, repr=False)
 
@@ -137,18 +145,95 @@ class TorchAttentionBackend:
         return out
 
 
+@torch.library.custom_op("pagedlm::write_kv", mutates_args=("kv_cache",))
+def write_kv_op(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+    """The cache write as one opaque op that mutates the cache in place: compiled graphs call it
+    as is (an index_copy_ into a view of a graph input would be functionalised into a copy of the
+    whole cache per layer)."""
+    TorchAttentionBackend.write_kv(kv_cache, k, v, slots)
+
+
+@write_kv_op.register_fake
+def _(kv_cache, k, v, slots) -> None:
+    return None
+
+
+@dataclass
+class PagedDecodeMetadata:
+    """One decode token per row; every tensor has a fixed size per batch bucket, filled in place.
+    Padding rows point at a scratch block and are ignored by the caller."""
+
+    slot_mapping: torch.Tensor  # (batch,) int64: where each row's new K/V goes
+    block_tables: torch.Tensor  # (batch, width) int64, padded with any valid block id
+    context_lens: torch.Tensor  # (batch,) int64, including the new token
+    block_size: int = 16
+
+    @property
+    def backend(self):
+        return PagedAttentionBackend
+
+
+class PagedAttentionBackend:
+    """Decode attention over the paged cache in place (the compiled decode step's backend).
+
+    Written as broadcasts and reductions, not as a gather followed by a matmul: compiled, the key
+    and value loads index the cache through the block table inside the reduction loops, and the
+    gathered context never exists in memory. Eager, it is correct but slow (the broadcasts are
+    materialised); the engine uses it only compiled, and tests hold it to the torch backend."""
+
+    name = "paged"
+
+    @staticmethod
+    def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
+        """One index_put_ on the cache tensor itself (not on a view of it): compiled, inductor
+        writes the new rows in place (an index_copy_ into a view is functionalised into a copy of
+        the whole cache)."""
+        bs = kv_cache.shape[2]
+        n = slots.shape[0]
+        which = torch.arange(2, device=slots.device).repeat_interleave(n)  # (2n,): K rows then V rows
+        s2 = slots.repeat(2)
+        kv_cache.index_put_((which, s2 // bs, s2 % bs), torch.cat((k, v)))
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
+                meta: PagedDecodeMetadata, scale: float, window: int | None) -> torch.Tensor:
+        PagedAttentionBackend.write_kv(kv_cache, k, v, meta.slot_mapping)
+        b, heads, d = q.shape
+        _, nb, bs, kvh, _ = kv_cache.shape
+        g = heads // kvh
+        width = meta.block_tables.shape[1]
+        t = torch.arange(width * bs, device=q.device)  # key positions
+        slots = meta.block_tables[:, t // bs] * bs + t % bs  # (b, T)
+        kc = kv_cache[0].view(nb * bs, kvh, d)[slots]  # (b, T, kvh, d): fused into the reduction
+        vc = kv_cache[1].view(nb * bs, kvh, d)[slots]
+        qg = q.view(b, 1, kvh, g, d).float()
+        scores = (qg * kc[:, :, :, None, :].float()).sum(-1) * scale  # (b, T, kvh, g)
+        lens = meta.context_lens[:, None]
+        visible = t[None, :] < lens
+        if window is not None:
+            visible &= t[None, :] > lens - 1 - window
+        scores = scores.masked_fill(~visible[:, :, None, None], float("-inf"))
+        p = torch.softmax(scores, dim=1)  # over keys
+        o = (p[..., None] * vc[:, :, :, None, :].float()).sum(1)  # (b, kvh, g, d)
+        return o.reshape(b, heads, d).to(q.dtype)
+
+
+AttentionMetadata.backend = TorchAttentionBackend
+
+BACKENDS = {"torch": TorchAttentionBackend, "paged": PagedAttentionBackend}
+
+
 class Attention(nn.Module):
     """Attention core of one layer: owns nothing but its KV cache slot (set by the runner)."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float,
-                 sliding_window: int | None = None, backend: type = TorchAttentionBackend):
+                 sliding_window: int | None = None):
         super().__init__()
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = scale
         self.sliding_window = sliding_window
-        self.backend = backend
         self.kv_cache: torch.Tensor | None = None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -158,5 +243,5 @@ class Attention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if self.kv_cache is None:
             raise RuntimeError("attention layer has no KV cache: the ModelRunner allocates it")
-        o = self.backend.forward(q, k, v, self.kv_cache, meta, self.scale, self.sliding_window)
+        o = meta.backend.forward(q, k, v, self.kv_cache, meta, self.scale, self.sliding_window)
         return o.reshape(-1, self.num_heads * self.head_dim)

@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pagedlm.distributed.state import get_parallel_state
-from pagedlm.model.layers.matmul import linear
+from pagedlm.model.layers.quant import (
+    Int4LinearMethod,
+    LinearMethod,
+    QuantizedWeight,
+    UnquantizedLinearMethod,
+    current_weight_dtype,
+)
 
 
 def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
@@ -27,6 +33,9 @@ def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=No
 
 
 class LinearBase(nn.Module):
+    """A linear layer: a dense ``weight`` (filled by the loader walk) and a ``quant_method``
+    (``layers/quant.py``) that decides, once loaded, how it multiplies."""
+
     tp_dim: int | None = None  # 0: shard output rows; 1: shard input columns; None: replicated
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
@@ -34,7 +43,9 @@ class LinearBase(nn.Module):
         ps = get_parallel_state()
         self.tp_rank, self.tp_size, self.tp_group = ps.tp_rank, ps.tp_size, ps.tp_group
         self.in_features, self.out_features = in_features, out_features
-        self.weight = nn.Parameter(torch.empty(out_features, in_features), requires_grad=False)
+        self.quant_method: LinearMethod = UnquantizedLinearMethod()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=current_weight_dtype()),
+                                   requires_grad=False)
         self.weight.weight_loader = self.weight_loader
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features), requires_grad=False)
@@ -48,11 +59,29 @@ class LinearBase(nn.Module):
         size = param.shape[self.tp_dim]
         return loaded.narrow(self.tp_dim, self.tp_rank * size, size)
 
+    def _store_rows(self, param: nn.Parameter, offset: int, size: int, loaded: torch.Tensor, what: str) -> None:
+        """Copy ``loaded`` into rows [offset, offset + size) of ``param``; an int4 layer also keeps
+        the exact GGUF codes those rows came with (None when they came without: quantized from dense)."""
+        whole = offset == 0 and size == param.shape[0]
+        _copy_checked(param.data if whole else param.data.narrow(0, offset, size), loaded, what)
+        if param is self.weight and isinstance(self.quant_method, Int4LinearMethod):
+            self.quant_method.record_exact(offset, getattr(loaded, "gguf_int4", None))
+
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        _copy_checked(param, self._shard(param, loaded), getattr(param, "_pagedlm_name", "linear"))
+        loaded = self._shard(param, loaded)
+        self._store_rows(param, 0, param.shape[0], loaded, getattr(param, "_pagedlm_name", "linear"))
+
+    def process_weights_after_loading(self, compute_dtype: torch.dtype):
+        """Quantize (once) as the method says; yields (method name, QuantizedWeight or None)."""
+        m = self.quant_method
+        m.process_weights_after_loading(self, self.weight, compute_dtype)
+        q: QuantizedWeight | None = getattr(m, "qweight", None)
+        if q is not None:
+            self.weight.data = q.dense  # the dense GEMM multiplies the same (dequantized) weights
+        yield m.name, q
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+        return self.quant_method.apply(self, x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -84,9 +113,8 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         tp = self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // tp
         size = self.output_sizes[shard_id] // tp
-        target = param.data.narrow(0, offset, size)
         loaded = loaded.narrow(0, self.tp_rank * size, size) if tp > 1 else loaded
-        _copy_checked(target, loaded, f"{getattr(param, '_pagedlm_name', 'merged')}[{shard_id}]")
+        self._store_rows(param, offset, size, loaded, f"{getattr(param, '_pagedlm_name', 'merged')}[{shard_id}]")
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -121,8 +149,7 @@ class QKVParallelLinear(ColumnParallelLinear):
             else:
                 head_rank = self.tp_rank
             loaded = loaded.narrow(0, head_rank * size, size)
-        target = param.data.narrow(0, offset, size)
-        _copy_checked(target, loaded, f"{getattr(param, '_pagedlm_name', 'qkv')}[{shard_id}]")
+        self._store_rows(param, offset, size, loaded, f"{getattr(param, '_pagedlm_name', 'qkv')}[{shard_id}]")
 
 
 class RowParallelLinear(LinearBase):
@@ -138,8 +165,8 @@ class RowParallelLinear(LinearBase):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return linear(x, self.weight, self.bias)
-        y = linear(x, self.weight)
+            return self.quant_method.apply(self, x, self.weight, self.bias)
+        y = self.quant_method.apply(self, x, self.weight, None)
         from pagedlm.distributed.comm import all_reduce
 
         all_reduce(y, self.tp_group)
@@ -158,8 +185,14 @@ class VocabParallelEmbedding(nn.Module):
         self.per_rank = (num_embeddings + self.tp_size - 1) // self.tp_size
         self.start = self.tp_rank * self.per_rank
         self.end = min(self.start + self.per_rank, num_embeddings)
-        self.weight = nn.Parameter(torch.empty(self.per_rank, embedding_dim), requires_grad=False)
+        wdtype = current_weight_dtype()
+        self.weight = nn.Parameter(torch.empty(self.per_rank, embedding_dim, dtype=wdtype), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
+        # Weights stored in a lower precision than the activations: lookups are cast up.
+        self.out_dtype = None if wdtype == torch.get_default_dtype() else torch.get_default_dtype()
+        # How this table multiplies when it is the output head (tied, or a ParallelLMHead); the
+        # build sets it. A quantized head keeps its own copy: the lookup table stays as loaded.
+        self.head_method: LinearMethod = UnquantizedLinearMethod()
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
         if loaded.shape[0] != self.num_embeddings:
@@ -169,8 +202,14 @@ class VocabParallelEmbedding(nn.Module):
         param.data.zero_()
         _copy_checked(param.data[: shard.shape[0]], shard, getattr(param, "_pagedlm_name", "embedding"))
 
-    # Set by build_model when weights are stored in a lower precision than the activations.
-    out_dtype: torch.dtype | None = None
+    def process_weights_after_loading(self, compute_dtype: torch.dtype):
+        m = self.head_method
+        m.process_weights_after_loading(self, self.weight, compute_dtype)
+        q: QuantizedWeight | None = getattr(m, "qweight", None)
+        if q is not None and isinstance(self, ParallelLMHead):
+            self.weight.data = q.dense  # not a lookup table: one copy is enough
+        if q is not None:
+            yield m.name, q
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
@@ -191,7 +230,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """Output projection with vocab rows split across TP ranks; logits are gathered on every rank."""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = linear(hidden, self.weight)
+        logits = self.head_method.apply(self, hidden, self.weight, None)
         if self.tp_size == 1:
             return logits
         from pagedlm.distributed.comm import all_gather_last_dim

@@ -30,13 +30,14 @@ import re
 from collections.abc import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pagedlm.config import ModelConfig
 from pagedlm.distributed.state import get_parallel_state
 from pagedlm.model.layers.basic import act_fn
 from pagedlm.model.layers.linear import ReplicatedLinear, _copy_checked
+from pagedlm.model.layers.matmul import linear
+from pagedlm.model.layers.quant import QuantizedWeight, current_weight_dtype, quantize_int4, quantize_int8
 
 
 class FusedExperts(nn.Module):
@@ -55,11 +56,35 @@ class FusedExperts(nn.Module):
         self.first = ps.ep_rank * self.num_local
         self.tp_rank, self.tp_size = ps.tp_rank, ps.tp_size
         self.inter = inter // ps.tp_size  # this rank's slice of each expert's intermediate dim
-        self.gate_up_proj = nn.Parameter(torch.empty(self.num_local, 2 * self.inter, hidden), requires_grad=False)
-        self.down_proj = nn.Parameter(torch.empty(self.num_local, hidden, self.inter), requires_grad=False)
+        wd = current_weight_dtype()
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_local, 2 * self.inter, hidden, dtype=wd),
+                                         requires_grad=False)
+        self.down_proj = nn.Parameter(torch.empty(self.num_local, hidden, self.inter, dtype=wd), requires_grad=False)
         self.gate_up_proj.weight_loader = self.weight_loader
         self.down_proj.weight_loader = self.weight_loader
         self.act = act_fn(act)
+        # Set by the build (layers/quant.py): "none", "int8" or "int4" for every local expert.
+        self.quant_kind = "none"
+        self.qweights: dict[str, list[QuantizedWeight]] = {}
+
+    def process_weights_after_loading(self, compute_dtype: torch.dtype):
+        """Quantize each local expert's two matrices; the dense tensors become their exact
+        dequantization (the many-rows path multiplies the same weights)."""
+        if self.quant_kind == "none":
+            return
+        fn = quantize_int4 if self.quant_kind == "int4" else quantize_int8
+        for name in ("gate_up_proj", "down_proj"):
+            param = getattr(self, name)
+            qs = [fn(param.data[e], compute_dtype) for e in range(self.num_local)]
+            param.data = torch.stack([q.dense for q in qs])
+            self.qweights[name] = qs
+            for q in qs:
+                yield self.quant_kind, q
+
+    def _mm(self, h: torch.Tensor, name: str, e: int) -> torch.Tensor:
+        if self.qweights:
+            return self.qweights[name][e].mm(h)
+        return linear(h, getattr(self, name)[e])
 
     def owns(self, expert: int) -> bool:
         return self.first <= expert < self.first + self.num_local
@@ -88,8 +113,8 @@ class FusedExperts(nn.Module):
         for e, n in enumerate(counts):
             if n:
                 h = x[start:start + n]
-                gate, up = F.linear(h, self.gate_up_proj[e]).chunk(2, dim=-1)  # (n, inter) each
-                out[start:start + n] = F.linear(self.act(gate) * up, self.down_proj[e])
+                gate, up = self._mm(h, "gate_up_proj", e).chunk(2, dim=-1)  # (n, inter) each
+                out[start:start + n] = self._mm(self.act(gate) * up, "down_proj", e)
                 start += n
         return out
 
@@ -107,7 +132,8 @@ class SharedExpert(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return F.linear(self.act(gate) * up, self.down_proj.weight)  # partial sum under TP
+        d = self.down_proj  # partial sum under TP: the block reduces once
+        return d.quant_method.apply(d, self.act(gate) * up, d.weight, None)
 
 
 class SparseMoeBlock(nn.Module):

@@ -20,10 +20,18 @@ from pagedlm.sampling_params import SamplingParams
 @dataclass
 class SamplingRow:
     params: SamplingParams
-    prompt_ids: list[int]
-    output_ids: list[int]
+    token_ids: list[int]  # the sequence's tokens, by reference: sliced only when a penalty needs them
+    num_prompt_tokens: int
     generator: torch.Generator | None
     banned: list[int]  # ids masked by min_tokens this step
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens:]
 
 
 @dataclass
@@ -54,12 +62,18 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
     """logits: (rows, vocab), float32."""
     logits = logits.float()
     n, vocab = logits.shape
+    if all(r.params.greedy and r.params.logprobs is None and not r.banned and r.params.repetition_penalty == 1.0
+           and not r.params.frequency_penalty and not r.params.presence_penalty for r in rows):
+        # Greedy fast path: one argmax, nothing built per row.
+        return SamplerOutput(logits.argmax(dim=-1).tolist(), None, None, [None] * n)
     want_logprobs = any(r.params.logprobs is not None for r in rows)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     if any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty
            for r in rows):
         logits = logits.clone()
         _apply_penalties(logits, rows)
+    elif any(r.banned for r in rows):
+        logits = logits.clone()  # the caller's logits stay untouched
     for i, r in enumerate(rows):
         if r.banned:
             logits[i, torch.tensor(r.banned, dtype=torch.long)] = float("-inf")

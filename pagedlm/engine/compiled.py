@@ -1,0 +1,170 @@
+"""The compiled decode step: no Python per layer in the hot loop of token generation.
+
+A decode step is the same graph every time except for its sizes, so it is compiled once per
+**batch bucket** (1, 2, 4, 8, ... up to ``max_num_seqs``, like CUDA-graph capture sizes) with
+``torch.compile`` (inductor: C++ on CPU, Triton on CUDA), and the batch is padded up to its
+bucket. Per bucket, the inputs live in persistent buffers filled in place each step: token ids,
+positions, slot mapping, context lengths and the block table. The block table's width (blocks
+of the longest context in the batch) is the one dynamic size: it is marked dynamic, so a growing
+context does not recompile. Attention is ``PagedAttentionBackend``: it reads K/V where they lie
+in the cache, through the block table, inside the compiled reductions.
+
+Padding rows decode token 0 at position 0 into a scratch block (one block past those the block
+manager owns) and their logits are dropped. The graph ends with the LM head: it returns float32
+logits for every row of the bucket.
+
+A bucket compiles the first time a batch of its size decodes (one log line with the time it
+took). If compilation or a compiled call fails, the step runs eagerly, one warning is logged,
+and the engine stays eager from then on: a compile problem never fails a request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from pagedlm.engine.scheduler import SchedulerOutput
+from pagedlm.model.layers.attention import PagedDecodeMetadata
+
+log = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+def bucket_sizes(max_num_seqs: int) -> list[int]:
+    sizes = [b for b in BUCKETS if b < max_num_seqs]
+    return sizes + [next((b for b in BUCKETS if b >= max_num_seqs), max_num_seqs)]
+
+
+@dataclass
+class DecodeBatch:
+    """What the compiled step needs from ``prepare`` in ``execute``."""
+
+    sched: SchedulerOutput
+    bucket: int
+    width: int  # block-table width of this step
+    rows: torch.Tensor | None  # rows whose logits are returned (None: all real rows)
+    num_rows: int
+
+
+class _Buffers:
+    def __init__(self, bucket: int, max_width: int, device: torch.device):
+        z = lambda n: torch.zeros(n, dtype=torch.long, device=device)  # noqa: E731
+        self.ids, self.pos, self.slots, self.lens = z(bucket), z(bucket), z(bucket), z(bucket)
+        self.tables = z(bucket * max_width)  # viewed as (bucket, width) contiguous each step
+
+
+class CompiledDecode:
+    def __init__(self, model: torch.nn.Module, device: torch.device, max_num_seqs: int):
+        self.model = model
+        self.device = device
+        self.sizes = bucket_sizes(max_num_seqs)
+        self.buffers: dict[int, _Buffers] = {}
+        self.compiled_buckets: set[int] = set()
+        self.failed = False
+        self.scratch_block = 0
+        self.block_size = 16
+        self.max_width = 2
+        self.fns: dict[int, object] = {}
+
+    def _compiled(self, bucket: int):
+        """One compiled function per bucket, so each holds one graph and needs no guard at all
+        (guards on every parameter cost ~1.5 ms a call): its inputs' sizes are fixed but for the
+        table width, which is symbolic."""
+        fn = self.fns.get(bucket)
+        if fn is None:
+            fn = self.fns[bucket] = torch.compile(
+                self._forward, fullgraph=True, dynamic=False,
+                options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe})
+        return fn
+
+    def set_cache(self, num_blocks: int, block_size: int) -> None:
+        """The engine's blocks are [0, num_blocks); block ``num_blocks`` is the scratch block."""
+        self.scratch_block = num_blocks
+        self.block_size = block_size
+        self.max_width = max(2, num_blocks)
+        self.buffers.clear()
+
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+                 lens: torch.Tensor) -> torch.Tensor:
+        meta = PagedDecodeMetadata(slots, tables, lens, self.block_size)
+        hidden = self.model(ids, pos, meta)
+        return self.model.compute_logits(hidden).float()
+
+    # ---- per step ----------------------------------------------------------------------------
+    def prepare(self, out: SchedulerOutput):
+        """StepInputs for a decode-only step that fits a bucket, else None (run it eagerly)."""
+        from pagedlm.engine.model_runner import StepInputs
+
+        if self.failed:
+            return None
+        sched = out.scheduled
+        n = len(sched)
+        if n == 0 or n > self.sizes[-1]:
+            return None
+        for seq, k in sched:
+            if k != 1 or (seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens):
+                return None
+        bucket = next(b for b in self.sizes if b >= n)
+        bs = self.block_size
+        ids, pos, slots, lens, tables = [], [], [], [], []
+        samples, rows = [], []
+        width = 2
+        for i, (seq, _) in enumerate(sched):
+            p = seq.num_computed_tokens
+            t = seq.block_table
+            ids.append(seq.token_ids[p])
+            pos.append(p)
+            slots.append(t[p // bs] * bs + p % bs)
+            lens.append(p + 1)
+            tables.append(t)
+            width = max(width, p // bs + 1)
+            if p + 1 == seq.num_tokens:
+                samples.append((seq, len(rows)))
+                rows.append(i)
+        scratch = self.scratch_block
+        pad = bucket - n
+        ids += [0] * pad
+        pos += [0] * pad
+        slots += [scratch * bs] * pad
+        lens += [1] * pad
+        flat: list[int] = []
+        for t in tables:
+            flat += t[:width]
+            if len(t) < width:
+                flat += [scratch] * (width - len(t))
+        flat += [scratch] * (width * pad)
+        buf = self.buffers.get(bucket)
+        if buf is None:
+            buf = self.buffers[bucket] = _Buffers(bucket, self.max_width, self.device)
+        buf.ids.copy_(torch.tensor(ids))
+        buf.pos.copy_(torch.tensor(pos))
+        buf.slots.copy_(torch.tensor(slots))
+        buf.lens.copy_(torch.tensor(lens))
+        buf.tables[: bucket * width].copy_(torch.tensor(flat))
+        sel = None if len(rows) == n else torch.tensor(rows, dtype=torch.long)
+        batch = DecodeBatch(out, bucket, width, sel, n)
+        return StepInputs(buf.ids, buf.pos, None, rows, samples, [], compiled=batch)
+
+    def execute(self, batch: DecodeBatch) -> torch.Tensor | None:
+        """Logits of the sampled rows, or None when the compiled step failed (run it eagerly)."""
+        buf = self.buffers[batch.bucket]
+        tables = buf.tables[: batch.bucket * batch.width].view(batch.bucket, batch.width)
+        torch._dynamo.maybe_mark_dynamic(tables, 1)
+        first = batch.bucket not in self.compiled_buckets
+        t0 = time.perf_counter()
+        try:
+            logits = self._compiled(batch.bucket)(buf.ids, buf.pos, buf.slots, tables, buf.lens)
+        except Exception as e:  # compile or run failure: never fail the request
+            self.failed = True
+            log.warning("compiled decode step failed (%s: %s); running eagerly from now on",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return None
+        if first:
+            self.compiled_buckets.add(batch.bucket)
+            log.info("compiled the decode step for batch bucket %d in %.1f s", batch.bucket, time.perf_counter() - t0)
+        logits = logits[: batch.num_rows]
+        return logits if batch.rows is None else logits[batch.rows]

@@ -1,0 +1,322 @@
+"""Weight-only quantized linear layers behind one seam: a ``LinearMethod`` per layer.
+
+Every linear layer (dense projections, MoE experts, the LM head) multiplies through its
+``quant_method``:
+
+    UnquantizedLinearMethod   the layer's dense weight (the dtype policy of ``matmul.py``)
+    Int8LinearMethod          int8 per output channel: ``w = q * scale``
+    Int4LinearMethod          int4 in groups of 32 along the input: ``w = (q - 8) * scale + zero``
+
+Weights load dense, as always (``layer.weight``; the strict loader walk is unchanged). After
+loading, ``process_weights_after_loading`` quantizes them once: from the dense values, or,
+for GGUF Q4_0 / Q4_1 / Q4_K blocks, from the file's own 4-bit codes, repacked exactly (a
+GGUF block of 32 is one group; see ``pagedlm.loader.gguf_quant``). The dense weight is then
+replaced by the exact dequantization of the quantized weight, so both kernels multiply the
+*same* weights:
+
+* few rows (decode): torch's weight-only CPU kernels, ``_weight_int4pack_mm_for_cpu`` and
+  ``_weight_int8pack_mm`` (layout packed for this CPU at load), which stream 4 or 8 bits per
+  weight instead of 16 or 32;
+* many rows (prefill, large decode batches): the dense GEMM, which beats them there.
+
+The row count where the dense GEMM starts to win is measured on this machine at start-up over
+the model's own layers (``measure_crossover``), not taken from a constant.
+
+What it costs: the dense copy stays in memory (bf16 or fp32) next to the packed weights, so
+quantization here buys decode speed, not memory. Layers the kernels cannot take (input size not
+a multiple of 32, int4 output size not a multiple of 16) stay unquantized.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+log = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("auto", "none", "int8", "int4")
+GROUP = 32  # int4 group size along the input dimension (one GGUF Q4_0 / Q4_1 block)
+
+
+def validate_quantization(name: object) -> str:
+    if not isinstance(name, str) or name.lower() not in QUANTIZATIONS:
+        raise ValueError(f"unknown quantization {name!r}; choose one of: {', '.join(QUANTIZATIONS)}")
+    return name.lower()
+
+
+# ---- quantized weights -----------------------------------------------------------------------
+
+@dataclass
+class QuantizedWeight:
+    """One (out, in) matrix in a weight-only format, and its exact dequantization (``dense``)."""
+
+    kind: str  # "int8" | "int4"
+    packed: torch.Tensor  # int8 (out, in) | int4 pack for this CPU
+    scales: torch.Tensor  # int8: (out,) | int4: (in / 32, out, 2) scale and zero; compute dtype
+    dense: torch.Tensor  # (out, in) in the layer's weight dtype
+    dense_min_rows: int = 1 << 30  # rows from which ``mm`` uses the dense GEMM
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (rows, in) -> (rows, out), in x's dtype."""
+        from pagedlm.model.layers.matmul import linear
+
+        if x.shape[0] >= self.dense_min_rows:
+            return linear(x, self.dense)
+        if self.kind == "int4":
+            return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales)
+        return torch.ops.aten._weight_int8pack_mm(x, self.packed, self.scales)
+
+
+def int4_codes_from_dense(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric min/max quantization per group of 32: (codes uint8 0..15, scale, zero), each
+    group as ``w = (q - 8) * scale + zero``."""
+    out, inp = w.shape
+    g = w.float().reshape(out, inp // GROUP, GROUP)
+    lo, hi = g.amin(-1), g.amax(-1)
+    scale = (hi - lo) / 15
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round((g - lo[..., None]) / safe[..., None]).clamp_(0, 15)
+    return q.to(torch.uint8).reshape(out, inp), scale, lo + 8 * scale
+
+
+def int4_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    out, inp = codes.shape
+    q = codes.float().reshape(out, inp // GROUP, GROUP) - 8
+    return (q * scale[..., None] + zero[..., None]).reshape(out, inp)
+
+
+def quantize_int4(dense: torch.Tensor, compute_dtype: torch.dtype,
+                  exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
+    codes, scale, zero = exact if exact is not None else int4_codes_from_dense(dense)
+    scale, zero = scale.to(compute_dtype), zero.to(compute_dtype)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (in / 32, out, 2)
+    # The dense copy is what the kernel computes with: codes with the scales as stored.
+    deq = int4_dequantize(codes, scale.float(), zero.float()).to(dense.dtype)
+    return QuantizedWeight("int4", packed, sz, deq)
+
+
+def quantize_int8(dense: torch.Tensor, compute_dtype: torch.dtype) -> QuantizedWeight:
+    w = dense.float()
+    scale = (w.abs().amax(1) / 127).to(compute_dtype).float()
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
+    deq = (q.float() * scale[:, None]).to(dense.dtype)
+    return QuantizedWeight("int8", q, scale.to(compute_dtype), deq)
+
+
+def int4_supported(out_features: int, in_features: int) -> bool:
+    return in_features % GROUP == 0 and out_features % 16 == 0
+
+
+# ---- methods ---------------------------------------------------------------------------------
+
+class LinearMethod:
+    """How one layer stores and multiplies its weight. The layer owns ``weight`` (dense, loaded
+    by the loader walk); the method may replace it after loading and adds its own state."""
+
+    name = "none"
+
+    def process_weights_after_loading(self, layer, weight: torch.Tensor, compute_dtype: torch.dtype) -> None:
+        pass
+
+    def apply(self, layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        from pagedlm.model.layers.matmul import linear
+
+        return linear(x, weight, bias)
+
+
+class UnquantizedLinearMethod(LinearMethod):
+    name = "none"
+
+
+class _WeightOnlyMethod(LinearMethod):
+    def __init__(self, exact: tuple | None = None):
+        self.exact = exact  # GGUF codes for int4, recorded during loading
+        self.qweight: QuantizedWeight | None = None
+
+    def quantize(self, weight: torch.Tensor, compute_dtype: torch.dtype) -> QuantizedWeight:
+        raise NotImplementedError
+
+    def process_weights_after_loading(self, layer, weight: torch.Tensor, compute_dtype: torch.dtype) -> None:
+        self.qweight = self.quantize(weight.detach(), compute_dtype)
+        self.exact = None
+
+    def apply(self, layer, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        q = self.qweight
+        if q is None:
+            raise RuntimeError("quantized layer used before process_weights_after_loading")
+        y = q.mm(x) if x.dim() == 2 else q.mm(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
+
+
+class Int8LinearMethod(_WeightOnlyMethod):
+    name = "int8"
+
+    def quantize(self, weight: torch.Tensor, compute_dtype: torch.dtype) -> QuantizedWeight:
+        return quantize_int8(weight, compute_dtype)
+
+
+class Int4LinearMethod(_WeightOnlyMethod):
+    name = "int4"
+
+    def quantize(self, weight: torch.Tensor, compute_dtype: torch.dtype) -> QuantizedWeight:
+        return quantize_int4(weight, compute_dtype, self._exact_codes(weight.shape))
+
+    def record_exact(self, row_offset: int, codes) -> None:
+        """GGUF codes of rows [row_offset, row_offset + n) of this layer (a fused layer gets one
+        call per shard); ``codes`` is None when a shard had no exact int4 form."""
+        if self.exact is None:
+            self.exact = {}
+        self.exact[row_offset] = codes
+
+    def _exact_codes(self, shape) -> tuple | None:
+        if not self.exact or any(c is None for c in self.exact.values()):
+            return None
+        parts = [self.exact[k] for k in sorted(self.exact)]
+        codes = torch.cat([p[0] for p in parts])
+        if tuple(codes.shape) != tuple(shape):
+            return None
+        return codes, torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+
+
+METHODS = {"none": UnquantizedLinearMethod, "int8": Int8LinearMethod, "int4": Int4LinearMethod}
+
+
+# ---- per-model configuration -----------------------------------------------------------------
+
+# GGUF tensor types and the precision class ``auto`` keeps for them.
+GGUF_INT4 = {"Q4_0", "Q4_1", "Q4_K"}
+GGUF_INT8 = {"Q8_0", "Q8_1", "Q8_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"}
+GGUF_DENSE = {"F32", "F16", "BF16", "F64"}
+_RANK = {"none": 2, "int8": 1, "int4": 0}  # a fused layer takes its most precise part's class
+
+
+@dataclass
+class QuantConfig:
+    """Chooses each layer's method. ``requested``: auto | none | int8 | int4. For ``auto`` on a
+    GGUF file, ``gguf_types`` maps HF parameter names to the file's tensor types."""
+
+    requested: str = "none"
+    gguf_types: dict[str, str] = field(default_factory=dict)
+    dense_min_rows: int | None = None  # None: measured on this machine; tests force a value
+
+    def class_for(self, param_names: list[str], out_features: int, in_features: int, device: torch.device) -> str:
+        """The method for a layer loading ``param_names`` into an (out, in) weight."""
+        if self.requested == "none" or device.type != "cpu":
+            return "none"
+        if self.requested in ("int8", "int4"):
+            kind = self.requested
+        else:  # auto: keep the file's precision class
+            kinds = []
+            for n in param_names:
+                t = self.gguf_types.get(n)
+                if t is None or t in GGUF_DENSE:
+                    kinds.append("none")
+                elif t in GGUF_INT4:
+                    kinds.append("int4")
+                else:
+                    kinds.append("int8")  # Q8_0, Q5_x, Q6_K and other k-quants
+            kind = max(kinds, key=_RANK.__getitem__) if kinds else "none"
+        if kind != "none" and in_features % GROUP:
+            return "none"
+        if kind == "int4" and not int4_supported(out_features, in_features):
+            return "int8"
+        return kind
+
+    def method(self, kind: str) -> LinearMethod:
+        return METHODS[kind]()
+
+
+def gguf_tensor_types(path: str, cfg) -> dict[str, str]:
+    """HF parameter name (before q/k/v and gate/up fusion) -> GGUF tensor type name."""
+    from pagedlm.loader.gguf_meta import open_gguf
+    from pagedlm.loader.weights import gguf_to_hf_name
+
+    reader = open_gguf(path)
+    out = {}
+    for t in reader.tensors:
+        name = gguf_to_hf_name(t.name, cfg)
+        if name is not None:
+            out[name] = t.tensor_type.name
+    return out
+
+
+# ---- the build context and the post-load pass -----------------------------------------------
+
+_weight_dtype: list[torch.dtype] = []
+
+
+@contextlib.contextmanager
+def weight_dtype_scope(dtype: torch.dtype):
+    """While a model is built, linear and embedding weights are created in ``dtype`` (the other
+    parameters in the default dtype, the compute dtype)."""
+    _weight_dtype.append(dtype)
+    try:
+        yield
+    finally:
+        _weight_dtype.pop()
+
+
+def current_weight_dtype() -> torch.dtype:
+    return _weight_dtype[-1] if _weight_dtype else torch.get_default_dtype()
+
+
+def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype,
+                      candidates=(2, 4, 8, 16, 32, 64, 128), budget_s: float = 1.0) -> int:
+    """Smallest row count at which the dense GEMM over these weights is at least as fast as the
+    weight-only kernel (measured here, over the model's own layers so weights stream from memory
+    as in a real step); beyond the largest candidate if it never is."""
+    from pagedlm.model.layers.matmul import linear
+
+    if not weights:
+        return 1 << 30
+    hidden = weights[0].dense.shape[1]
+    same = [w for w in weights if w.dense.shape[1] == hidden] or weights
+    t_end = time.perf_counter() + budget_s
+
+    def run(rows: int, dense: bool) -> float:
+        x = torch.randn(rows, hidden, dtype=compute_dtype)
+        best = float("inf")
+        for _ in range(3):
+            t = time.perf_counter()
+            for w in same:
+                linear(x, w.dense) if dense else w.mm(x)
+            best = min(best, time.perf_counter() - t)
+        return best
+
+    with torch.inference_mode():
+        for rows in candidates:
+            if run(rows, True) <= run(rows, False):
+                return rows
+            if time.perf_counter() > t_end:
+                break
+    return candidates[-1] * 2
+
+
+def finalize_quantization(model: torch.nn.Module, compute_dtype: torch.dtype, qcfg: QuantConfig) -> dict[str, int]:
+    """After loading: quantize every layer whose method asks for it, point the dense weights at the
+    exact dequantization, set the dense crossover. Returns layer counts per method."""
+    counts: dict[str, int] = {}
+    by_kind: dict[str, list[QuantizedWeight]] = {}
+    with torch.no_grad():
+        for mod in model.modules():
+            fn = getattr(mod, "process_weights_after_loading", None)
+            if fn is None:
+                continue
+            for kind, qw in fn(compute_dtype):
+                counts[kind] = counts.get(kind, 0) + 1
+                if qw is not None:
+                    by_kind.setdefault(kind, []).append(qw)
+    for kind, ws in by_kind.items():
+        rows = qcfg.dense_min_rows
+        if rows is None:
+            rows = measure_crossover(ws, compute_dtype)
+            log.info("%s weights: dense GEMM from %d rows on this machine (measured)", kind, rows)
+        for w in ws:
+            w.dense_min_rows = rows
+    return counts
