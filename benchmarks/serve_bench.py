@@ -155,11 +155,14 @@ def summarize(label: str, results: list[Result], wall: float) -> dict:
 
 def launch_pagedlm(args) -> tuple[subprocess.Popen, str]:
     cmd = [sys.executable, "-m", "pagedlm.cli", "serve", "--port", "0", "--log-level", "warning",
-           "--dtype", args.dtype, "--max-num-seqs", str(max(64, max(args.concurrency or [1])))]
+           "--dtype", args.dtype, "--max-num-seqs", str(max(args.concurrency or [64])),
+           "--quantization", args.quantization]
+    # Compile every decode bucket before listening, so no run measures a compile stall.
+    cmd += ["--enforce-eager"] if args.enforce_eager else ["--compile-at-startup"]
     if args.model_path:
         cmd += ["--model", args.model_path]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 1800  # a cold inductor cache compiles each bucket (~1 min each)
     while True:
         line = proc.stderr.readline()
         if not line and proc.poll() is not None:
@@ -171,7 +174,7 @@ def launch_pagedlm(args) -> tuple[subprocess.Popen, str]:
             return proc, line.split("listening on ")[1].strip()
         if time.monotonic() > deadline:
             proc.kill()
-            raise SystemExit("pagedlm serve did not start within 300 s")
+            raise SystemExit("pagedlm serve did not start within 1800 s")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--launch", action="store_true", help="start 'pagedlm serve' on a free port for the run")
     ap.add_argument("--model-path", default=None, help="with --launch: the model (default: bundled SmolLM2)")
     ap.add_argument("--dtype", default="auto", help="with --launch: the dtype (default auto)")
+    ap.add_argument("--quantization", default="auto", help="with --launch: the quantization (default auto)")
+    ap.add_argument("--enforce-eager", action="store_true", help="with --launch: do not compile the decode step")
     ap.add_argument("--model", default=None, help="the 'model' field to send (default: omitted)")
     ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     ap.add_argument("--concurrency", type=int, nargs="*", default=None, help="closed loop: clients in flight")

@@ -50,6 +50,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--enforce-eager", action="store_true",
                    help="do not compile the decode step (compiling takes ~30-60 s per batch size the "
                         "first time it is met)")
+    g.add_argument("--compile-at-startup", action="store_true",
+                   help="compile the decode step for every batch bucket (1, 2, 4, ... max-num-seqs) at "
+                        "start-up instead of at the first step of each size (servers: no compile stall "
+                        "under the first load)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=1 << 30,
                    help="memory for the paged KV cache, e.g. 512M, 2G (default: 1G)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")
@@ -71,6 +75,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
               seed=args.engine_seed, quantization=args.quantization)
     if args.enforce_eager:
         kw["enforce_eager"] = True
+    if args.compile_at_startup:
+        kw["compile_at_startup"] = True
     for extra in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
         if getattr(args, extra, None) is not None:
             kw[extra] = getattr(args, extra)

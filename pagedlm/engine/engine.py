@@ -110,6 +110,8 @@ class EngineConfig:
     # PAGEDLM_ENFORCE_EAGER=1 changes the default (the test suite sets it: compiling every
     # tiny engine would dominate its time; the compiled step has tests of its own).
     enforce_eager: bool = field(default_factory=lambda: os.environ.get("PAGEDLM_ENFORCE_EAGER", "") == "1")
+    # Compile every decode bucket when the engine starts (default: each at its first step).
+    compile_at_startup: bool = False
     # Parallelism: world size = tp x pp x ep ranks, spawned by the engine (pagedlm.distributed).
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
@@ -218,6 +220,15 @@ class LLMEngine:
                       "decode_tokens": 0}
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token)", num_blocks,
                  config.block_size, cache_tokens, num_blocks * per_block / 2**20, per_token)
+        if config.compile_at_startup:
+            self.warmup()
+
+    def warmup(self, buckets: list[int] | None = None) -> None:
+        """Compile the decode step's batch buckets now (default: all up to max_num_seqs) rather
+        than at the first step of each size; a no-op with enforce_eager."""
+        compiled = getattr(self.runner, "compiled", None)
+        if compiled is not None:
+            compiled.warmup(buckets)
 
     # ---- cache report ----------------------------------------------------------------------
     @property
@@ -230,6 +241,11 @@ class LLMEngine:
         r = self.runner
         w, c = (str(d).removeprefix("torch.") for d in (r.weight_dtype, getattr(r, "compute_dtype", r.dtype)))
         dt = f"dtype {c}" if w == c else f"weights {w}, compute {c}"
+        quant = {k: v for k, v in getattr(r, "quant_counts", {}).items() if k != "none"}
+        if quant:
+            dt += "; quantized layers: " + ", ".join(f"{v} {k}" for k, v in sorted(quant.items()))
+        if getattr(r, "compiled", None) is not None:
+            dt += "; compiled decode"
         return (f"{dt}; KV cache: {bm.num_blocks} blocks x {bm.block_size} tokens = {bm.num_blocks * bm.block_size} "
                 f"tokens ({mib:.1f} MiB, {self.kv_bytes_per_token} bytes/token); max_model_len {self.max_model_len}")
 
