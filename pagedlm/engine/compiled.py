@@ -70,6 +70,7 @@ class CompiledDecode:
         self.block_size = 16
         self.max_width = 2
         self.fns: dict[int, object] = {}
+        self.direct: dict[int, tuple] = {}  # bucket -> (compiled graph, its arguments, ...)
 
     def _compiled(self, bucket: int):
         """One compiled function per bucket, so each holds one graph and needs no guard at all
@@ -82,29 +83,71 @@ class CompiledDecode:
             f = type(self)._forward
             code = f.__code__.replace(co_name=f"decode_bucket_{bucket}")
             forward = types.MethodType(types.FunctionType(code, f.__globals__, code.co_name), self)
-            fn = self.fns[bucket] = torch.compile(
-                forward, fullgraph=True, dynamic=False,
-                options={"guard_filter_fn": torch.compiler.skip_all_guards_unsafe,
-                         # A C++ wrapper saves ~0.7 ms of Python per call: worth its longer compile
-                         # only where a step is a few ms (small batches).
-                         "cpp_wrapper": bucket <= 8 and self.device.type == "cpu",
-                         # Round to bf16 where eager rounds, so compiled and eager steps agree
-                         # token for token in bf16 too.
-                         "emulate_precision_casts": True})
+            options = {
+                # A C++ wrapper saves ~0.7 ms of Python per call: worth its longer compile only
+                # where a step is a few ms (small batches).
+                "cpp_wrapper": bucket <= 8 and self.device.type == "cpu",
+                # Round to bf16 where eager rounds, so compiled and eager steps agree token for
+                # token in bf16 too.
+                "emulate_precision_casts": True,
+            }
+
+            def backend(gm: torch.fx.GraphModule, example_inputs):
+                from torch._inductor.compile_fx import compile_fx
+
+                compiled = compile_fx(gm, example_inputs, config_patches=options)
+                try:
+                    self._capture(bucket, gm, compiled)
+                except Exception as e:  # Dynamo's internals moved: keep its (slower) call path
+                    log.debug("decode bucket %d: no direct call (%s)", bucket, e)
+                return compiled
+
+            fn = self.fns[bucket] = torch.compile(forward, backend=backend, fullgraph=True, dynamic=False)
         return fn
+
+    def _capture(self, bucket: int, gm: torch.fx.GraphModule, compiled) -> None:
+        """Record how to call a bucket's compiled graph directly. Dynamo's prologue fetches every
+        parameter through the module tree on each call (~0.4 ms for SmolLM2's ~300 tensors); here
+        every graph input but the block table and its width is the same object at every step
+        (parameters, the KV caches, the bucket's persistent buffers), so the argument list is
+        built once. Any input of another kind leaves the bucket on Dynamo's path."""
+        args, table_at, width_at = [], None, None
+        for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+            arg = node.meta.get("grapharg")
+            if arg is None:
+                return
+            name = arg.source.name if isinstance(arg.source.name, str) else arg.source.name()
+            value = arg.example
+            if isinstance(value, torch.Tensor) and name == "L['tables']":
+                table_at = i
+            elif not isinstance(value, torch.Tensor):
+                if "L['tables']" in name and "size()[1]" in name.replace(" ", ""):
+                    width_at = i
+                else:
+                    return
+            args.append(value)
+        if table_at is None:
+            return
+        self.direct[bucket] = (compiled, args, table_at, width_at)
 
     def set_cache(self, num_blocks: int, block_size: int) -> None:
         """The engine's blocks are [0, num_blocks); block ``num_blocks`` is the scratch block."""
         self.scratch_block = num_blocks
         self.block_size = block_size
         self.max_width = max(2, num_blocks)
+        # Compiled graphs hold the caches and buffers they were compiled with: start over.
         self.buffers.clear()
+        self.fns.clear()
+        self.direct.clear()
+        self.compiled_buckets.clear()
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                  lens: torch.Tensor) -> torch.Tensor:
         meta = PagedDecodeMetadata(slots, tables, lens, self.block_size)
         hidden = self.model(ids, pos, meta)
-        return self.model.compute_logits(hidden).float()
+        # hidden is returned too so that it is computed once into memory: otherwise inductor may
+        # inline the final norm into the head's GEMV and recompute it for every vocabulary row.
+        return self.model.compute_logits(hidden).float(), hidden
 
     # ---- per step ----------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput):
@@ -189,7 +232,16 @@ class CompiledDecode:
         first = batch.bucket not in self.compiled_buckets
         t0 = time.perf_counter()
         try:
-            logits = self._compiled(batch.bucket)(buf.ids, buf.pos, buf.slots, tables, buf.lens)
+            direct = self.direct.get(batch.bucket)
+            if direct is not None:
+                compiled, args, table_at, width_at = direct
+                args = list(args)
+                args[table_at] = tables
+                if width_at is not None:
+                    args[width_at] = batch.width
+                logits = compiled(*args)[0]
+            else:
+                logits = self._compiled(batch.bucket)(buf.ids, buf.pos, buf.slots, tables, buf.lens)[0]
         except Exception as e:  # compile or run failure: never fail the request
             self.failed = True
             log.warning("compiled decode step failed (%s: %s); running eagerly from now on",

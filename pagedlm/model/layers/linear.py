@@ -206,6 +206,8 @@ class VocabParallelEmbedding(nn.Module):
         m = self.head_method
         m.process_weights_after_loading(self, self.weight, compute_dtype)
         q: QuantizedWeight | None = getattr(m, "qweight", None)
+        if q is not None:
+            q.one_row_gemv = True  # the compiled decode step realizes the head's input
         if q is not None and isinstance(self, ParallelLMHead):
             self.weight.data = q.dense  # not a lookup table: one copy is enough
         if q is not None:

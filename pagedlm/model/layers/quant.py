@@ -50,17 +50,6 @@ def validate_quantization(name: object) -> str:
 
 # ---- quantized weights -----------------------------------------------------------------------
 
-@torch.library.custom_op("pagedlm::realize", mutates_args=())
-def realize(x: torch.Tensor) -> torch.Tensor:
-    """A copy that a compiled graph cannot fuse away: its input is computed once, into memory."""
-    return x.clone()
-
-
-@realize.register_fake
-def _(x: torch.Tensor) -> torch.Tensor:
-    return torch.empty_like(x)
-
-
 @dataclass
 class QuantizedWeight:
     """One (out, in) matrix in a weight-only format, and its exact dequantization (``dense``)."""
@@ -70,6 +59,9 @@ class QuantizedWeight:
     scales: torch.Tensor  # int8: (out,) | int4: (in / 32, out, 2) scale and zero; compute dtype
     dense: torch.Tensor  # (out, in) in the layer's weight dtype
     dense_min_rows: int = 1 << 30  # rows from which ``mm`` uses the dense GEMM
+    # int8, one row, compiled: multiply as a broadcast-sum (see ``mm``). Set for the output head,
+    # whose input the compiled decode step computes into memory first.
+    one_row_gemv: bool = False
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (rows, in) -> (rows, out), in x's dtype."""
@@ -79,12 +71,13 @@ class QuantizedWeight:
             return linear(x, self.dense)
         if self.kind == "int4":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales)
-        if x.shape[0] == 1 and torch.compiler.is_compiling():
+        if self.one_row_gemv and x.shape[0] == 1 and torch.compiler.is_compiling():
             # One row, compiled: a broadcast-multiply-sum that inductor turns into a fused,
             # vectorised GEMV streaming the int8 weights (measured 1.3 ms vs 2.4 ms for
             # _weight_int8pack_mm on SmolLM2's 49152 x 576 head; from 2 rows the kernel wins).
-            xr = realize(x.float())  # else inductor recomputes x's producers (norms) per output
-            y = (self.packed.float() * xr).sum(-1) * self.scales.float()
+            # Only where x is already in memory: inductor would otherwise inline x's producers
+            # (a norm) into the loop and recompute them for every output row.
+            y = (self.packed.float() * x.float()).sum(-1) * self.scales.float()
             return y[None].to(x.dtype)
         return torch.ops.aten._weight_int8pack_mm(x, self.packed, self.scales)
 
