@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 
 import torch
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
-from benchmarks.common import load_hf_gguf, machine, measure_bandwidth, measure_matmul  # noqa: E402
+from benchmarks.common import load_hf_gguf, machine, measure_bandwidth, measure_matmul, random_prompt  # noqa: E402
 
 
 def bench_pagedlm(path: str, dtype: str, prompt: list[int], n_decode: int, repeats: int) -> dict:
@@ -73,8 +72,7 @@ def main() -> None:
     from pagedlm.engine.engine import default_model_path
 
     path = args.model or default_model_path()
-    rng = random.Random(0)
-    prompt = [rng.randrange(100, 49000) for _ in range(args.prompt_len)]
+    prompt = random_prompt(args.prompt_len)
     bw = measure_bandwidth()
     gflops = measure_matmul(torch.bfloat16, n=1024)
     gflops32 = measure_matmul(torch.float32, n=1024)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import subprocess
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
-from benchmarks.common import machine, measure_bandwidth  # noqa: E402
+from benchmarks.common import machine, measure_bandwidth, random_prompt  # noqa: E402
 
 CONFIGS = [  # (label, dtype, quantization, enforce_eager)
     ("pagedlm bf16 (none), compiled", "bfloat16", "none", False),
@@ -153,8 +152,7 @@ def main() -> None:
     from pagedlm.engine.engine import default_model_path
 
     path = args.model or default_model_path()
-    rng = random.Random(0)
-    prompt = [rng.randrange(100, 49000) for _ in range(args.prompt_len)]
+    prompt = random_prompt(args.prompt_len)
     bw = measure_bandwidth()
     rows = []
     for label, dtype, quant, eager in CONFIGS:

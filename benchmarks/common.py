@@ -34,6 +34,14 @@ def measure_matmul(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: 
     return 2 * n ** 3 / best / 1e9
 
 
+def random_prompt(length: int, seed: int = 0) -> list[int]:
+    """The benchmarks' prompt: ``length`` random token ids from SmolLM2's vocabulary, seeded."""
+    import random
+
+    rng = random.Random(seed)
+    return [rng.randrange(100, 49000) for _ in range(length)]
+
+
 def machine() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "cores": os.cpu_count()}
