@@ -102,12 +102,15 @@ def sampling_from_args(args: argparse.Namespace, **extra: Any):
                           seed=args.seed, **extra)
 
 
-def _make_engine(args: argparse.Namespace):
+def _make_engine(args: argparse.Namespace, warmup: list[int] | None = None):
+    """The engine, with the decode buckets in ``warmup`` compiled before any request, so that
+    the timings a command prints are of decoding, not of compiling (None: all buckets)."""
     from pagedlm.engine.engine import EngineConfig, LLMEngine
 
     eng = LLMEngine(EngineConfig(**engine_kwargs(args)))
     print(f"model: {eng.weights_path} ({eng.model_config.architecture}); {eng.cache_report()}",
           file=sys.stderr)
+    eng.warmup(warmup)
     return eng
 
 
@@ -145,7 +148,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise ValueError("prompt is empty")
     params = sampling_from_args(args, ignore_eos=args.ignore_eos)
-    eng = _make_engine(args)
+    eng = _make_engine(args, warmup=[1])
     _, timings = stream_request(eng, "generate-0", args.prompt, params)
     _print_timings(timings)
     return 0
@@ -155,7 +158,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from pagedlm.tokenizer import apply_chat_template
 
     params = sampling_from_args(args)
-    eng = _make_engine(args)
+    eng = _make_engine(args, warmup=[1])
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
@@ -217,7 +220,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
         text = f.read()
     if not text.strip():
         raise ValueError(f"text file {args.file!r} is empty")
-    eng = _make_engine(args)
+    eng = _make_engine(args, warmup=[])  # prefill only: no decode step
     ids = eng.encode(text)
     if args.max_tokens is not None:
         ids = ids[: args.max_tokens]

@@ -207,7 +207,7 @@ class CompiledDecode:
     def warmup(self, buckets: list[int] | None = None) -> None:
         """Compile buckets now (default: all) on a batch of padding rows, which touch only the
         scratch block, instead of at their first real step."""
-        for bucket in buckets or self.sizes:
+        for bucket in self.sizes if buckets is None else buckets:
             if self.failed or bucket in self.compiled_buckets:
                 continue
             if bucket not in self.sizes:
@@ -230,6 +230,9 @@ class CompiledDecode:
         tables = buf.tables[: batch.bucket * batch.width].view(batch.bucket, batch.width)
         torch._dynamo.maybe_mark_dynamic(tables, 1)
         first = batch.bucket not in self.compiled_buckets
+        if first and batch.sched is not None:
+            log.info("compiling the decode step for batch bucket %d (the first time ~1 min on 2 cores; "
+                     "inductor caches it on disk) ...", batch.bucket)
         t0 = time.perf_counter()
         try:
             direct = self.direct.get(batch.bucket)
