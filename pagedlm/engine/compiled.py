@@ -73,13 +73,13 @@ class CompiledDecode:
         self.direct: dict[int, tuple] = {}  # bucket -> (compiled graph, its arguments, ...)
 
     def _compiled(self, bucket: int):
-        """One compiled function per bucket, so each holds one graph and needs no guard at all
-        (guards on every parameter cost ~1.5 ms a call): its inputs' sizes are fixed but for the
-        table width, which is symbolic."""
+        """One compiled function per bucket: its inputs' sizes are fixed but for the table width,
+        which is symbolic. Dynamo (and its guards, ~1.5 ms a call over every parameter) runs only
+        until ``_capture`` has recorded the graph; later steps call it directly."""
         fn = self.fns.get(bucket)
         if fn is None:
             # Dynamo caches graphs per code object: each bucket gets its own copy of _forward's
-            # code, so skipping guards can never hand one bucket another bucket's graph.
+            # code, so that each bucket's cache holds exactly its own graph.
             f = type(self)._forward
             code = f.__code__.replace(co_name=f"decode_bucket_{bucket}")
             forward = types.MethodType(types.FunctionType(code, f.__globals__, code.co_name), self)
@@ -130,6 +130,12 @@ class CompiledDecode:
             return
         self.direct[bucket] = (compiled, args, table_at, width_at)
 
+    def _buffers(self, bucket: int) -> _Buffers:
+        buf = self.buffers.get(bucket)
+        if buf is None:
+            buf = self.buffers[bucket] = _Buffers(bucket, self.max_width, self.device)
+        return buf
+
     def set_cache(self, num_blocks: int, block_size: int) -> None:
         """The engine's blocks are [0, num_blocks); block ``num_blocks`` is the scratch block."""
         self.scratch_block = num_blocks
@@ -142,7 +148,7 @@ class CompiledDecode:
         self.compiled_buckets.clear()
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-                 lens: torch.Tensor) -> torch.Tensor:
+                 lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         meta = PagedDecodeMetadata(slots, tables, lens, self.block_size)
         hidden = self.model(ids, pos, meta)
         # hidden is returned too so that it is computed once into memory: otherwise inductor may
@@ -192,9 +198,7 @@ class CompiledDecode:
             if len(t) < width:
                 flat += [scratch] * (width - len(t))
         flat += [scratch] * (width * pad)
-        buf = self.buffers.get(bucket)
-        if buf is None:
-            buf = self.buffers[bucket] = _Buffers(bucket, self.max_width, self.device)
+        buf = self._buffers(bucket)
         buf.ids.copy_(torch.tensor(ids))
         buf.pos.copy_(torch.tensor(pos))
         buf.slots.copy_(torch.tensor(slots))
@@ -212,9 +216,7 @@ class CompiledDecode:
                 continue
             if bucket not in self.sizes:
                 raise ValueError(f"no decode bucket {bucket}; buckets: {self.sizes}")
-            buf = self.buffers.get(bucket)
-            if buf is None:
-                buf = self.buffers[bucket] = _Buffers(bucket, self.max_width, self.device)
+            buf = self._buffers(bucket)
             buf.ids.zero_()
             buf.pos.zero_()
             buf.slots.fill_(self.scratch_block * self.block_size)

@@ -12,6 +12,7 @@ from pagedlm.model.layers.quant import (
     QuantConfig,
     finalize_quantization,
     gguf_tensor_types,
+    most_precise,
     validate_quantization,
 )
 
@@ -98,7 +99,7 @@ def assign_quant_methods(model: nn.Module, quant: QuantConfig, device: torch.dev
             # Every expert matrix must suit the kind (GGUF MoE files are not loaded: no auto here).
             shapes = [mod.gate_up_proj.shape[1:], mod.down_proj.shape[1:]]
             kinds = {quant.class_for([], *shape, device) for shape in shapes}
-            mod.quant_kind = max(kinds, key=("int4", "int8", "none").index)
+            mod.quant_kind = most_precise(kinds)
 
 
 def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",

@@ -146,8 +146,8 @@ class UnquantizedLinearMethod(LinearMethod):
 
 
 class _WeightOnlyMethod(LinearMethod):
-    def __init__(self, exact: tuple | None = None):
-        self.exact = exact  # GGUF codes for int4, recorded during loading
+    def __init__(self):
+        self.exact: dict | None = None  # int4: GGUF codes by row offset, recorded while loading
         self.qweight: QuantizedWeight | None = None
 
     def quantize(self, weight: torch.Tensor, compute_dtype: torch.dtype) -> QuantizedWeight:
@@ -204,7 +204,12 @@ METHODS = {"none": UnquantizedLinearMethod, "int8": Int8LinearMethod, "int4": In
 GGUF_INT4 = {"Q4_0", "Q4_1", "Q4_K"}
 GGUF_INT8 = {"Q8_0", "Q8_1", "Q8_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K"}
 GGUF_DENSE = {"F32", "F16", "BF16", "F64"}
-_RANK = {"none": 2, "int8": 1, "int4": 0}  # a fused layer takes its most precise part's class
+_RANK = {"none": 2, "int8": 1, "int4": 0}
+
+
+def most_precise(kinds) -> str:
+    """The most precise of several methods' names (a fused layer takes its most precise part's)."""
+    return max(kinds, key=_RANK.__getitem__)
 
 
 @dataclass
@@ -232,7 +237,7 @@ class QuantConfig:
                     kinds.append("int4")
                 else:
                     kinds.append("int8")  # Q8_0, Q5_x, Q6_K and other k-quants
-            kind = max(kinds, key=_RANK.__getitem__) if kinds else "none"
+            kind = most_precise(kinds) if kinds else "none"
         if kind != "none" and in_features % GROUP:
             return "none"
         if kind == "int4" and not int4_supported(out_features, in_features):
