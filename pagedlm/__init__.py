@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LLMEngine", "EngineConfig"]
+__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LLMEngine", "EngineConfig", "LoRARequest"]
 
 if TYPE_CHECKING:
     from pagedlm.engine.engine import EngineConfig, LLMEngine
     from pagedlm.llm import LLM
+    from pagedlm.lora import LoRARequest
     from pagedlm.outputs import CompletionOutput, RequestOutput
     from pagedlm.sampling_params import SamplingParams
 
@@ -28,6 +29,10 @@ def __getattr__(name: str):
         from pagedlm import outputs
 
         return getattr(outputs, name)
+    if name == "LoRARequest":
+        from pagedlm.lora import LoRARequest
+
+        return LoRARequest
     if name in ("LLMEngine", "EngineConfig"):
         from pagedlm.engine import engine
 

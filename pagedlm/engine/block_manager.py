@@ -1,6 +1,7 @@
 """The KV block pool: ref counts, a prefix cache of full blocks, LRU reuse of freed blocks.
 
-A full block is cached under the key ``(parent's content id, its token ids)``. Content ids are
+A full block is cached under the key ``(parent's content id, its token ids)``; a first block's
+parent is the sequence's ``prefix_root`` (-1, or its LoRA adapter's key: adapters never share). Content ids are
 fresh integers given when a block is registered, so a key names one exact prefix: no hash
 collision can map two different prefixes to one block, and when a block is evicted and reused,
 keys of its old children (which name its old content id) can never match again.
@@ -59,7 +60,7 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.params.prompt_logprobs is not None:
             return []  # prompt logprobs need every prompt position computed
         found: list[int] = []
-        parent = -1
+        parent = seq.prefix_root
         bs = self.block_size
         for i in range((seq.num_tokens - 1) // bs):
             bid = self.cached.get((parent, tuple(seq.token_ids[i * bs:(i + 1) * bs])))
@@ -110,7 +111,7 @@ class BlockManager:
             return
         bs = self.block_size
         full = min(seq.num_computed_tokens // bs, len(seq.block_table))
-        parent = seq.prefix_parent if seq.num_hashed_blocks else -1
+        parent = seq.prefix_parent if seq.num_hashed_blocks else seq.prefix_root
         for i in range(seq.num_hashed_blocks, full):
             block = self.blocks[seq.block_table[i]]
             if block.key is None:

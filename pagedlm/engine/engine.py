@@ -23,6 +23,7 @@ from pagedlm.engine.model_runner import ModelRunner
 from pagedlm.engine.scheduler import Scheduler
 from pagedlm.engine.sequence import Sequence, SequenceStatus
 from pagedlm.errors import ModelLoadError, RequestRejectedError
+from pagedlm.lora import LoRARequest
 from pagedlm.model.layers.sampler import SamplingRow, sample
 from pagedlm.model.registry import resolve_dtype
 from pagedlm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -118,6 +119,13 @@ class EngineConfig:
     expert_parallel_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0: a free port, so several engines can share a host
+    # LoRA adapters (pagedlm/lora.py): enable_lora for LoRARequests; lora_modules ({name: path},
+    # or ["name=path", ...]) are loaded at start-up (and enable LoRA). max_loras adapters can be in
+    # one batch; max_lora_rank is the largest rank an adapter may have.
+    enable_lora: bool = False
+    lora_modules: dict[str, str] | list[str] | None = None
+    max_loras: int = 1
+    max_lora_rank: int = 16
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -143,6 +151,22 @@ class EngineConfig:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         if not isinstance(self.master_port, int) or not 0 <= self.master_port < 65536:
             raise ValueError(f"master_port must be a port number (0 for a free one), got {self.master_port!r}")
+        self._check_lora()
+
+    def _check_lora(self) -> None:
+        from pagedlm.lora import parse_lora_modules
+
+        self.lora_modules = parse_lora_modules(self.lora_modules)
+        if not isinstance(self.enable_lora, bool):
+            raise TypeError(f"enable_lora must be a bool, got {self.enable_lora!r}")
+        self.enable_lora = self.enable_lora or bool(self.lora_modules)
+        for name in ("max_loras", "max_lora_rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.enable_lora and self.world_size > 1:
+            raise ValueError("LoRA adapters are not supported with tensor, pipeline or expert parallelism yet "
+                             f"(world size {self.world_size}); run LoRA on one process")
 
     @property
     def world_size(self) -> int:
@@ -186,7 +210,9 @@ class LLMEngine:
             self.runner = ModelRunner(self.weights_path, self.model_config, dtype, config.device,
                                       quantization=config.quantization, enforce_eager=config.enforce_eager,
                                       max_num_seqs=config.max_num_seqs,
-                                      dense_min_rows=config.extra.get("dense_min_rows"))
+                                      dense_min_rows=config.extra.get("dense_min_rows"),
+                                      max_loras=config.max_loras if config.enable_lora else 0,
+                                      max_lora_rank=config.max_lora_rank)
         self.tokenizer = load_tokenizer(self.model_path, self.weights_path)
         self.load_time = time.perf_counter() - t0
         per_token = self.runner.kv_bytes_per_token()
@@ -209,7 +235,12 @@ class LLMEngine:
         cache_tokens = num_blocks * config.block_size
         self.max_model_len = min(model_max, cache_tokens)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   self.max_model_len)
+                                   self.max_model_len, config.max_loras if config.enable_lora else 0)
+        # Adapters served by name (--lora-modules), loaded now so that a bad one fails at start-up.
+        self.lora_requests: dict[str, LoRARequest] = {}
+        for i, (name, path) in enumerate(config.lora_modules.items(), 1):
+            self.lora_requests[name] = req = LoRARequest(name, i, path)
+            self.runner.lora.add(req)
         self.generator = torch.Generator().manual_seed(config.seed)
         self.requests: dict[str, Request] = {}
         self.eos_ids = set(self.model_config.eos_token_ids)
@@ -256,11 +287,13 @@ class LLMEngine:
         return list(self.tokenizer(prompt)["input_ids"])
 
     def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
-                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> None:
+                    prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
+                    lora_request: LoRARequest | None = None) -> None:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
+        lora = self._lora_adapter(lora_request)
         if prompt_token_ids is None:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -284,6 +317,7 @@ class LLMEngine:
         req = Request(request_id, prompt, list(prompt_token_ids), params, now)
         for i in range(params.n):
             seq = Sequence(request_id, req.prompt_ids, params, index=i, arrival_time=now)
+            seq.lora = lora
             if params.seed is not None:
                 seq.state["generator"] = torch.Generator().manual_seed(params.seed + i)
             if self.tokenizer is not None and params.detokenize:
@@ -299,6 +333,16 @@ class LLMEngine:
             self.scheduler.add(seq)
         self.requests[request_id] = req
         self.stats["prompt_tokens"] += len(prompt_token_ids)
+
+    def _lora_adapter(self, lora_request: LoRARequest | None):
+        """The loaded adapter of a request (loaded now if new); None for the base model."""
+        if lora_request is None:
+            return None
+        lora = getattr(self.runner, "lora", None)
+        if lora is None:
+            raise ValueError(f"LoRA adapter {getattr(lora_request, 'lora_name', lora_request)!r} requested, but "
+                             "LoRA is not enabled: start the engine with enable_lora=True or --lora-modules")
+        return lora.add(lora_request)
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.get(request_id)

@@ -7,7 +7,8 @@ for ``prompt_logprobs``, at every prompt row.
 
 Steps made only of decodes go to the compiled decode step (``engine/compiled.py``) when it is
 on: fixed batch buckets, inputs in persistent buffers, attention reading the cache in place.
-Everything else (prefill chunks, mixed steps, prompt logprobs) runs eagerly.
+Everything else (prefill chunks, mixed steps, prompt logprobs, steps with a LoRA adapter) runs
+eagerly.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class ModelRunner:
 
     def __init__(self, model_path: str, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu",
                  quantization: str = "none", enforce_eager: bool = True, dense_min_rows: int | None = None,
-                 max_num_seqs: int = 64, **stage):
+                 max_num_seqs: int = 64, max_loras: int = 0, max_lora_rank: int = 16, **stage):
         from pagedlm.model.layers.matmul import split_dtype
 
         self.cfg = cfg
@@ -54,6 +55,11 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = 0
         self.compiled = None
+        self.lora = None  # LoRAManager (pagedlm/lora.py) when LoRA adapters are enabled
+        if max_loras:
+            from pagedlm.lora import LoRAManager
+
+            self.lora = LoRAManager(self.model, max_loras, max_lora_rank, self.dtype, self.device)
         if not enforce_eager:
             from pagedlm.engine.compiled import CompiledDecode
 
@@ -81,7 +87,9 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> StepInputs:
-        if self.compiled is not None:
+        # A step with a LoRA adapter runs eagerly: the compiled graph is the base model's.
+        with_lora = self.lora is not None and self.lora.set_batch(out.scheduled)
+        if self.compiled is not None and not with_lora:
             step = self.compiled.prepare(out)
             if step is not None:
                 return step

@@ -31,7 +31,7 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int):
+                 max_model_len: int, max_loras: int = 0):
         if max_num_seqs < 1:
             raise ValueError(f"max_num_seqs must be >= 1, got {max_num_seqs}")
         if max_num_batched_tokens < 1:
@@ -40,6 +40,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.max_loras = max_loras  # distinct LoRA adapters among running sequences (0: LoRA off)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -106,10 +107,14 @@ class Scheduler:
         # preempted this step: memory is tight and admitting more would only thrash.
         if not out.preempted:
             skipped: list[Sequence] = []
+            loras = {s.lora for s in self.running if s.lora is not None} if self.max_loras else set()
             while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
                 seq = self.waiting[0]
                 if seq.wait_for is not None and not (seq.wait_for.prompt_done or seq.wait_for.is_finished):
                     skipped.append(self.waiting.popleft())  # n > 1: let the first sample fill the cache
+                    continue
+                if seq.lora is not None and seq.lora not in loras and len(loras) >= self.max_loras:
+                    skipped.append(self.waiting.popleft())  # every LoRA slot is taken: wait for one
                     continue
                 cached = self.bm.find_cached_prefix(seq)
                 num_cached = len(cached) * self.bm.block_size
@@ -124,6 +129,8 @@ class Scheduler:
                 seq.num_computed_tokens = num_cached
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
+                if seq.lora is not None:
+                    loras.add(seq.lora)
                 out.scheduled.append((seq, num_new))
                 budget -= num_new
             self.waiting.extendleft(reversed(skipped))

@@ -45,6 +45,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.wait_for: Sequence | None = None  # n > 1: siblings start after the first one's prompt
         self.state: dict[str, Any] = {}  # owned by the engine: generator, detokenizer, logprobs
+        self.lora: Any = None  # the LoRAAdapter (pagedlm/lora.py) this sequence runs with; None: the base model
 
     @property
     def num_tokens(self) -> int:
@@ -57,6 +58,12 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prefix_root(self) -> object:
+        """Parent key of the first KV block in the prefix cache: per adapter, so blocks computed
+        with different weights are never shared."""
+        return -1 if self.lora is None else self.lora.prefix_root
 
     @property
     def is_finished(self) -> bool:
