@@ -1,0 +1,324 @@
+"""LoRA adapters: peft's merged model as the reference, mixed-adapter batches, the prefix cache
+per adapter, bad adapters and bad requests."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from pagedlm import LLM, LoRARequest, SamplingParams
+from pagedlm.engine.engine import EngineConfig, LLMEngine
+
+peft = pytest.importorskip("peft")
+
+ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def make_adapter(base_dir: str, out_dir: str, seed: int, r: int = 8, alpha: int = 16,
+                 targets=tuple(ALL_MODULES), **kw):
+    """A peft adapter with random A and non-zero random B, saved as PEFT does; returns peft's
+    merged model (the reference) in float32."""
+    import transformers as T
+
+    model = T.AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    cfg = peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=False, **kw)
+    pm = peft.get_peft_model(model, cfg)
+    with torch.no_grad():  # init_lora_weights=False draws B small; make the deltas clearly visible
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    pm.save_pretrained(out_dir)
+    return pm.merge_and_unload().eval()
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_llama_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lora")
+    refs = {}
+    refs["a"] = make_adapter(tiny_llama_dir, str(root / "a"), seed=1)
+    refs["b"] = make_adapter(tiny_llama_dir, str(root / "b"), seed=2, r=4, alpha=32, use_rslora=True,
+                             targets=("q_proj", "v_proj", "down_proj"))
+    return {k: str(root / k) for k in refs}, refs
+
+
+def record_logits(eng: LLMEngine) -> list[torch.Tensor]:
+    """Every step's logits, in order."""
+    seen: list[torch.Tensor] = []
+    run = eng.runner.execute
+
+    def execute(inputs):
+        out = run(inputs)
+        if out is not None:
+            seen.append(out.clone())
+        return out
+
+    eng.runner.execute = execute
+    return seen
+
+
+PROMPT = [5, 17, 42, 99, 3, 250, 7, 8, 61, 12, 200, 31, 77, 14, 150, 9, 18, 300]
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_logits_equal_peft_merged_model(tiny_llama_dir, adapters, name):
+    """Prompt and decode logits with an adapter equal peft's merged model (float32), for
+    all seven projections (a: rank 8) and for q/v/down with rsLoRA scaling (b: rank 4)."""
+    paths, refs = adapters
+    llm = LLM(tiny_llama_dir, dtype="float32", enable_lora=True, max_lora_rank=8, num_kv_blocks=64, block_size=4)
+    seen = record_logits(llm.engine)
+    params = SamplingParams(max_tokens=6, temperature=0, prompt_logprobs=0, ignore_eos=True)
+    out = llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False,
+                       lora_request=LoRARequest(name, 1, paths[name]))[0]
+    full = PROMPT + out.outputs[0].token_ids
+    ours = torch.cat(seen)  # rows for positions 0 .. len(full) - 2
+    with torch.no_grad():
+        ref = refs[name](torch.tensor([full])).logits[0, :-1]
+        import transformers as T
+
+        base = T.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)(
+            torch.tensor([full])).logits[0, :-1]
+    assert ours.shape == ref.shape
+    assert (ref - base).abs().max() > 0.05  # the adapter changes the model
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def _generate_one(llm: LLM, prompt, lora, max_tokens=8):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=0, ignore_eos=True)
+    return llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False, lora_request=lora)[0].outputs[0]
+
+
+def test_two_adapters_and_base_in_one_batch_equal_solo_runs(tiny_llama_dir, adapters):
+    """Requests with adapter a, adapter b and none, batched with chunked prefill (8 tokens a
+    step), each give what they give alone: tokens and logprobs."""
+    paths, _ = adapters
+    kw = dict(dtype="float32", enable_lora=True, max_loras=2, max_lora_rank=8, num_kv_blocks=128, block_size=4)
+    la, lb = LoRARequest("a", 1, paths["a"]), LoRARequest("b", 2, paths["b"])
+    prompts = [PROMPT, PROMPT[:11] + [60, 61, 62], PROMPT[::-1], PROMPT[3:], PROMPT[:9]]
+    loras = [la, lb, None, la, lb]
+    solo = LLM(tiny_llama_dir, **kw)
+    alone = [_generate_one(solo, p, lo) for p, lo in zip(prompts, loras)]
+    batched_llm = LLM(tiny_llama_dir, max_num_batched_tokens=8, enable_prefix_caching=False, **kw)
+    params = SamplingParams(max_tokens=8, temperature=0, logprobs=0, ignore_eos=True)
+    outs = batched_llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False,
+                                lora_request=loras)
+    steps = batched_llm.engine.stats["steps"]
+    assert steps > len(prompts)  # chunked: prompts were split over several steps
+    for got, want in zip(outs, alone):
+        g = got.outputs[0]
+        assert g.token_ids == want.token_ids
+        for lg, lw in zip(g.logprobs, want.logprobs):
+            tok = next(iter(lw))
+            assert lg[tok].logprob == pytest.approx(lw[tok].logprob, abs=1e-4)
+    # Distinct adapters give distinct continuations (the test would pass vacuously otherwise).
+    assert len({tuple(alone[i].token_ids) for i in (0, 2)}) == 2
+
+
+def test_more_adapters_than_slots_queue_and_finish(tiny_llama_dir, adapters):
+    """max_loras=1 with two adapters in the queue: they take turns in the one slot; every
+    request finishes with its solo result and no KV block leaks."""
+    paths, _ = adapters
+    kw = dict(dtype="float32", enable_lora=True, max_loras=1, max_lora_rank=8, num_kv_blocks=128, block_size=4)
+    la, lb = LoRARequest("a", 1, paths["a"]), LoRARequest("b", 2, paths["b"])
+    solo = LLM(tiny_llama_dir, **kw)
+    want = [_generate_one(solo, PROMPT, lo).token_ids for lo in (la, lb, None, la)]
+    llm = LLM(tiny_llama_dir, **kw)
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": PROMPT}] * 4, params, use_tqdm=False, lora_request=[la, lb, None, la])
+    assert [o.outputs[0].token_ids for o in outs] == want
+    eng = llm.engine
+    assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
+    eng.block_manager.check_invariants(eng.live_sequences())
+
+
+def test_prefix_cache_is_per_adapter(tiny_llama_dir, adapters):
+    paths, _ = adapters
+    llm = LLM(tiny_llama_dir, dtype="float32", max_loras=2, max_lora_rank=8, num_kv_blocks=128, block_size=4,
+              lora_modules={"a": paths["a"], "b": paths["b"]})
+    la, lb = (llm.engine.lora_requests[n] for n in ("a", "b"))
+    params = SamplingParams(max_tokens=2, temperature=0, ignore_eos=True)
+
+    def cached(lora) -> int:
+        return llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False,
+                            lora_request=lora)[0].metrics.num_cached_tokens
+
+    assert cached(la) == 0
+    assert cached(lb) == 0  # same prompt, other adapter: nothing shared
+    assert cached(None) == 0  # the base model shares nothing with adapters either
+    full = (len(PROMPT) - 1) // 4 * 4
+    assert cached(la) == full  # same adapter: its blocks are found
+    assert cached(lb) == full
+    assert cached(None) == full
+
+
+def test_int8_base_layer_adds_the_same_delta(tiny_llama_dir, adapters):
+    """On a quantized base layer the LoRA delta is added to the quantized layer's own output."""
+    paths, _ = adapters
+    eng = LLMEngine(EngineConfig(model=tiny_llama_dir, dtype="float32", quantization="int8", enable_lora=True,
+                                 max_lora_rank=8, num_kv_blocks=32, block_size=4))
+    manager = eng.runner.lora
+    adapter = manager.add(LoRARequest("a", 1, paths["a"]))
+    name = "model.layers.0.self_attn.qkv_proj"
+    lin = manager.linears[name]
+    assert lin.quant_method.base.name == "int8"
+    x = torch.randn(3, lin.in_features)
+
+    class S:  # a scheduled sequence: only its adapter matters here
+        lora = adapter
+
+    manager.set_batch([(S, 3)])
+    with torch.no_grad():
+        y = lin(x)
+        base = lin.quant_method.base.apply(lin, x, lin.weight, lin.bias)
+        manager.set_batch([])
+        assert torch.equal(lin(x), base)  # no adapter in the step: the base layer, exactly
+    expected = base.clone()
+    for part, (a, b) in adapter.weights[name].items():
+        first, rows = manager._parts(lin)[part]
+        expected[:, first:first + rows] += x @ a.t() @ b.t()
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_decode_step_kept_for_base_only_steps(tiny_llama_dir, adapters, monkeypatch):
+    """Decode steps without an adapter still go to the compiled step; steps with one do not
+    (checked at the choice; the graph itself is not compiled here)."""
+    paths, _ = adapters
+    llm = LLM(tiny_llama_dir, dtype="float32", enforce_eager=False, lora_modules={"a": paths["a"]},
+              max_lora_rank=8, num_kv_blocks=64, block_size=4)
+    runner = llm.engine.runner
+    chosen: list[tuple[bool, bool]] = []  # (adapter in step, compiled step chosen)
+    prepare = runner.compiled.prepare
+
+    def spy(out):
+        step = prepare(out)
+        chosen.append((any(s.lora is not None for s, _ in out.scheduled), step is not None))
+        return None  # run it eagerly: no compile in this test
+
+    monkeypatch.setattr(runner.compiled, "prepare", spy)
+    la = llm.engine.lora_requests["a"]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)
+    llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False, lora_request=la)
+    assert (False, True) in chosen  # base decode steps: compiled
+    assert all(not with_lora for with_lora, _ in chosen)  # LoRA steps never reach the compiled step
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def lora_llm(tiny_llama_dir):
+    return LLM(tiny_llama_dir, dtype="float32", enable_lora=True, max_lora_rank=8, num_kv_blocks=64, block_size=4)
+
+
+def _write_adapter(path, config: dict | None, tensors: dict | None) -> str:
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    if config is not None:
+        with open(os.path.join(path, "adapter_config.json"), "w") as f:
+            json.dump(config, f)
+    if tensors is not None:
+        save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+    return str(path)
+
+
+def _cfg(**kw):
+    return {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], **kw}
+
+
+def _q(layer=0, r=2, in_f=64, out=64):
+    key = f"base_model.model.model.layers.{layer}.self_attn.q_proj"
+    return {f"{key}.lora_A.weight": torch.randn(r, in_f), f"{key}.lora_B.weight": torch.randn(out, r)}
+
+
+@pytest.mark.parametrize("case, match", [
+    ("missing", "is not a directory"),
+    ("no_config", "no adapter_config.json"),
+    ("bad_json", "cannot read"),
+    ("not_lora", "peft_type 'IA3' is not supported"),
+    ("dora", "DoRA"),
+    ("bias", "bias='all' is not supported"),
+    ("no_rank", "needs r"),
+    ("bin_only", "only adapter_model.bin"),
+    ("no_weights", "no adapter_model.safetensors"),
+    ("rank_too_big", "rank 16 .*above max_lora_rank 8"),
+    ("lm_head", "target module 'lm_head' is not supported"),
+    ("embedding", "tensor .*lora_embedding_A.* is not supported"),
+    ("layer_out_of_range", "target module 'model.layers.7.self_attn.q_proj' is not supported"),
+    ("wrong_shape", "an adapter for another base model"),
+    ("half_pair", "has lora_A but no lora_B"),
+])
+def test_bad_adapter_is_a_clear_error_and_others_unaffected(lora_llm, tmp_path, case, match):
+    p = tmp_path / case
+    if case == "missing":
+        path = str(p)
+    elif case == "no_config":
+        path = _write_adapter(p, None, _q())
+    elif case == "bad_json":
+        os.makedirs(p)
+        (p / "adapter_config.json").write_text("{not json")
+        path = str(p)
+    elif case == "not_lora":
+        path = _write_adapter(p, _cfg(peft_type="IA3"), _q())
+    elif case == "dora":
+        path = _write_adapter(p, _cfg(use_dora=True), _q())
+    elif case == "bias":
+        path = _write_adapter(p, _cfg(bias="all"), _q())
+    elif case == "no_rank":
+        path = _write_adapter(p, {"peft_type": "LORA"}, _q())
+    elif case == "bin_only":
+        path = _write_adapter(p, _cfg(), None)
+        torch.save(_q(), p / "adapter_model.bin")
+    elif case == "no_weights":
+        path = _write_adapter(p, _cfg(), None)
+    elif case == "rank_too_big":
+        path = _write_adapter(p, _cfg(r=16), _q(r=16))
+    elif case == "lm_head":
+        path = _write_adapter(p, _cfg(), {"base_model.model.lm_head.lora_A.weight": torch.randn(2, 64),
+                                          "base_model.model.lm_head.lora_B.weight": torch.randn(384, 2)})
+    elif case == "embedding":
+        path = _write_adapter(p, _cfg(), {"base_model.model.model.embed_tokens.lora_embedding_A": torch.randn(2, 384)})
+    elif case == "layer_out_of_range":
+        path = _write_adapter(p, _cfg(), _q(layer=7))
+    elif case == "wrong_shape":
+        path = _write_adapter(p, _cfg(), _q(in_f=32))
+    elif case == "half_pair":
+        path = _write_adapter(p, _cfg(), {k: v for k, v in _q().items() if "lora_A" in k})
+    with pytest.raises(ValueError, match=match):
+        lora_llm.generate("hello", SamplingParams(max_tokens=2), use_tqdm=False,
+                          lora_request=LoRARequest(case, 100 + len(case), path))
+    eng = lora_llm.engine
+    assert not eng.has_unfinished_requests() and not eng.requests
+    out = lora_llm.generate("hello", SamplingParams(max_tokens=3, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 3
+
+
+def test_bad_requests(tiny_llama_dir, lora_llm, adapters):
+    paths, _ = adapters
+    with pytest.raises(ValueError, match="LoRA is not enabled"):
+        LLM(tiny_llama_dir, dtype="float32", num_kv_blocks=16).generate(
+            "hi", use_tqdm=False, lora_request=LoRARequest("a", 1, paths["a"]))
+    with pytest.raises(ValueError, match="lora_int_id must be a positive integer"):
+        LoRARequest("a", 0, paths["a"])
+    with pytest.raises(ValueError, match="lora_name must be a non-empty string"):
+        LoRARequest("", 1, paths["a"])
+    with pytest.raises(TypeError, match="lora_request must be a LoRARequest"):
+        lora_llm.generate("hi", use_tqdm=False, lora_request="a")
+    with pytest.raises(ValueError, match="got 2 lora_requests for 1 prompts"):
+        lora_llm.generate("hi", use_tqdm=False, lora_request=[None, None])
+    lora_llm.generate("hi", SamplingParams(max_tokens=1), use_tqdm=False, lora_request=LoRARequest("a", 1, paths["a"]))
+    with pytest.raises(ValueError, match="lora_int_id 1 is already used by adapter 'a'"):
+        lora_llm.generate("hi", use_tqdm=False, lora_request=LoRARequest("other", 1, paths["b"]))
+    with pytest.raises(ValueError, match="name 'a' is already used by lora_int_id 1"):
+        lora_llm.generate("hi", use_tqdm=False, lora_request=LoRARequest("a", 2, paths["b"]))
+    for kw, match in [(dict(max_loras=0), "max_loras must be a positive integer"),
+                      (dict(max_lora_rank=-1), "max_lora_rank must be a positive integer"),
+                      (dict(lora_modules=["noequals"]), "use NAME=PATH"),
+                      (dict(lora_modules=["a=x", "a=y"]), "given twice"),
+                      (dict(enable_lora=True, tensor_parallel_size=2), "not supported with tensor, pipeline")]:
+        with pytest.raises(ValueError, match=match):
+            EngineConfig(model=tiny_llama_dir, **kw)
+    assert not lora_llm.engine.requests
