@@ -62,6 +62,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--engine-seed", type=int, default=0, help="seed for requests without their own seed")
+    g = p.add_argument_group("LoRA adapters (PEFT directories; see docs/lora.md)")
+    g.add_argument("--lora-modules", nargs="+", action="extend", default=None, metavar="NAME=PATH",
+                   help="load these adapters at start-up (the server serves each under its NAME)")
+    g.add_argument("--max-loras", type=int, default=1, help="distinct adapters in one batch (default: 1)")
+    g.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted (default: 16)")
     g = p.add_argument_group("parallelism (the engine spawns one process per rank; gloo on CPU, NCCL on CUDA)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="split heads and MLPs over T ranks")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None, help="split layers into P stages")
@@ -72,7 +77,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw = dict(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
-              seed=args.engine_seed, quantization=args.quantization)
+              seed=args.engine_seed, quantization=args.quantization, lora_modules=args.lora_modules,
+              max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
     if args.enforce_eager:
         kw["enforce_eager"] = True
     if args.compile_at_startup:
@@ -114,11 +120,27 @@ def _make_engine(args: argparse.Namespace, warmup: list[int] | None = None):
     return eng
 
 
+def _lora_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lora", default=None, metavar="NAME",
+                   help="answer with this adapter of --lora-modules (default: the only one, if one is given)")
+
+
+def _chosen_lora(eng, args: argparse.Namespace):
+    """The LoRARequest that --lora names (default: the only --lora-modules adapter), or None."""
+    loras = eng.lora_requests
+    if args.lora is None:
+        return next(iter(loras.values())) if len(loras) == 1 else None
+    if args.lora not in loras:
+        known = ", ".join(loras) or "none (pass --lora-modules NAME=PATH)"
+        raise ValueError(f"unknown LoRA adapter {args.lora!r}; loaded adapters: {known}")
+    return loras[args.lora]
+
+
 def stream_request(eng, rid: str, prompt: str | None, params, prompt_ids: list[int] | None = None,
-                   out=sys.stdout) -> tuple[str, dict]:
+                   out=sys.stdout, lora_request=None) -> tuple[str, dict]:
     """Run one request to completion, printing text as it arrives; returns (text, timings)."""
     t0 = time.perf_counter()
-    eng.add_request(rid, prompt, params, prompt_token_ids=prompt_ids, arrival_time=t0)
+    eng.add_request(rid, prompt, params, prompt_token_ids=prompt_ids, arrival_time=t0, lora_request=lora_request)
     text, final = "", None
     while eng.has_unfinished_requests():
         for o in eng.step():
@@ -149,7 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("prompt is empty")
     params = sampling_from_args(args, ignore_eos=args.ignore_eos)
     eng = _make_engine(args, warmup=[1])
-    _, timings = stream_request(eng, "generate-0", args.prompt, params)
+    _, timings = stream_request(eng, "generate-0", args.prompt, params, lora_request=_chosen_lora(eng, args))
     _print_timings(timings)
     return 0
 
@@ -159,6 +181,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     params = sampling_from_args(args)
     eng = _make_engine(args, warmup=[1])
+    lora = _chosen_lora(eng, args)
     history: list[dict[str, str]] = []
     if args.system:
         history.append({"role": "system", "content": args.system})
@@ -184,7 +207,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         text = apply_chat_template(eng.tokenizer, history)
         ids = eng.tokenizer(text, add_special_tokens=False)["input_ids"]
-        reply, timings = stream_request(eng, f"chat-{turn}", text, params, prompt_ids=ids)
+        reply, timings = stream_request(eng, f"chat-{turn}", text, params, prompt_ids=ids, lora_request=lora)
         history.append({"role": "assistant", "content": reply})
         _print_timings(timings)
         turn += 1
@@ -236,6 +259,7 @@ def register_engine_commands(sub: argparse._SubParsersAction) -> None:
                                    "first token and the decode speed.")
     p.add_argument("prompt", help="the prompt text")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    _lora_arg(p)
     add_sampling_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_generate)
@@ -245,6 +269,7 @@ def register_engine_commands(sub: argparse._SubParsersAction) -> None:
                                    "With --message, answer one message and exit.")
     p.add_argument("--message", default=None, help="answer this one message and exit (non-interactive)")
     p.add_argument("--system", default=None, help="system prompt")
+    _lora_arg(p)
     add_sampling_args(p)
     add_engine_args(p)
     p.set_defaults(func=cmd_chat)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import json
 import os
 
+import peft
 import pytest
 import torch
 
 from pagedlm import LLM, LoRARequest, SamplingParams
 from pagedlm.engine.engine import EngineConfig, LLMEngine
-
-peft = pytest.importorskip("peft")
 
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -322,3 +321,66 @@ def test_bad_requests(tiny_llama_dir, lora_llm, adapters):
         with pytest.raises(ValueError, match=match):
             EngineConfig(model=tiny_llama_dir, **kw)
     assert not lora_llm.engine.requests
+
+
+# ---- server and CLI --------------------------------------------------------------------------
+
+def test_server_serves_adapters_by_name(tiny_llama_dir, adapters):
+    import httpx
+    import openai
+
+    from pagedlm.engine.async_engine import AsyncLLMEngine
+    from pagedlm.server.app import ServerConfig, build_app
+    from tests.server_fixtures import ServerThread
+
+    paths, _ = adapters
+    kw = dict(model=tiny_llama_dir, dtype="float32", max_lora_rank=8, max_loras=2, num_kv_blocks=128, block_size=4)
+    engine = LLMEngine(EngineConfig(lora_modules=[f"a={paths['a']}", f"b={paths['b']}"], **kw))
+    offline = LLM(tiny_llama_dir, lora_modules={"a": paths["a"]}, **{k: v for k, v in kw.items() if k != "model"})
+    want = {name: offline.generate("Hello world", SamplingParams(max_tokens=8, temperature=0, ignore_eos=True),
+                                   use_tqdm=False, lora_request=lora)[0].outputs[0].text
+            for name, lora in [("tiny", None), ("a", offline.engine.lora_requests["a"])]}
+    assert want["tiny"] != want["a"]
+    aeng = AsyncLLMEngine(engine)
+    with ServerThread(build_app(aeng, ServerConfig(served_model_name="tiny")), aeng) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=30)
+        models = {m.id: m for m in client.models.list().data}
+        assert set(models) == {"tiny", "a", "b"}
+        assert models["a"].parent == "tiny" and models["a"].root == paths["a"]
+        for name in ("tiny", "a"):
+            r = client.completions.create(model=name, prompt="Hello world", max_tokens=8, temperature=0,
+                                          extra_body={"ignore_eos": True})
+            assert r.model == name and r.choices[0].text == want[name]
+            chunks = list(client.completions.create(model=name, prompt="Hello world", max_tokens=8, temperature=0,
+                                                    stream=True, extra_body={"ignore_eos": True}))
+            assert {c.model for c in chunks} == {name}
+            assert "".join(c.choices[0].text for c in chunks if c.choices) == want[name]
+        chat = client.chat.completions.create(model="b", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert chat.model == "b" and chat.choices[0].finish_reason in ("stop", "length")
+        r = httpx.post(srv.url + "/v1/completions", json={"model": "nope", "prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert err["code"] == "model_not_found" and err["param"] == "model" and "'a'" in err["message"]
+        r = client.completions.create(model="tiny", prompt="Hello world", max_tokens=8, temperature=0,
+                                      extra_body={"ignore_eos": True})
+        assert r.choices[0].text == want["tiny"]  # other requests unaffected
+
+
+def test_cli_lora_flags(tiny_llama_dir, adapters, capsys):
+    from pagedlm.cli import main
+
+    paths, _ = adapters
+    base = ["generate", "hello", "--model", tiny_llama_dir, "--dtype", "float32", "--max-tokens", "3",
+            "--kv-cache-memory", "1M", "--enforce-eager", "--max-lora-rank", "8"]
+    assert main(base) == 0
+    plain = capsys.readouterr().out
+    assert main(base + ["--lora-modules", f"a={paths['a']}"]) == 0  # the only adapter: used by default
+    with_a = capsys.readouterr().out
+    assert main(base + ["--lora-modules", f"a={paths['a']}", f"b={paths['b']}", "--lora", "a"]) == 0
+    assert with_a != plain and capsys.readouterr().out == with_a
+    assert main(base + ["--lora-modules", "broken"]) == 2
+    assert "invalid LoRA module 'broken': use NAME=PATH" in capsys.readouterr().err
+    assert main(base + ["--lora-modules", f"a={paths['a']}", "--lora", "zzz"]) == 2
+    assert "unknown LoRA adapter 'zzz'; loaded adapters: a" in capsys.readouterr().err
+    assert main(base + ["--lora-modules", f"a={paths['a']}", "--max-lora-rank", "4"]) == 2
+    assert "rank 8" in capsys.readouterr().err

@@ -149,7 +149,7 @@ class AsyncLLMEngine:
 
     # ---- requests --------------------------------------------------------------------------
     async def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
-                          prompt_token_ids: list[int] | None = None) -> RequestStream:
+                          prompt_token_ids: list[int] | None = None, lora_request=None) -> RequestStream:
         """Queue a request; raises the engine's ValueError / TypeError for a bad one, and
         ``EngineOverloadedError`` when the waiting queue is full."""
         if self._draining:
@@ -167,7 +167,8 @@ class AsyncLLMEngine:
                     raise EngineOverloadedError(
                         f"server overloaded: {waiting} sequences already wait for a slot (--max-waiting "
                         f"{self.max_waiting}); retry later")
-            self.engine.add_request(request_id, prompt, params, prompt_token_ids=prompt_token_ids)
+            self.engine.add_request(request_id, prompt, params, prompt_token_ids=prompt_token_ids,
+                                    lora_request=lora_request)
 
         try:
             await self.call(add)
@@ -179,9 +180,9 @@ class AsyncLLMEngine:
         return stream
 
     async def generate(self, request_id: str, prompt: str | None, params: SamplingParams,
-                       prompt_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
+                       prompt_token_ids: list[int] | None = None, lora_request=None) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as they come; leaving the loop early aborts the request."""
-        stream = await self.add_request(request_id, prompt, params, prompt_token_ids)
+        stream = await self.add_request(request_id, prompt, params, prompt_token_ids, lora_request)
         try:
             async for out in stream:
                 yield out

@@ -293,6 +293,9 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     vocab_size = engine.model_config.vocab_size
     max_num_seqs = engine.config.max_num_seqs
     model_name = config.served_model_name
+    loras = engine.lora_requests  # adapters served by name (--lora-modules)
+    if model_name in loras:
+        raise ValueError(f"LoRA module name {model_name!r} is the served model's name; rename one of them")
     metrics = ServerMetrics(model_name)
     created = int(time.time())
 
@@ -370,10 +373,18 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         return error_response(500, f"internal error: {type(e).__name__}", "internal_error")
 
     # ---- shared request handling -------------------------------------------------------------
-    def check_model(model: str | None) -> None:
-        if model is not None and model != model_name and model != engine.model_path:
-            raise APIError(400, f"model {model!r} is not served here; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+    def check_model(model: str | None):
+        """The LoRARequest of a model name that is an adapter; None for the base model."""
+        if model is None or model == model_name or model == engine.model_path:
+            return None
+        if model in loras:
+            return loras[model]
+        served = ", ".join(repr(n) for n in [model_name, *loras])
+        raise APIError(400, f"model {model!r} is not served here; this server serves {served}",
+                       param="model", code="model_not_found")
+
+    def response_model(req) -> str:
+        return req.model if req.model in loras else model_name
 
     def check_unsupported(req: P._SamplingFields) -> None:
         if req.logit_bias:
@@ -413,11 +424,11 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         return tokenizer.decode([tid], skip_special_tokens=False) if tokenizer is not None else str(tid)
 
     async def start(prompts: list[tuple[str | None, list[int]]], params: SamplingParams, rid: str,
-                    prompt_param: str) -> list[RequestStream]:
+                    prompt_param: str, lora=None) -> list[RequestStream]:
         streams: list[RequestStream] = []
         try:
             for i, (text, ids) in enumerate(prompts):
-                streams.append(await async_engine.add_request(f"{rid}-{i}", text, params, ids))
+                streams.append(await async_engine.add_request(f"{rid}-{i}", text, params, ids, lora))
         except BaseException as e:
             for s in streams:
                 s.abort()
@@ -515,8 +526,10 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
 
     @app.get("/v1/models", response_model=P.ModelList, responses={401: ERROR_RESPONSES[401]})
     async def list_models():
-        return P.ModelList(data=[P.ModelCard(id=model_name, created=created, root=engine.model_path,
-                                             max_model_len=engine.max_model_len)])
+        base = P.ModelCard(id=model_name, created=created, root=engine.model_path, max_model_len=engine.max_model_len)
+        adapters = [P.ModelCard(id=name, created=created, root=lora.lora_path, parent=model_name,
+                                max_model_len=engine.max_model_len) for name, lora in loras.items()]
+        return P.ModelList(data=[base, *adapters])
 
     @app.post("/tokenize", response_model=P.TokenizeResponse, responses=ERROR_RESPONSES)
     async def tokenize(req: P.TokenizeRequest):
@@ -546,7 +559,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/completions", response_model=P.CompletionResponse,
               responses={**ERROR_RESPONSES, **stream_200})
     async def completions(req: P.CompletionRequest, request: Request):
-        check_model(req.model)
+        lora = check_model(req.model)
         check_unsupported(req)
         if req.echo:
             raise APIError(400, "echo is not supported", param="echo", code="unsupported")
@@ -557,7 +570,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         params = make_params(req, req.max_tokens, req.logprobs)
         prompts = await _completion_prompts(req.prompt)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = await start(prompts, params, rid, "prompt")
+        streams = await start(prompts, params, rid, "prompt", lora)
         if req.stream:
             return StreamingResponse(_stream_completion(req, params, streams, rid), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
@@ -573,7 +586,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                 choices.append(P.CompletionChoice(
                     index=ch.index, text=c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                     logprobs=_completion_logprobs(c, ch, 0, len(c.token_ids)) if params.logprobs is not None else None))
-        resp = P.CompletionResponse(id=rid, model=model_name, choices=choices, usage=usage.usage(),
+        resp = P.CompletionResponse(id=rid, model=response_model(req), choices=choices, usage=usage.usage(),
                                     timings=usage.timings())
         return Response(resp.model_dump_json(), media_type="application/json")
 
@@ -618,7 +631,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         stops = params.stop_list
 
         def chunk(chs: list[P.CompletionChoice], **kw) -> str:
-            return _sse(P.CompletionResponse(id=rid, created=created_at, model=model_name, choices=chs, **kw))
+            return _sse(P.CompletionResponse(id=rid, created=created_at, model=response_model(req), choices=chs, **kw))
 
         try:
             async for i, out in each_output(streams):
@@ -656,7 +669,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions", response_model=P.ChatCompletionResponse,
               responses={**ERROR_RESPONSES, **stream_200})
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
-        check_model(req.model)
+        lora = check_model(req.model)
         check_unsupported(req)
         if req.tools:
             raise APIError(400, "tools are not supported", param="tools", code="unsupported")
@@ -679,7 +692,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                                code="invalid_value") from e
             raise
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await start([(text, ids)], params, rid, "messages")
+        streams = await start([(text, ids)], params, rid, "messages", lora)
         if req.stream:
             return StreamingResponse(_stream_chat(req, params, streams, rid), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
@@ -694,7 +707,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                                 finish_reason=c.finish_reason, stop_reason=c.stop_reason,
                                 logprobs=_chat_logprobs(c, 0, len(c.token_ids), params.logprobs) if req.logprobs else None)
                    for c in out.outputs]
-        resp = P.ChatCompletionResponse(id=rid, model=model_name, choices=choices, usage=usage.usage(),
+        resp = P.ChatCompletionResponse(id=rid, model=response_model(req), choices=choices, usage=usage.usage(),
                                         timings=usage.timings())
         return Response(resp.model_dump_json(), media_type="application/json")
 
@@ -724,7 +737,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         stops = params.stop_list
 
         def chunk(chs: list[P.ChatChunkChoice], **kw) -> str:
-            return _sse(P.ChatCompletionChunk(id=rid, created=created_at, model=model_name, choices=chs, **kw))
+            return _sse(P.ChatCompletionChunk(id=rid, created=created_at, model=response_model(req), choices=chs, **kw))
 
         try:
             yield chunk([P.ChatChunkChoice(index=i, delta=P.DeltaMessage(role="assistant", content=""))
