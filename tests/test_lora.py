@@ -40,7 +40,8 @@ def adapters(tiny_llama_dir, tmp_path_factory):
     refs = {}
     refs["a"] = make_adapter(tiny_llama_dir, str(root / "a"), seed=1)
     refs["b"] = make_adapter(tiny_llama_dir, str(root / "b"), seed=2, r=4, alpha=32, use_rslora=True,
-                             targets=("q_proj", "v_proj", "down_proj"))
+                             targets=("q_proj", "v_proj", "down_proj"), rank_pattern={"down_proj": 2},
+                             alpha_pattern={"v_proj": 8})
     return {k: str(root / k) for k in refs}, refs
 
 
@@ -65,7 +66,8 @@ PROMPT = [5, 17, 42, 99, 3, 250, 7, 8, 61, 12, 200, 31, 77, 14, 150, 9, 18, 300]
 @pytest.mark.parametrize("name", ["a", "b"])
 def test_logits_equal_peft_merged_model(tiny_llama_dir, adapters, name):
     """Prompt and decode logits with an adapter equal peft's merged model (float32), for
-    all seven projections (a: rank 8) and for q/v/down with rsLoRA scaling (b: rank 4)."""
+    all seven projections (a: rank 8) and for q/v/down with rsLoRA scaling, a rank pattern and
+    an alpha pattern (b: rank 4 and 2)."""
     paths, refs = adapters
     llm = LLM(tiny_llama_dir, dtype="float32", enable_lora=True, max_lora_rank=8, num_kv_blocks=64, block_size=4)
     seen = record_logits(llm.engine)
