@@ -153,8 +153,8 @@ REPETITIVE_TEXT = ("def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    retu
 @pytest.mark.parametrize("method", ["ngram", "draft_model"])
 def test_greedy_identical_on_smollm2(smollm2, smollm2_llm, method):
     """The real model in float32: token for token what plain greedy decoding gives."""
-    prompts = [REPETITIVE_TEXT, "The capital of France is"]
-    sp = SamplingParams(max_tokens=24, temperature=0)
+    prompts = [REPETITIVE_TEXT]
+    sp = SamplingParams(max_tokens=20, temperature=0)
     want = smollm2_llm.generate(prompts, sp, use_tqdm=False)
     # The draft is the same file quantized to int4 (its own GGUF precision): a close but different model.
     cfg = dict(NGRAM) if method == "ngram" else {"method": "draft_model", "num_speculative_tokens": 3,
