@@ -67,6 +67,12 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="load these adapters at start-up (the server serves each under its NAME)")
     g.add_argument("--max-loras", type=int, default=1, help="distinct adapters in one batch (default: 1)")
     g.add_argument("--max-lora-rank", type=int, default=16, help="largest adapter rank accepted (default: 16)")
+    g = p.add_argument_group("speculative decoding")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='as vLLM: {"method": "ngram" | "draft_model", "num_speculative_tokens": K, '
+                        '"prompt_lookup_max": N, "prompt_lookup_min": N, "model": DRAFT_PATH} (default: off)')
+    g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                   help="tokens proposed per step (1-16); alone, turns on n-gram prompt lookup")
     g = p.add_argument_group("parallelism (the engine spawns one process per rank; gloo on CPU, NCCL on CUDA)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="split heads and MLPs over T ranks")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None, help="split layers into P stages")
@@ -79,6 +85,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
               max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
               seed=args.engine_seed, quantization=args.quantization, lora_modules=args.lora_modules,
               max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+    for spec in ("speculative_config", "num_speculative_tokens"):
+        if getattr(args, spec, None) is not None:
+            kw[spec] = getattr(args, spec)
     if args.enforce_eager:
         kw["enforce_eager"] = True
     if args.compile_at_startup:

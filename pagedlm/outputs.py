@@ -30,6 +30,37 @@ class CompletionOutput:
 
 
 @dataclass
+class SpecDecodeStats:
+    """Speculative decoding counters under vLLM's ``spec_decode_*`` names (per request in
+    ``RequestMetrics.spec_decode``, and engine-wide): verification steps with proposals, tokens
+    proposed, proposals accepted, and accepted counts by position in the run."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    num_accepted_tokens_per_pos: list[int] = field(default_factory=list)
+
+    def record(self, proposed: int, accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += proposed
+        self.num_accepted_tokens += accepted
+        per_pos = self.num_accepted_tokens_per_pos
+        per_pos += [0] * (proposed - len(per_pos))
+        for i in range(accepted):
+            per_pos[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        """Accepted / proposed tokens (None when nothing was proposed)."""
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else None
+
+    def as_dict(self) -> dict:
+        return {"spec_decode_num_drafts": self.num_drafts, "spec_decode_num_draft_tokens": self.num_draft_tokens,
+                "spec_decode_num_accepted_tokens": self.num_accepted_tokens,
+                "spec_decode_num_accepted_tokens_per_pos": list(self.num_accepted_tokens_per_pos)}
+
+
+@dataclass
 class RequestMetrics:
     arrival_time: float
     first_scheduled_time: float | None = None
@@ -38,6 +69,7 @@ class RequestMetrics:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_generated_tokens: int = 0
+    spec_decode: SpecDecodeStats = field(default_factory=lambda: SpecDecodeStats())
 
     @property
     def queue_time(self) -> float | None:
@@ -67,6 +99,7 @@ class RequestMetrics:
             "queue_time": self.queue_time, "ttft": self.ttft, "decode_time": self.decode_time,
             "decode_tokens_per_s": self.decode_tokens_per_s, "prompt_tokens": self.num_prompt_tokens,
             "cached_prompt_tokens": self.num_cached_tokens, "generated_tokens": self.num_generated_tokens,
+            **self.spec_decode.as_dict(),
         }
 
 

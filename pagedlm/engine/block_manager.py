@@ -131,6 +131,19 @@ class BlockManager:
             seq.num_hashed_blocks = full
             seq.prefix_parent = parent
 
+    def trim(self, seq: Sequence) -> None:
+        """Release the tail blocks past what ``seq``'s computed tokens fill (speculative decoding:
+        blocks allocated for proposed tokens that were rejected). They hold nothing cached: only
+        blocks of computed tokens are ever registered."""
+        keep = self.blocks_needed(seq.num_computed_tokens)
+        while len(seq.block_table) > keep:
+            bid = seq.block_table.pop()
+            block = self.blocks[bid]
+            block.ref_count -= 1
+            assert block.ref_count == 0 and block.key is None, f"trimmed block {bid} is shared or cached"
+            self.free_queue[bid] = None
+            self.free_queue.move_to_end(bid, last=False)
+
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks, tail first so a shared prefix outlives its private suffix."""
         for bid in reversed(seq.block_table):

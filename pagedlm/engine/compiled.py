@@ -163,29 +163,35 @@ class CompiledDecode:
         if self.failed:
             return None
         sched = out.scheduled
-        n = len(sched)
+        n = out.num_tokens
         if n == 0 or n > self.sizes[-1]:
             return None
         for seq, k in sched:
-            if k != 1 or (seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens):
+            if k != 1 + len(seq.spec_tokens) or (
+                    seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens):
                 return None
         bucket = next(b for b in self.sizes if b >= n)
         bs = self.block_size
         ids, pos, slots, lens, tables = [], [], [], [], []
         samples, rows = [], []
         width = 2
-        for i, (seq, _) in enumerate(sched):
-            p = seq.num_computed_tokens
+        for seq, k in sched:
+            # A speculating sequence's k tokens are k decode rows over one block table, each seeing
+            # the keys up to its own position: every row's K/V is written before any row attends,
+            # so this is causal attention over the proposals (the verification forward).
+            p0 = seq.num_computed_tokens
             t = seq.block_table
-            ids.append(seq.token_ids[p])
-            pos.append(p)
-            slots.append(t[p // bs] * bs + p % bs)
-            lens.append(p + 1)
-            tables.append(t)
-            width = max(width, p // bs + 1)
-            if p + 1 == seq.num_tokens:
+            if p0 + k >= seq.num_tokens:
                 samples.append((seq, len(rows)))
-                rows.append(i)
+                rows.extend(range(len(ids), len(ids) + k))
+            for j, tok in enumerate(seq.step_token_ids(p0, k)):
+                p = p0 + j
+                ids.append(tok)
+                pos.append(p)
+                slots.append(t[p // bs] * bs + p % bs)
+                lens.append(p + 1)
+                tables.append(t)
+            width = max(width, (p0 + k - 1) // bs + 1)
         scratch = self.scratch_block
         pad = bucket - n
         ids += [0] * pad

@@ -126,6 +126,11 @@ class EngineConfig:
     lora_modules: dict[str, str] | list[str] | None = None
     max_loras: int = 1
     max_lora_rank: int = 16
+    # Speculative decoding (engine/spec_decode.py): a SpeculativeConfig, its fields as a dict or a
+    # JSON string, like vLLM's --speculative-config; num_speculative_tokens overrides its k and
+    # alone turns on n-gram prompt lookup. Normalised to a SpeculativeConfig or None.
+    speculative_config: Any = None
+    num_speculative_tokens: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -167,6 +172,12 @@ class EngineConfig:
         if self.enable_lora and self.world_size > 1:
             raise ValueError("LoRA adapters are not supported with tensor, pipeline or expert parallelism yet "
                              f"(world size {self.world_size}); run LoRA on one process")
+        from pagedlm.engine.spec_decode import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.build(self.speculative_config, self.num_speculative_tokens)
+        if self.speculative_config is not None and self.world_size > 1:
+            raise ValueError("speculative decoding runs in a single-process engine (tensor, pipeline and expert "
+                             "parallel sizes 1)")
 
     @property
     def world_size(self) -> int:
@@ -249,6 +260,11 @@ class LLMEngine:
         self.eos_ids |= _generation_config_eos(self.model_path)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "prefill_tokens": 0,
                       "decode_tokens": 0}
+        self.spec = None
+        if config.speculative_config is not None:
+            from pagedlm.engine.spec_decode import SpecDecoder
+
+            self.spec = SpecDecoder(config.speculative_config, self)
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token)", num_blocks,
                  config.block_size, cache_tokens, num_blocks * per_block / 2**20, per_token)
         if config.compile_at_startup:
@@ -256,9 +272,16 @@ class LLMEngine:
 
     def warmup(self, buckets: list[int] | None = None) -> None:
         """Compile the decode step's batch buckets now (default: all up to max_num_seqs) rather
-        than at the first step of each size; a no-op with enforce_eager."""
+        than at the first step of each size; a no-op with enforce_eager. With speculative
+        decoding, a list of buckets also gets the one a sequence's 1 + k verification rows use
+        (and a draft model compiles the same buckets)."""
         compiled = getattr(self.runner, "compiled", None)
+        if self.spec is not None:
+            self.spec.warmup(buckets)
         if compiled is not None:
+            if buckets is not None and self.spec is not None:
+                rows = 1 + self.spec.k
+                buckets = sorted(set(buckets) | {next((b for b in compiled.sizes if b >= rows), compiled.sizes[-1])})
             compiled.warmup(buckets)
 
     # ---- cache report ----------------------------------------------------------------------
@@ -362,6 +385,8 @@ class LLMEngine:
 
     # ---- the step --------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running, self)
         sched = self.scheduler.schedule()
         if not sched:
             return []
@@ -371,7 +396,7 @@ class LLMEngine:
             if req.metrics.first_scheduled_time is None:
                 req.metrics.first_scheduled_time = now
                 req.metrics.num_cached_tokens = seq.num_cached_tokens
-            if n == 1 and seq.num_computed_tokens >= seq.num_prompt_tokens:
+            if n == 1 + len(seq.spec_tokens) and seq.num_computed_tokens >= seq.num_prompt_tokens:
                 self.stats["decode_tokens"] += 1
             else:
                 self.stats["prefill_tokens"] += n
@@ -382,24 +407,56 @@ class LLMEngine:
         changed: dict[str, Request] = {}
         if inputs.prompt_rows:
             self._record_prompt_logprobs(inputs, logits)
-        if inputs.samples:
-            rows = []
-            for seq, _ in inputs.samples:
-                p = seq.params
-                banned = []
-                if seq.num_output_tokens < p.min_tokens:
-                    banned = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_ids))
-                rows.append(SamplingRow(p, seq.token_ids, seq.num_prompt_tokens, seq.state.get("generator"), banned))
-            idx = [i for _, i in inputs.samples]
+        samples = inputs.samples
+        verified = [(seq, i) for seq, i in samples if seq.spec_tokens]
+        if verified:
+            samples = [(seq, i) for seq, i in samples if not seq.spec_tokens]
+        if samples:
+            rows = [SamplingRow(seq.params, seq.token_ids, seq.num_prompt_tokens, seq.state.get("generator"),
+                                self.banned_ids(seq)) for seq, _ in samples]
+            idx = [i for _, i in samples]
             result = sample(logits if idx == list(range(logits.shape[0])) else logits[torch.tensor(idx)],
                             rows, self.generator)
             t = time.perf_counter()
-            for j, (seq, _) in enumerate(inputs.samples):
+            for j, (seq, _) in enumerate(samples):
                 tok = result.token_ids[j]
                 lp = None if result.logprobs is None else (result.logprobs[j], result.ranks[j])
                 self._append_token(seq, tok, lp, result.top_logprobs[j], t)
                 changed[seq.request_id] = self.requests[seq.request_id]
+        for seq, i in verified:
+            tokens = self.spec.verify(logits[i:i + 1 + len(seq.spec_tokens)], seq, self)
+            self._append_verified(seq, tokens, time.perf_counter())
+            changed[seq.request_id] = self.requests[seq.request_id]
         return [self._make_output(req) for req in changed.values()]
+
+    def banned_ids(self, seq: Sequence, ahead: int = 0) -> list[int]:
+        """Ids min_tokens masks for ``seq``'s next token (``ahead`` tokens later when verifying)."""
+        p = seq.params
+        if seq.num_output_tokens + ahead < p.min_tokens:
+            return list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_ids))
+        return []
+
+    def generator_of(self, seq: Sequence) -> torch.Generator:
+        return seq.state.get("generator") or self.generator
+
+    def _append_verified(self, seq: Sequence, tokens: tuple[list[int], int], now: float) -> None:
+        """Append a verified run (accepted proposals + the target's token) as a plain decode step
+        would append each: register the blocks the computed tokens filled, then append and check
+        the stops, which may end the run early. Then release blocks holding only rejected tokens."""
+        run, accepted = tokens
+        start = seq.num_computed_tokens
+        proposed = len(seq.spec_tokens)
+        seq.spec_tokens = []
+        self.requests[seq.request_id].metrics.spec_decode.record(proposed, accepted)
+        self.spec.stats.record(proposed, accepted)
+        self.stats["decode_tokens"] += len(run) - 1
+        for j, tok in enumerate(run):
+            seq.num_computed_tokens = start + 1 + j  # the last token and the proposals kept before tok
+            self.block_manager.cache_full_blocks(seq)
+            self._append_token(seq, tok, None, None, now)
+            if seq.is_finished:
+                return
+        self.block_manager.trim(seq)
 
     def _record_prompt_logprobs(self, inputs, logits: torch.Tensor) -> None:
         for seq, first, count, start in inputs.prompt_rows:
@@ -522,6 +579,7 @@ class LLMEngine:
             "prefix_cache_hit_rate": bm.prefix_hits / bm.prefix_queries if bm.prefix_queries else math.nan,
             "num_preemptions": self.scheduler.num_preemptions,
             **{k: v for k, v in self.stats.items()},
+            **(self.spec.stats.as_dict() if self.spec is not None else {}),
         }
 
     def live_sequences(self) -> list[Sequence]:

@@ -33,7 +33,9 @@ class StepInputs:
     positions: torch.Tensor
     meta: AttentionMetadata
     logit_rows: list[int]  # rows of the flat batch whose logits are needed
-    samples: list[tuple[Sequence, int]]  # (seq, index into logit_rows) for sequences that sample
+    # (seq, index into logit_rows) for sequences that sample; a speculating sequence's rows for its
+    # proposals follow that index
+    samples: list[tuple[Sequence, int]]
     prompt_rows: list[tuple[Sequence, int, int, int]]  # (seq, first logit index, count, first position)
     compiled: object = None  # the compiled decode step's batch bucket, when it runs this step
 
@@ -106,14 +108,14 @@ class ModelRunner:
         for seq, n in out.scheduled:
             start = seq.num_computed_tokens
             q_start = len(ids)
-            ids.extend(seq.token_ids[start:start + n])
+            ids.extend(seq.step_token_ids(start, n))
             pos.extend(range(start, start + n))
             table = seq.block_table
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
             if n == 1:
                 decode_tables.append(table)
                 decode_lens.append(start + 1)
-            else:
+            else:  # a prefill chunk, or a speculating sequence's 1 + k verification rows
                 prefill_specs.append((q_start, n, start + n, table))
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
                 # logits at position p score token p + 1: rows for p in [start, min(end, prompt) - 1)
@@ -121,9 +123,12 @@ class ModelRunner:
                 if last > start:
                     prompt_rows.append((seq, len(logit_rows), last - start, start))
                     logit_rows.extend(range(q_start, q_start + last - start))
-            if start + n == seq.num_tokens:
+            if start + n >= seq.num_tokens:
+                # The last token's row samples; a speculating sequence's rows after it verify its
+                # proposals (n - 1 - first of them, see Sequence.spec_tokens).
+                first = seq.num_tokens - 1 - start
                 samples.append((seq, len(logit_rows)))
-                logit_rows.append(q_start + n - 1)
+                logit_rows.extend(range(q_start + first, q_start + n))
         dev = self.device
         nd = len(decode_tables)
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev), block_size=bs)

@@ -57,6 +57,7 @@ class Scheduler:
         """Mark finished and release its blocks (works for running and waiting sequences)."""
         if seq.is_finished:
             return
+        seq.spec_tokens.clear()
         if seq in self.running:
             self.running.remove(seq)
         else:
@@ -74,6 +75,7 @@ class Scheduler:
         self.running.remove(seq)
         self.bm.free(seq)
         seq.num_computed_tokens = 0
+        seq.spec_tokens.clear()
         seq.status = SequenceStatus.WAITING
         seq.num_preemptions += 1
         self.num_preemptions += 1
@@ -90,7 +92,12 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens + len(seq.spec_tokens), budget)
+            if seq.spec_tokens:
+                del seq.spec_tokens[max(0, num_new - 1):]  # proposals past the token budget
+                if not self.bm.allocate(seq, num_new):
+                    seq.spec_tokens.clear()  # speculation never preempts: decode plainly instead
+                    num_new = 1
             while not self.bm.allocate(seq, num_new):
                 victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled_ids), None)
                 if victim is None:
@@ -141,6 +148,6 @@ class Scheduler:
     def on_step_done(self, out: SchedulerOutput) -> None:
         """Account the tokens just computed and register newly filled blocks for reuse."""
         for seq, n in out.scheduled:
-            if seq.status is SequenceStatus.RUNNING:
+            if seq.status is SequenceStatus.RUNNING and not seq.spec_tokens:  # the engine accounts verified rows
                 seq.num_computed_tokens += n
                 self.bm.cache_full_blocks(seq)

@@ -44,6 +44,9 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.wait_for: Sequence | None = None  # n > 1: siblings start after the first one's prompt
+        # Speculative decoding: tokens proposed after the last one, verified in this step's forward
+        # (engine/spec_decode.py). Never part of token_ids until accepted.
+        self.spec_tokens: list[int] = []
         self.state: dict[str, Any] = {}  # owned by the engine: generator, detokenizer, logprobs
         self.lora: Any = None  # the LoRAAdapter (pagedlm/lora.py) this sequence runs with; None: the base model
 
@@ -58,6 +61,12 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    def step_token_ids(self, start: int, n: int) -> list[int]:
+        """The ``n`` tokens a step computes from position ``start``: its own, then any proposed."""
+        if self.spec_tokens:
+            return (self.token_ids[start:] + self.spec_tokens)[:n]
+        return self.token_ids[start:start + n]
 
     @property
     def prefix_root(self) -> object:

@@ -22,7 +22,7 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 class _EngineCollector:
     def __init__(self, model_name: str):
         self.model_name = model_name
-        self.snapshot: dict[str, float] = {}
+        self.snapshot: dict = {}
 
     def collect(self):
         s, labels = self.snapshot, [self.model_name]
@@ -38,9 +38,22 @@ class _EngineCollector:
                     ("vllm:num_preemptions", "Sequences preempted (recompute).", "num_preemptions"),
                     ("vllm:prompt_tokens", "Prompt tokens admitted.", "prompt_tokens"),
                     ("vllm:generation_tokens", "Tokens generated.", "generation_tokens"))
+        if "spec_decode_num_drafts" in s:  # speculative decoding is on
+            counters += (
+                ("vllm:spec_decode_num_drafts", "Verification steps with proposed tokens.", "spec_decode_num_drafts"),
+                ("vllm:spec_decode_num_draft_tokens", "Tokens proposed.", "spec_decode_num_draft_tokens"),
+                ("vllm:spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
+                 "spec_decode_num_accepted_tokens"))
         for name, doc, key in counters:
             c = CounterMetricFamily(name, doc, labels=["model_name"])
             c.add_metric(labels, float(s.get(key, 0.0)))
+            yield c
+        if "spec_decode_num_accepted_tokens_per_pos" in s:
+            c = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
+                                    "Proposed tokens accepted, by position in the proposal.",
+                                    labels=["model_name", "position"])
+            for pos, n in enumerate(s["spec_decode_num_accepted_tokens_per_pos"]):
+                c.add_metric(labels + [str(pos)], float(n))
             yield c
 
 

@@ -57,6 +57,54 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
+def adjust_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Penalties and min_tokens bans (the logits greedy rows take the argmax of); returns a new
+    tensor when anything changes, so the caller's logits stay untouched."""
+    if any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty
+           for r in rows):
+        logits = logits.clone()
+        _apply_penalties(logits, rows)
+    elif any(r.banned for r in rows):
+        logits = logits.clone()
+    for i, r in enumerate(rows):
+        if r.banned:
+            logits[i, torch.tensor(r.banned, dtype=torch.long)] = float("-inf")
+    return logits
+
+
+def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution a random row draws from: temperature, top-k, top-p, min-p over adjusted
+    logits (one row per entry of ``params``, none greedy)."""
+    vocab = logits.shape[-1]
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)
+    sub = logits / temps[:, None]
+    top_k = [p.top_k for p in params]
+    top_p = [p.top_p for p in params]
+    min_p = [p.min_p for p in params]
+    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        sorted_logits, order = sub.sort(dim=-1, descending=True)
+        ks = torch.tensor([k if k > 0 else vocab for k in top_k])
+        ranks = torch.arange(vocab)[None, :]
+        sorted_logits = sorted_logits.masked_fill(ranks >= ks[:, None], float("-inf"))
+        probs_sorted = sorted_logits.softmax(dim=-1)
+        # keep the smallest head whose mass reaches top_p (always at least the top token)
+        before = probs_sorted.cumsum(dim=-1) - probs_sorted
+        ps = torch.tensor(top_p, dtype=sub.dtype)
+        sorted_logits = sorted_logits.masked_fill(before >= ps[:, None], float("-inf"))
+        sub = torch.full_like(sub, float("-inf")).scatter_(1, order, sorted_logits)
+    probs = sub.softmax(dim=-1)
+    if any(m > 0 for m in min_p):
+        mp = torch.tensor(min_p, dtype=probs.dtype)
+        probs = probs.masked_fill(probs < mp[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    """One token from an (unnormalised) distribution by the exponential race: argmax(p / E)."""
+    noise = torch.empty_like(probs).exponential_(generator=generator)
+    return int((probs / noise).argmax())
+
+
 def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator | None = None
            ) -> SamplerOutput:
     """logits: (rows, vocab), float32."""
@@ -68,41 +116,13 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
         return SamplerOutput(logits.argmax(dim=-1).tolist(), None, None, [None] * n)
     want_logprobs = any(r.params.logprobs is not None for r in rows)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
-    if any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty
-           for r in rows):
-        logits = logits.clone()
-        _apply_penalties(logits, rows)
-    elif any(r.banned for r in rows):
-        logits = logits.clone()  # the caller's logits stay untouched
-    for i, r in enumerate(rows):
-        if r.banned:
-            logits[i, torch.tensor(r.banned, dtype=torch.long)] = float("-inf")
+    logits = adjust_logits(logits, rows)
 
     tokens = logits.argmax(dim=-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
         idx = torch.tensor(random_rows, dtype=torch.long)
-        sub = logits[idx]
-        temps = torch.tensor([rows[i].params.temperature for i in random_rows], dtype=sub.dtype)
-        sub = sub / temps[:, None]
-        top_k = [rows[i].params.top_k for i in random_rows]
-        top_p = [rows[i].params.top_p for i in random_rows]
-        min_p = [rows[i].params.min_p for i in random_rows]
-        if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
-            sorted_logits, order = sub.sort(dim=-1, descending=True)
-            ks = torch.tensor([k if k > 0 else vocab for k in top_k])
-            ranks = torch.arange(vocab)[None, :]
-            sorted_logits = sorted_logits.masked_fill(ranks >= ks[:, None], float("-inf"))
-            probs_sorted = sorted_logits.softmax(dim=-1)
-            # keep the smallest head whose mass reaches top_p (always at least the top token)
-            before = probs_sorted.cumsum(dim=-1) - probs_sorted
-            ps = torch.tensor(top_p, dtype=sub.dtype)
-            sorted_logits = sorted_logits.masked_fill(before >= ps[:, None], float("-inf"))
-            sub = torch.full_like(sub, float("-inf")).scatter_(1, order, sorted_logits)
-        probs = sub.softmax(dim=-1)
-        if any(m > 0 for m in min_p):
-            mp = torch.tensor(min_p, dtype=probs.dtype)
-            probs = probs.masked_fill(probs < mp[:, None] * probs.max(dim=-1, keepdim=True).values, 0.0)
+        probs = sampling_probs(logits[idx], [rows[i].params for i in random_rows])
         noise = torch.empty_like(probs)
         for j, i in enumerate(random_rows):
             noise[j].exponential_(generator=rows[i].generator or default_generator)

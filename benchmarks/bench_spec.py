@@ -1,0 +1,144 @@
+"""Speculative decoding at batch 1: decode speed-up and acceptance per proposer and workload.
+
+    python benchmarks/bench_spec.py [--max-tokens 128] [--k 3] [--repeats 2] [--json out.json]
+
+SmolLM2-135M-Instruct (the default GGUF, quantization auto, compiled decode), one request at a
+time, greedy. Two workloads of chat prompts: "repetitive" (the answer copies text of the prompt:
+code edits, quoting, summarising a list) and "free" (open questions). For each prompt: plain
+decoding, n-gram prompt lookup, and a draft model (the same GGUF: the only model with SmolLM2's
+tokenizer here, so it shows the cost of a draft as big as the target, at full acceptance).
+Decode tok/s is (generated - 1) / (finish - first token) from the request's metrics; the
+speed-up is the ratio of total decode times over each workload's prompts, all on one engine
+each, interleaved per prompt (a loaded machine slows every configuration alike). Greedy outputs
+are compared token for token with plain decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
+from benchmarks.common import machine  # noqa: E402
+
+CODE = '''def mean(xs):
+    total = 0
+    for x in xs:
+        total += x
+    return total / len(xs)
+
+
+def variance(xs):
+    m = mean(xs)
+    total = 0
+    for x in xs:
+        total += (x - m) ** 2
+    return total / len(xs)
+'''
+
+WORKLOADS = {
+    "repetitive": [
+        "Rename the function `mean` to `average` everywhere in this code and print the whole code:\n\n" + CODE,
+        "Add a docstring to each function of this code and print the whole code:\n\n" + CODE,
+        "Repeat the following list exactly, one item per line:\n" + "\n".join(
+            f"- {x}" for x in ["apples from the north orchard", "bananas from the south farm", "cherries picked in June",
+                               "dates dried in the sun", "elderberries for the syrup", "figs from the old tree",
+                               "grapes for the wine", "honeydew melons", "kiwis from the market"]),
+        "Copy this paragraph word for word: The paged KV cache stores the keys and values of every "
+        "sequence in fixed-size blocks. A block table maps each sequence's positions to its blocks, so "
+        "memory is allocated on demand, shared between sequences with a common prefix, and freed as "
+        "soon as a sequence finishes. This is what lets a server batch many requests at once.",
+    ],
+    "free": [
+        "Write a short story about a robot who learns to paint.",
+        "What are three good habits for staying healthy? Explain each.",
+        "Explain how a rainbow forms.",
+        "Give me some advice for my first job interview.",
+    ],
+}
+
+
+def run_prompt(llm, prompt: str, max_tokens: int):
+    from pagedlm import SamplingParams
+
+    msgs = [{"role": "user", "content": prompt}]
+    out = llm.chat(msgs, SamplingParams(max_tokens=max_tokens, temperature=0), use_tqdm=False)[0]
+    m = out.metrics
+    return out.outputs[0].token_ids, m.decode_time, m.num_generated_tokens, m.spec_decode
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
+    ap.add_argument("--prompt-lookup-max", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=2, help="runs per prompt and configuration (best kept)")
+    ap.add_argument("--no-draft", action="store_true", help="skip the draft-model proposer")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from pagedlm import LLM
+    from pagedlm.engine.engine import default_model_path
+
+    model = default_model_path()
+    configs = {"plain": None,
+               "ngram": {"method": "ngram", "num_speculative_tokens": args.k,
+                         "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": 1}}
+    if not args.no_draft:
+        configs["draft_model"] = {"method": "draft_model", "num_speculative_tokens": args.k, "model": model}
+    engines = {}
+    for name, cfg in configs.items():
+        t = time.perf_counter()
+        llm = LLM(model, kv_cache_memory=256 << 20, max_num_seqs=8, speculative_config=cfg)
+        llm.engine.warmup([1])  # with speculation: also the bucket of the 1 + k verification rows
+        engines[name] = llm
+        print(f"{name}: loaded and compiled in {time.perf_counter() - t:.0f} s", file=sys.stderr)
+    results = {}
+    for workload, prompts in WORKLOADS.items():
+        tot = {name: {"time": 0.0, "tokens": 0, "drafts": 0, "proposed": 0, "accepted": 0, "identical": True}
+               for name in configs}
+        for prompt in prompts:
+            ref = None
+            for name, llm in engines.items():
+                best = None
+                for _ in range(args.repeats):
+                    toks, dt, n, spec = run_prompt(llm, prompt, args.max_tokens)
+                    best = dt if best is None else min(best, dt)
+                t = tot[name]
+                t["time"] += best
+                t["tokens"] += n - 1
+                t["drafts"] += spec.num_drafts
+                t["proposed"] += spec.num_draft_tokens
+                t["accepted"] += spec.num_accepted_tokens
+                if ref is None:
+                    ref = toks
+                t["identical"] &= toks == ref
+                print(f"{workload:10s} {name:11s} {n - 1} tokens in {best:.2f} s; accepted "
+                      f"{spec.num_accepted_tokens}/{spec.num_draft_tokens}", file=sys.stderr)
+        base = tot["plain"]["tokens"] / tot["plain"]["time"]
+        for t in tot.values():
+            t["tok_s"] = t["tokens"] / t["time"]
+            t["speedup"] = t["tok_s"] / base
+            t["acceptance"] = t["accepted"] / t["proposed"] if t["proposed"] else None
+            t["mean_accepted_per_draft"] = t["accepted"] / t["drafts"] if t["drafts"] else None
+        results[workload] = tot
+    print(f"\nbatch-1 greedy decode, SmolLM2-135M-Instruct Q4_1 (quantization auto, compiled), k={args.k}, "
+          f"{args.max_tokens} tokens, best of {args.repeats}")
+    print("| workload | proposer | decode tok/s | speed-up | acceptance | accepted / step | identical greedy |")
+    print("|---|---|---:|---:|---:|---:|---|")
+    for workload, tot in results.items():
+        for name, t in tot.items():
+            acc = "-" if t["acceptance"] is None else f"{t['acceptance']:.0%}"
+            per = "-" if t["mean_accepted_per_draft"] is None else f"{t['mean_accepted_per_draft']:.2f}"
+            print(f"| {workload} | {name} | {t['tok_s']:.1f} | {t['speedup']:.2f}x | {acc} | {per} | "
+                  f"{'yes' if t['identical'] else 'NO'} |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"machine": machine(), "args": vars(args), "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

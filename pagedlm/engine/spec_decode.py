@@ -1,0 +1,333 @@
+"""Speculative decoding: propose k tokens cheaply, verify them in one target forward pass.
+
+Per step, before scheduling, a proposer gives each decoding sequence up to ``k`` tokens
+(``Sequence.spec_tokens``). The scheduler gives the sequence a row of ``1 + k`` query tokens (its
+last token, then the proposals) and blocks for them; the runner computes logits at every one of
+those rows in the same forward pass as the rest of the batch (compiled: ``1 + k`` decode rows over
+one block table; eager: a prefill segment over the cached context). ``verify`` then keeps the
+longest accepted run plus one token from the target:
+
+* greedy requests: a proposal is accepted while it equals the target's argmax; the first
+  mismatch is replaced by that argmax, so the output is exactly plain greedy decoding's;
+* sampled requests: the rejection sampling of Leviathan et al. / Chen et al.: accept proposal
+  ``d`` with probability ``min(1, p(d) / q(d))``, else draw from ``max(0, p - q)`` normalised;
+  after k acceptances draw a bonus token from ``p``. ``p`` is the distribution plain sampling
+  would draw from (penalties, bans, temperature, top-k/p, min-p), ``q`` the proposer's (a point
+  mass for n-gram lookup), so every output token is distributed exactly as without speculation.
+
+The engine appends the kept tokens one at a time through the normal stop checks (EOS, stop ids,
+stop strings, max_tokens), registering full blocks of computed tokens before each, exactly as a
+plain decode step would; after the run, blocks holding only rejected tokens are released
+(``BlockManager.trim``). Rejected tokens' K/V slots are simply overwritten later: nothing is cached
+past the computed (accepted) tokens.
+
+Proposers: ``NgramProposer`` (prompt lookup, no model) and ``DraftModelProposer`` (a smaller model
+with the same vocabulary, its own runner, KV cache and block pool).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pagedlm.engine.block_manager import BlockManager
+from pagedlm.engine.scheduler import SchedulerOutput
+from pagedlm.engine.sequence import Sequence
+from pagedlm.model.layers.sampler import SamplingRow, adjust_logits, draw, sampling_probs
+from pagedlm.outputs import SpecDecodeStats
+
+log = logging.getLogger(__name__)
+
+METHODS = ("ngram", "draft_model")
+MAX_SPECULATIVE_TOKENS = 16
+
+
+@dataclass
+class SpeculativeConfig:
+    """vLLM's ``--speculative-config`` fields that apply here."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_max: int = 4  # n-gram: longest suffix looked up
+    prompt_lookup_min: int = 1  # n-gram: shortest suffix looked up
+    model: str | None = None  # draft_model: HF directory or .gguf file with the target's vocabulary
+    quantization: str | None = None  # draft_model: None = the target's setting
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown speculative method {self.method!r}; choose one of {', '.join(METHODS)}")
+        k = self.num_speculative_tokens
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_SPECULATIVE_TOKENS:
+            raise ValueError(f"num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}], got {k!r}")
+        for name in ("prompt_lookup_max", "prompt_lookup_min"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) is larger than prompt_lookup_max "
+                             f"({self.prompt_lookup_max})")
+        if self.method == "draft_model":
+            if not self.model:
+                raise ValueError("speculative method 'draft_model' needs 'model' (the draft model's path)")
+            if not os.path.exists(self.model):
+                raise ValueError(f"draft model path does not exist: {self.model!r}")
+
+    @classmethod
+    def build(cls, value: Any, num_speculative_tokens: int | None = None) -> SpeculativeConfig | None:
+        """From a SpeculativeConfig, a dict, a JSON string or None; ``num_speculative_tokens``
+        (the CLI's --num-speculative-tokens) overrides k and alone turns on n-gram lookup."""
+        if value is None and num_speculative_tokens is None:
+            return None
+        if isinstance(value, cls):
+            fields = dict(vars(value))
+        elif value is None:
+            fields = {}
+        elif isinstance(value, str):
+            try:
+                fields = json.loads(value)
+            except ValueError as e:
+                raise ValueError(f"speculative_config is not valid JSON: {e}") from e
+        elif isinstance(value, dict):
+            fields = dict(value)
+        else:
+            raise TypeError(f"speculative_config must be a dict, a JSON string or None, got {type(value).__name__}")
+        if not isinstance(fields, dict):
+            raise ValueError(f"speculative_config must be a JSON object, got {value!r}")
+        unknown = sorted(set(fields) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown speculative_config field(s): {', '.join(unknown)}; known: "
+                             f"{', '.join(cls.__dataclass_fields__)}")
+        if num_speculative_tokens is not None:
+            fields["num_speculative_tokens"] = num_speculative_tokens
+        return cls(**fields)
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]
+    probs: torch.Tensor | None = None  # (len(tokens), vocab) draft distributions; None: point masses
+
+
+# ---- proposers ------------------------------------------------------------------------------
+class NgramProposer:
+    """Prompt lookup (vLLM's ``ngram``): find the latest earlier occurrence of the sequence's last
+    n tokens (n from ``prompt_lookup_max`` down to ``prompt_lookup_min``) and propose the tokens
+    that followed it. No model: code edits, summaries and quotes copy their context."""
+
+    def __init__(self, cfg: SpeculativeConfig):
+        self.min_n, self.max_n = cfg.prompt_lookup_min, cfg.prompt_lookup_max
+
+    def propose(self, seqs: list[tuple[Sequence, int]], engine) -> dict[int, Proposal]:
+        out = {}
+        for seq, k in seqs:
+            tokens = lookup(seq.token_ids, self.min_n, self.max_n, k)
+            if tokens:
+                out[seq.seq_id] = Proposal(tokens)
+        return out
+
+    def release(self, live_ids: set[int]) -> None:
+        pass
+
+
+def lookup(token_ids: list[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """Up to ``k`` tokens that followed the latest earlier match of the longest suffix of
+    ``token_ids`` of length in [min_n, max_n]."""
+    n_tokens = len(token_ids)
+    if n_tokens < min_n + 1:
+        return []
+    arr = np.asarray(token_ids, dtype=np.int64)
+    # Candidate starts: where the last token occurs before the end (the match's last position).
+    ends = np.flatnonzero(arr[:-1] == arr[-1])
+    if ends.size == 0:
+        return []
+    for n in range(min(max_n, n_tokens - 1), min_n - 1, -1):
+        ok = ends[ends >= n - 1]
+        for back in range(1, n):
+            if ok.size == 0:
+                break
+            ok = ok[arr[ok - back] == arr[n_tokens - 1 - back]]
+        if ok.size:
+            start = int(ok[-1]) + 1  # the latest match: the nearest context is the likeliest copy
+            return token_ids[start:start + k]
+    return []
+
+
+class DraftModelProposer:
+    """A smaller model with the target's vocabulary proposes k tokens autoregressively: one
+    forward that catches up on the tokens it has not seen (the prompt at first, then the tokens
+    accepted last step) and proposes the first token, then k - 1 one-token forwards (compiled
+    decode steps unless the engine is eager). Each target sequence has a shadow ``Sequence`` in
+    the draft's own block pool; after verification the shadow keeps the K/V of the common prefix
+    with the target's tokens and recomputes the rest."""
+
+    def __init__(self, cfg: SpeculativeConfig, engine):
+        from pagedlm.engine.engine import resolve_model
+        from pagedlm.engine.model_runner import ModelRunner
+        from pagedlm.tokenizer import load_tokenizer
+
+        path, weights, mcfg = resolve_model(cfg.model)
+        target_vocab = engine.model_config.vocab_size
+        if mcfg.vocab_size != target_vocab:
+            raise ValueError(f"draft model {cfg.model!r} has a vocabulary of {mcfg.vocab_size} tokens, the target "
+                             f"model {target_vocab}: speculative decoding needs the same vocabulary")
+        tok = load_tokenizer(path, weights)
+        if tok is not None and engine.tokenizer is not None and tok.get_vocab() != engine.tokenizer.get_vocab():
+            raise ValueError(f"draft model {cfg.model!r} has a different tokenizer from the target model: "
+                             "speculative decoding needs the same vocabulary")
+        ec = engine.config
+        self.runner = ModelRunner(weights, mcfg, engine.dtype, ec.device,
+                                  quantization=cfg.quantization or ec.quantization,
+                                  enforce_eager=ec.enforce_eager, max_num_seqs=ec.max_num_seqs)
+        # As many tokens as the target's cache, plus room for every sequence's proposals.
+        bs = ec.block_size
+        num_blocks = engine.block_manager.num_blocks + ec.max_num_seqs * (-(-cfg.num_speculative_tokens // bs) + 1)
+        self.runner.allocate_kv_cache(num_blocks, bs)
+        self.bm = BlockManager(num_blocks, bs, enable_prefix_caching=False)
+        self.max_len = min(engine.max_model_len, mcfg.max_position_embeddings)
+        self.shadows: dict[int, Sequence] = {}
+
+    def release(self, live_ids: set[int]) -> None:
+        """Free the shadows of sequences that no longer decode (finished, preempted, aborted)."""
+        for sid in [s for s in self.shadows if s not in live_ids]:
+            self.bm.free(self.shadows.pop(sid))
+
+    def _sync(self, seq: Sequence) -> Sequence:
+        """The shadow of ``seq``, its computed K/V cut back to the prefix it shares with ``seq``."""
+        shadow = self.shadows.get(seq.seq_id)
+        if shadow is None:
+            shadow = self.shadows[seq.seq_id] = Sequence(seq.request_id, seq.token_ids, seq.params)
+            shadow.num_prompt_tokens = seq.num_prompt_tokens
+        old = shadow.token_ids
+        common = min(shadow.num_computed_tokens, len(seq.token_ids))
+        for i in range(shadow.state.get("synced", 0), common):
+            if old[i] != seq.token_ids[i]:
+                common = i
+                break
+        shadow.token_ids = list(seq.token_ids)
+        shadow.num_computed_tokens = common
+        shadow.state["synced"] = len(seq.token_ids)
+        return shadow
+
+    def propose(self, seqs: list[tuple[Sequence, int]], engine) -> dict[int, Proposal]:
+        active: list[tuple[Sequence, Sequence, int]] = []
+        for seq, k in seqs:
+            k = min(k, self.max_len - seq.num_tokens)
+            if k < 1:
+                continue
+            shadow = self._sync(seq)
+            if not self.bm.allocate(shadow, shadow.num_tokens - shadow.num_computed_tokens + k - 1):
+                self.bm.free(self.shadows.pop(seq.seq_id))  # draft pool full: this one decodes plainly
+                continue
+            active.append((seq, shadow, k))
+        tokens: dict[int, list[int]] = {seq.seq_id: [] for seq, _, _ in active}
+        probs: dict[int, list[torch.Tensor]] = {seq.seq_id: [] for seq, _, _ in active}
+        for step in range(max((k for _, _, k in active), default=0)):
+            batch = [(seq, shadow) for seq, shadow, k in active if k > step]
+            sched = SchedulerOutput([(sh, sh.num_tokens - sh.num_computed_tokens) for _, sh in batch])
+            inputs = self.runner.prepare(sched)
+            logits = self.runner.execute(inputs)[[i for _, i in inputs.samples]]
+            for _, sh in batch:
+                sh.num_computed_tokens = sh.num_tokens
+            rows = [SamplingRow(seq.params, sh.token_ids, sh.num_prompt_tokens, None,
+                                engine.banned_ids(seq, sh.num_tokens - seq.num_tokens)) for seq, sh in batch]
+            logits = adjust_logits(logits, rows)
+            sampled = [i for i, (seq, _) in enumerate(batch) if not seq.params.greedy]
+            dist = sampling_probs(logits[sampled], [batch[i][0].params for i in sampled]) if sampled else None
+            choice = logits.argmax(dim=-1).tolist()
+            for j, i in enumerate(sampled):
+                seq = batch[i][0]
+                choice[i] = draw(dist[j], engine.generator_of(seq))
+                probs[seq.seq_id].append(dist[j])
+            for i, (seq, sh) in enumerate(batch):
+                sh.token_ids.append(choice[i])
+                tokens[seq.seq_id].append(choice[i])
+        return {sid: Proposal(t, torch.stack(probs[sid]) if probs[sid] else None) for sid, t in tokens.items()}
+
+
+# ---- verification ---------------------------------------------------------------------------
+def verify(logits: torch.Tensor, seq: Sequence, proposal: list[int], q: torch.Tensor | None, engine
+           ) -> tuple[list[int], int]:
+    """(tokens to append, proposals accepted) for one sequence. ``logits``: the target's raw
+    logits at its last token and at each proposal (``1 + len(proposal)`` rows)."""
+    k = len(proposal)
+    # Each row's adjusted distribution sees the context as if the proposals before it were kept.
+    context = seq.token_ids + proposal
+    rows = [SamplingRow(seq.params, context[:seq.num_tokens + i], seq.num_prompt_tokens, None,
+                        engine.banned_ids(seq, i)) for i in range(k + 1)]
+    logits = adjust_logits(logits, rows)
+    if seq.params.greedy:
+        target = logits.argmax(dim=-1).tolist()
+        a = next((i for i in range(k) if target[i] != proposal[i]), k)
+        return proposal[:a] + [target[a]], a
+    p = sampling_probs(logits, [seq.params] * (k + 1))
+    gen = engine.generator_of(seq)
+    u = torch.rand(k, generator=gen).tolist() if k else []
+    for i, d in enumerate(proposal):
+        qd = 1.0 if q is None else float(q[i, d])
+        if u[i] * qd < float(p[i, d]):  # accept with probability min(1, p(d) / q(d))
+            continue
+        if q is None:
+            residual = p[i].clone()
+            residual[d] = 0.0
+        else:
+            residual = (p[i] - q[i]).clamp_(min=0.0)
+        if not float(residual.sum()) > 0.0:  # p == q up to rounding: accepting was the only outcome
+            continue
+        return proposal[:i] + [draw(residual, gen)], i
+    return proposal + [draw(p[k], gen)], k
+
+
+class SpecDecoder:
+    """The engine's seam: ``propose`` before scheduling, ``proposal_of`` when verifying."""
+
+    def __init__(self, cfg: SpeculativeConfig, engine):
+        self.cfg = cfg
+        self.k = cfg.num_speculative_tokens
+        self.proposer = NgramProposer(cfg) if cfg.method == "ngram" else DraftModelProposer(cfg, engine)
+        # Engine-wide (per request: RequestMetrics.spec_decode); every position listed from the start.
+        self.stats = SpecDecodeStats(num_accepted_tokens_per_pos=[0] * self.k)
+        self.proposals: dict[int, Proposal] = {}
+
+    def warmup(self, buckets: list[int] | None) -> None:
+        runner = getattr(self.proposer, "runner", None)
+        if runner is not None and runner.compiled is not None:
+            runner.compiled.warmup([b for b in buckets if b in runner.compiled.sizes] if buckets else None)
+
+    def budget(self, seq: Sequence, max_model_len: int) -> int:
+        """How many tokens ``seq`` may propose now: k, less near max_tokens / max_model_len
+        (the last token of a run is always the target's own)."""
+        p = seq.params
+        if p.logprobs is not None or seq.num_tokens - seq.num_computed_tokens != 1:
+            return 0
+        k = min(self.k, max_model_len - seq.num_tokens)
+        if p.max_tokens is not None:
+            k = min(k, p.max_tokens - seq.num_output_tokens - 1)
+        return max(0, k)
+
+    def propose(self, running: list[Sequence], engine) -> None:
+        want = []
+        for seq in running:
+            seq.spec_tokens = []
+            k = self.budget(seq, engine.max_model_len)
+            if k:
+                want.append((seq, k))
+        self.proposer.release({seq.seq_id for seq, _ in want})
+        self.proposals = self.proposer.propose(want, engine) if want else {}
+        for seq, _ in want:
+            prop = self.proposals.get(seq.seq_id)
+            if prop is not None:
+                seq.spec_tokens = list(prop.tokens)
+
+    def verify(self, logits: torch.Tensor, seq: Sequence, engine) -> tuple[list[int], int]:
+        """Verify ``seq.spec_tokens`` (possibly cut by the scheduler) against ``logits``."""
+        proposal = seq.spec_tokens
+        q = self.proposals[seq.seq_id].probs
+        if q is not None:
+            q = q[: len(proposal)]
+        return verify(logits, seq, proposal, q, engine)
