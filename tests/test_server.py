@@ -306,7 +306,7 @@ BAD_INPUTS = [
     ("/v1/completions", {"prompt": "hi", "min_tokens": 9, "max_tokens": 2}, 400, "min_tokens", None),
     ("/v1/completions", {"prompt": "hi", "stop": ""}, 400, "stop", None),
     ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**6]}, 400, "stop_token_ids", None),
-    ("/v1/completions", {"prompt": "hi", "logit_bias": {"5": 1.0}}, 400, "logit_bias", "unsupported"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "x"}, 400, "suffix", "unsupported"),
     ("/v1/completions", {"prompt": [10**6]}, 400, "prompt", None),
     ("/v1/completions", {"prompt": LONG_IDS}, 400, "prompt", "context_length_exceeded"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hello " * 600}]}, 400, "messages",
