@@ -28,6 +28,11 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"],
     "additionalProperties": False}}}
 
+# "not" is a keyword llguidance does not implement: refused when strict, ignored otherwise.
+NOT_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9,
+                                                     "not": {"const": 3}}}, "required": ["n"]}
+STRICT_NOT = {"type": "function", "function": {"name": "f", "parameters": NOT_SCHEMA, "strict": True}}
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
@@ -118,6 +123,9 @@ def test_tool_choice_named_and_required(client, stream):
     _, calls, _ = chat(client, stream, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False,
                        temperature=1.0, seed=7, max_tokens=300)
     assert len(calls) == 1
+    lenient = {"type": "function", "function": {"name": "f", "parameters": NOT_SCHEMA}}
+    _, calls, _ = chat(client, stream, tools=[lenient], tool_choice={"type": "function", "function": {"name": "f"}})
+    assert 0 <= json.loads(calls[0][2])["n"] <= 9
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -221,6 +229,8 @@ def test_logit_bias_echo_and_best_of(client):
         "type": "function", "function": {"name": "nope"}}}, "tool_choice", "not in tools"),
     ("/v1/chat/completions", {"messages": MSGS, "tool_choice": "required"}, "tool_choice", "needs a non-empty tools"),
     ("/v1/chat/completions", {"messages": MSGS, "tools": [WEATHER, WEATHER]}, "tools", "unique"),
+    ("/v1/chat/completions", {"messages": MSGS, "tools": [STRICT_NOT], "tool_choice": "required"}, "tools",
+     "Unimplemented keys"),
     ("/v1/chat/completions", {"messages": MSGS, "tools": [WEATHER], "tool_choice": "required",
                               "guided_regex": "a"}, "tool_choice", "do not also set"),
 ])

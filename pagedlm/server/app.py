@@ -329,7 +329,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         same = [e_ for e_ in errs if _loc_param(e_.get("loc", ())) == param]
         if param is None:  # a whole-body check (e.g. an unsupported field): the message names it
             m = _FIELD_RE.match(err.get("msg", "").removeprefix("Value error, "))
-            param = m.group(1) if m else None
+            param = m.group(1) if m and m.group(1) in _KNOWN_PARAMS | set(P.UNSUPPORTED_FIELDS) else None
         msgs = list(dict.fromkeys(e_.get("msg", "invalid value").removeprefix("Value error, ") for e_ in same))
         msg = msgs[0] if len(msgs) == 1 else "invalid value; " + " or ".join(msgs[:4])
         others = len(errs) - len(same)

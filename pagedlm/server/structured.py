@@ -31,7 +31,7 @@ def _from_response_format(rf: P.ResponseFormat) -> dict[str, Any] | None:
     schema = dict(rf.json_schema.schema_)
     if not rf.json_schema.strict:
         # Non-strict: keywords the grammar compiler does not implement are ignored, not refused.
-        schema.setdefault("x-guidance", {})["lenient"] = True
+        schema["x-guidance"] = {**schema.get("x-guidance", {}), "lenient": True}
     return {"json": schema}
 
 

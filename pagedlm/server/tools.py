@@ -75,18 +75,23 @@ def plan_tools(req: P.ChatCompletionRequest) -> ToolPlan:
         schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": items}}
         if not req.parallel_tool_calls:
             schema["maxItems"] = 1
-        return ToolPlan("required", dumped, structured=_compile(schema, "tools"))
+        return ToolPlan("required", dumped, structured=_compile(schema, all(f.strict for f in by_name.values())))
     name = choice.function.name
     if name not in by_name:
         raise ToolError("tool_choice", f"tool_choice names function {name!r}, which is not in tools")
-    return ToolPlan("named", dumped, named=name, structured=_compile(_params_schema(by_name[name]), "tools"))
+    fn = by_name[name]
+    return ToolPlan("named", dumped, named=name, structured=_compile(_params_schema(fn), bool(fn.strict)))
 
 
-def _compile(schema: dict[str, Any], param: str) -> StructuredOutputsParams:
+def _compile(schema: dict[str, Any], strict: bool) -> StructuredOutputsParams:
+    """The constraint of a tool call. As for response_format, only ``strict`` functions refuse
+    schema keywords the grammar compiler does not implement; the others have them ignored."""
+    if not strict:
+        schema = {**schema, "x-guidance": {**schema.get("x-guidance", {}), "lenient": True}}
     try:
         return StructuredOutputsParams(json=schema)
     except (ValueError, TypeError) as e:
-        raise ToolError(param, f"a tool's parameters schema is not usable: {e}") from e
+        raise ToolError("tools", f"a tool's parameters schema is not usable: {e}") from e
 
 
 # ---- the prompt -------------------------------------------------------------------------------
