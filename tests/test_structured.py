@@ -223,3 +223,21 @@ def test_real_smollm2_json_schema():
                         SamplingParams(temperature=0.0, max_tokens=5, structured_outputs={"choice": CHOICES}),
                         use_tqdm=False)
     assert pick[0].outputs[0].text in CHOICES
+
+
+def test_apply_bitmask_matches_the_bit_layout():
+    import torch
+
+    from pagedlm.engine.structured import apply_bitmask
+
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.randint(-2**31, 2**31 - 1, (3, 40), dtype=torch.int32, generator=gen)
+    logits = torch.randn(3, 1270, generator=gen)  # not a multiple of 32: the tail bits are ignored
+    out = logits.clone()
+    apply_bitmask(out, mask)
+    for r in range(3):
+        for t in range(1270):
+            if (int(mask[r, t // 32]) >> (t % 32)) & 1:  # bit j of word w is token 32 w + j
+                assert out[r, t] == logits[r, t]
+            else:
+                assert torch.isneginf(out[r, t])

@@ -26,19 +26,20 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch
 
 from pagedlm.sampling_params import StructuredOutputsParams, _ll
 
 GRAMMAR_CACHE_SIZE = 256
-_BITS = torch.arange(32, dtype=torch.int32)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set to -inf, in place, every logit whose bit is 0 in ``bitmask`` (rows, ceil(vocab / 32)) int32."""
-    bits = (bitmask[:, :, None] >> _BITS) & 1
-    allowed = bits.view(bitmask.shape[0], -1)[:, : logits.shape[1]]
-    logits.masked_fill_(allowed == 0, float("-inf"))
+    """Set to -inf, in place, every logit whose bit is 0 in ``bitmask`` (rows, ceil(vocab / 32)) int32
+    (bit j of word w is token 32 w + j). numpy's unpackbits expands it in one pass, single-threaded:
+    cheaper than shifting an int32 tensor per bit, and free of thread-pool wake-ups."""
+    bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")[:, : logits.shape[1]]
+    logits.masked_fill_(torch.from_numpy(bits) == 0, float("-inf"))
 
 
 class GrammarManager:
