@@ -202,6 +202,10 @@ def test_min_tokens_never_empties_a_grammar_row(model_dir):
     outs = run(engine, {"c": (PROMPT, SamplingParams(temperature=0.0, max_tokens=20, min_tokens=15,
                                                      structured_outputs={"choice": ["ab", "abc"]}))})
     assert outs["c"].outputs[0].text in ("ab", "abc")
+    # A grammar of the empty string allows only EOS from the start, which min_tokens bans.
+    outs = run(engine, {"e": (PROMPT, SamplingParams(temperature=0.0, max_tokens=20, min_tokens=5,
+                                                     structured_outputs={"regex": "x{0}"}))})
+    assert outs["e"].outputs[0].text == "" and outs["e"].outputs[0].finish_reason == "stop"
 
 
 @pytest.mark.slow

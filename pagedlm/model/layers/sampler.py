@@ -74,22 +74,26 @@ def _apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
                                                                                   dtype=logits.dtype)
 
 
-def _apply_grammar(logits: torch.Tensor, rows: list[SamplingRow], unbanned: torch.Tensor) -> None:
-    """Mask the constrained rows; a row the bans emptied is masked from ``unbanned`` instead."""
+def _apply_grammar(logits: torch.Tensor, rows: list[SamplingRow], unbanned: torch.Tensor | None) -> None:
+    """Mask the constrained rows in place; a row that min_tokens bans and the mask together leave
+    empty is masked from ``unbanned`` (the logits before the bans) instead: the grammar wins."""
     from pagedlm.engine.structured import apply_bitmask
 
     idx = [i for i, r in enumerate(rows) if r.allowed is not None]
-    sel = torch.tensor(idx, dtype=torch.long)
     masks = torch.stack([rows[i].allowed for i in idx])
-    sub = logits[sel]
+    every = len(idx) == len(rows)
+    sel = None if every else torch.tensor(idx, dtype=torch.long)
+    sub = logits if every else logits[sel]
     apply_bitmask(sub, masks)
-    empty = torch.isneginf(sub).all(dim=-1)
-    if empty.any():
-        redo = empty.nonzero().flatten()
-        fallback = unbanned[sel[redo]].clone()
-        apply_bitmask(fallback, masks[redo])
-        sub[redo] = fallback
-    logits[sel] = sub
+    if unbanned is not None:
+        banned = [k for k, i in enumerate(idx) if rows[i].banned]
+        for k in banned:
+            if torch.isneginf(sub[k]).all():
+                fallback = unbanned[idx[k]: idx[k] + 1].clone()
+                apply_bitmask(fallback, masks[k: k + 1])
+                sub[k] = fallback[0]
+    if not every:
+        logits[sel] = sub
 
 
 def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: torch.Generator | None = None
@@ -110,7 +114,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
         logits = logits.clone()  # the caller's logits stay untouched
     _apply_logit_bias(logits, rows)
     constrained = any(r.allowed is not None for r in rows)
-    unbanned = logits.clone() if constrained and any(r.banned for r in rows) else logits
+    unbanned = logits.clone() if constrained and any(r.banned for r in rows) else None
     for i, r in enumerate(rows):
         if r.banned:
             logits[i, torch.tensor(r.banned, dtype=torch.long)] = float("-inf")
