@@ -301,6 +301,11 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         if not async_engine.is_running:
             async_engine.start()
+        if tokenizer is not None:  # build the grammar tables now rather than in a request's step
+            try:
+                await async_engine.call(engine.structured_outputs)
+            except Exception as e:  # noqa: BLE001 - structured output is then refused per request
+                log.warning("structured output unavailable: %s", e)
         try:
             yield
         finally:
