@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "LLMEngine", "EngineConfig", "LoRARequest"]
+__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams", "RequestOutput", "CompletionOutput", "LLMEngine",
+           "EngineConfig", "LoRARequest"]
 
 if TYPE_CHECKING:
     from pagedlm.engine.engine import EngineConfig, LLMEngine
     from pagedlm.llm import LLM
     from pagedlm.lora import LoRARequest
     from pagedlm.outputs import CompletionOutput, RequestOutput
-    from pagedlm.sampling_params import SamplingParams
+    from pagedlm.sampling_params import SamplingParams, StructuredOutputsParams
 
 
 def __getattr__(name: str):
@@ -21,10 +22,10 @@ def __getattr__(name: str):
         from pagedlm.llm import LLM
 
         return LLM
-    if name == "SamplingParams":
-        from pagedlm.sampling_params import SamplingParams
+    if name in ("SamplingParams", "StructuredOutputsParams"):
+        from pagedlm import sampling_params
 
-        return SamplingParams
+        return getattr(sampling_params, name)
     if name in ("RequestOutput", "CompletionOutput"):
         from pagedlm import outputs
 

@@ -2,7 +2,95 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
+
+
+def _ll():
+    import llguidance
+
+    return llguidance
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Exactly one of ``json`` (a JSON schema, dict or string), ``json_object`` (any JSON
+    object), ``regex``, ``choice`` (one of these strings) or ``grammar`` (a Lark grammar, the
+    llguidance dialect). JSON is generated compact unless ``disable_any_whitespace=False``: free
+    whitespace lets a model loop on spaces and newlines (vLLM's default is the opposite)."""
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = True
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        if self.json_object:
+            given.append("json_object")
+        elif self.json_object is not None and not isinstance(self.json_object, bool):
+            raise TypeError(f"json_object must be a bool, got {self.json_object!r}")
+        if len(given) != 1:
+            raise ValueError("structured_outputs must set exactly one of json, json_object, regex, choice, grammar"
+                             + (f"; got {', '.join(given)}" if given else ""))
+        if not isinstance(self.disable_any_whitespace, bool):
+            raise TypeError(f"disable_any_whitespace must be a bool, got {self.disable_any_whitespace!r}")
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    self.json = json.loads(self.json)
+                except ValueError as e:
+                    raise ValueError(f"json schema is not valid JSON: {e}") from e
+            if not isinstance(self.json, dict):
+                raise TypeError(f"json schema must be a JSON object, got {self.json!r}"[:200])
+        for name in ("regex", "grammar"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, str):
+                raise TypeError(f"{name} must be a string, got {v!r}"[:200])
+        if self.choice is not None:
+            if (not isinstance(self.choice, (list, tuple)) or not self.choice
+                    or not all(isinstance(c, str) and c for c in self.choice)):
+                raise ValueError(f"choice must be a non-empty list of non-empty strings, got {self.choice!r}"[:200])
+            self.choice = list(self.choice)
+        err = _ll().LLMatcher.validate_grammar(self.to_grammar())
+        if err:
+            raise ValueError(f"invalid {self.kind}: {err.strip()}"[:1000])
+
+    @property
+    def kind(self) -> str:
+        for name, label in (("json", "JSON schema"), ("regex", "regex"), ("choice", "choice"),
+                            ("grammar", "grammar")):
+            if getattr(self, name) is not None:
+                return label
+        return "JSON object"
+
+    def to_grammar(self) -> str:
+        """The llguidance grammar (a JSON string) this request is constrained by."""
+        M = _ll().LLMatcher
+        if self.regex is not None:
+            return M.grammar_from_regex(self.regex)
+        if self.choice is not None:
+            # Lark string literals take JSON escapes: any choice text is matched literally.
+            return M.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in self.choice))
+        if self.grammar is not None:
+            return M.grammar_from_lark(self.grammar)
+        schema = self.json if self.json is not None else {"type": "object"}
+        return M.grammar_from_json_schema(schema, defaults={"whitespace_flexible": not self.disable_any_whitespace})
+
+    @classmethod
+    def coerce(cls, value: Any) -> StructuredOutputsParams | None:
+        """None, an instance, or a dict of its fields (as vLLM accepts)."""
+        if value is None or isinstance(value, cls):
+            return value
+        if isinstance(value, dict):
+            unknown = set(value) - set(cls.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"structured_outputs has unknown field(s): {', '.join(sorted(unknown))}")
+            return cls(**value)
+        raise TypeError(f"structured_outputs must be a StructuredOutputsParams or a dict, got {value!r}"[:200])
 
 
 @dataclass
@@ -26,6 +114,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True
+    # Added to the logits of these token ids (OpenAI's logit_bias: -100 bans, 100 all but forces).
+    logit_bias: dict[int, float] | None = None
+    structured_outputs: StructuredOutputsParams | dict | None = None  # a dict is converted
     stop_list: list[str] = field(init=False, repr=False, default_factory=list)
 
     def __post_init__(self) -> None:
@@ -90,6 +181,15 @@ class SamplingParams:
         if not isinstance(self.stop_token_ids, (list, tuple)) or not all(is_int(t) for t in self.stop_token_ids):
             raise TypeError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids)
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict) or not all(
+                    is_int(k) and k >= 0 and is_num(v) for k, v in self.logit_bias.items()):
+                raise TypeError(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}"[:200])
+            bad = [v for v in self.logit_bias.values() if not -100.0 <= v <= 100.0]
+            if bad:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bad[0]}")
+            self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()} or None
+        self.structured_outputs = StructuredOutputsParams.coerce(self.structured_outputs)
 
     @property
     def greedy(self) -> bool:

@@ -22,6 +22,7 @@ from pagedlm.engine.block_manager import BlockManager
 from pagedlm.engine.model_runner import ModelRunner
 from pagedlm.engine.scheduler import Scheduler
 from pagedlm.engine.sequence import Sequence, SequenceStatus
+from pagedlm.engine.structured import GrammarManager, advance
 from pagedlm.errors import ModelLoadError, RequestRejectedError
 from pagedlm.lora import LoRARequest
 from pagedlm.model.layers.sampler import SamplingRow, sample
@@ -253,6 +254,7 @@ class LLMEngine:
             self.lora_requests[name] = req = LoRARequest(name, i, path)
             self.runner.lora.add(req)
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.grammars: GrammarManager | None = None  # made at the first structured-output request
         self.requests: dict[str, Request] = {}
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
@@ -336,6 +338,10 @@ class LLMEngine:
             raise RequestRejectedError(
                 f"prompt has {len(prompt_token_ids)} tokens, but max_model_len is {self.max_model_len} "
                 "(the prompt plus at least one generated token must fit)")
+        bad = [t for t in params.logit_bias or () if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        grammar = self._grammar_template(params)
         now = time.perf_counter() if arrival_time is None else arrival_time
         req = Request(request_id, prompt, list(prompt_token_ids), params, now)
         for i in range(params.n):
@@ -350,6 +356,8 @@ class LLMEngine:
             seq.state["sent_tokens"] = 0
             seq.state["logprobs"] = [] if params.logprobs is not None else None
             seq.state["cum_logprob"] = 0.0
+            if grammar is not None:
+                seq.state["grammar"] = grammar.deep_copy()
             if i > 0:
                 seq.wait_for = req.seqs[0]  # share the first sample's prompt blocks via the prefix cache
             req.seqs.append(seq)
@@ -366,6 +374,19 @@ class LLMEngine:
             raise ValueError(f"LoRA adapter {getattr(lora_request, 'lora_name', lora_request)!r} requested, but "
                              "LoRA is not enabled: start the engine with enable_lora=True or --lora-modules")
         return lora.add(lora_request)
+    def _grammar_template(self, params: SamplingParams):
+        """The compiled grammar of a structured-output request (None without one); ValueError
+        when it cannot constrain this model's vocabulary."""
+        if params.structured_outputs is None:
+            return None
+        return self.structured_outputs().compiled(params.structured_outputs)
+
+    def structured_outputs(self) -> GrammarManager:
+        """The grammar manager, built at the first call (~2 s for a 49k vocabulary; the server
+        calls this at start-up so no request waits for it). ValueError without a usable tokenizer."""
+        if self.grammars is None:
+            self.grammars = GrammarManager(self.tokenizer, self.model_config.vocab_size, self.config.max_num_seqs)
+        return self.grammars
 
     def abort_request(self, request_id: str) -> None:
         req = self.requests.get(request_id)
@@ -415,6 +436,7 @@ class LLMEngine:
             rows = [SamplingRow(seq.params, seq.token_ids, seq.num_prompt_tokens, seq.state.get("generator"),
                                 self.banned_ids(seq)) for seq, _ in samples]
             idx = [i for _, i in samples]
+            self._grammar_masks(samples, rows)
             result = sample(logits if idx == list(range(logits.shape[0])) else logits[torch.tensor(idx)],
                             rows, self.generator)
             t = time.perf_counter()
@@ -457,6 +479,15 @@ class LLMEngine:
             if seq.is_finished:
                 return
         self.block_manager.trim(seq)
+    def _grammar_masks(self, samples, rows: list[SamplingRow]) -> None:
+        """Give each constrained row its bitmask of allowed tokens (all filled in one call)."""
+        if self.grammars is None:
+            return
+        constrained = [j for j, (seq, _) in enumerate(samples) if "grammar" in seq.state]
+        if constrained:
+            masks = self.grammars.fill([samples[j][0].state["grammar"] for j in constrained])
+            for k, j in enumerate(constrained):
+                rows[j].allowed = masks[k]
 
     def _record_prompt_logprobs(self, inputs, logits: torch.Tensor) -> None:
         for seq, first, count, start in inputs.prompt_rows:
@@ -492,6 +523,8 @@ class LLMEngine:
                         entry.setdefault(tid, Logprob(v, rank))
                 seq.state["logprobs"].append(entry)
         detok: IncrementalDetokenizer | None = seq.state.get("detok")
+        grammar = seq.state.get("grammar")
+        grammar_state = None if grammar is None else advance(grammar, tok)
         # Stop tokens.
         if seq.num_output_tokens >= p.min_tokens:
             if tok in p.stop_token_ids:
@@ -504,6 +537,11 @@ class LLMEngine:
                 seq.state["text"] += delta
                 if p.stop_list and seq.num_output_tokens >= p.min_tokens and self._check_stop_strings(seq, len(delta)):
                     return None
+        if grammar_state is not None:
+            # The grammar is complete (only EOS may follow: stop now, a step early) or broken.
+            if grammar_state != "done":
+                log.warning("request %s: grammar error, sequence stopped: %s", seq.request_id, grammar_state)
+            return self._finish(seq, "stop" if grammar_state == "done" else "abort", None, flush=True)
         if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
             return self._finish(seq, "length", None)
         if seq.num_tokens >= self.max_model_len:
@@ -526,9 +564,9 @@ class LLMEngine:
         self._finish(seq, "stop", s)
         return True
 
-    def _finish(self, seq: Sequence, reason: str, stop_reason) -> None:
+    def _finish(self, seq: Sequence, reason: str, stop_reason, flush: bool = False) -> None:
         detok = seq.state.get("detok")
-        if detok is not None and reason == "length":
+        if detok is not None and (reason == "length" or flush):
             seq.state["text"] += detok.flush()
         self.scheduler.finish(seq, reason, stop_reason)
         req = self.requests[seq.request_id]

@@ -303,7 +303,10 @@ class SpecDecoder:
         """How many tokens ``seq`` may propose now: k, less near max_tokens / max_model_len
         (the last token of a run is always the target's own)."""
         p = seq.params
-        if p.logprobs is not None or seq.num_tokens - seq.num_computed_tokens != 1:
+        # Not speculated: logprobs, and structured output (its grammar state advances one accepted
+        # token at a time; verifying would need a mask per proposed position).
+        if (p.logprobs is not None or p.structured_outputs is not None
+                or seq.num_tokens - seq.num_computed_tokens != 1):
             return 0
         k = min(self.k, max_model_len - seq.num_tokens)
         if p.max_tokens is not None:

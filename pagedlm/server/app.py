@@ -40,8 +40,9 @@ from pagedlm.errors import RequestRejectedError
 from pagedlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.server import protocol as P
+from pagedlm.server import tools as T
 from pagedlm.server.metrics import ServerMetrics
-from pagedlm.tokenizer import apply_chat_template
+from pagedlm.server.structured import StructuredFieldError, structured_params
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
                  (503, "Overloaded or shutting down"))
 }
 
-_FIELD_RE = re.compile(r"^([a-z_]+) ")
+_FIELD_RE = re.compile(r"^([a-z_]+)[ :]")
 _KNOWN_PARAMS = set(P.ChatCompletionRequest.model_fields) | set(P.CompletionRequest.model_fields) | {
     "stop_token_ids", "prompt_token_ids"}
 
@@ -303,6 +304,11 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     async def lifespan(app: FastAPI):
         if not async_engine.is_running:
             async_engine.start()
+        if tokenizer is not None:  # build the grammar tables now rather than in a request's step
+            try:
+                await async_engine.call(engine.structured_outputs)
+            except Exception as e:  # noqa: BLE001 - structured output is then refused per request
+                log.warning("structured output unavailable: %s", e)
         try:
             yield
         finally:
@@ -329,11 +335,14 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         param = _loc_param(err.get("loc", ()))
         # A union (prompt, content, stop) reports one error per alternative: show them together.
         same = [e_ for e_ in errs if _loc_param(e_.get("loc", ())) == param]
-        msgs = list(dict.fromkeys(e_.get("msg", "invalid value") for e_ in same))
+        if param is None:  # a whole-body check (e.g. an unsupported field): the message names it
+            m = _FIELD_RE.match(err.get("msg", "").removeprefix("Value error, "))
+            param = m.group(1) if m and m.group(1) in _KNOWN_PARAMS | set(P.UNSUPPORTED_FIELDS) else None
+        msgs = list(dict.fromkeys(e_.get("msg", "invalid value").removeprefix("Value error, ") for e_ in same))
         msg = msgs[0] if len(msgs) == 1 else "invalid value; " + " or ".join(msgs[:4])
         others = len(errs) - len(same)
         more = f" (and {others} more error{'s' if others > 1 else ''})" if others else ""
-        where = f"{param}: " if param else "request body: "
+        where = "" if param and msg.startswith(param) else f"{param}: " if param else "request body: "
         return error_response(400, f"{where}{msg}{more}", param=param, code="invalid_value")
 
     @app.exception_handler(StarletteHTTPException)
@@ -387,8 +396,6 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         return req.model if req.model in loras else model_name
 
     def check_unsupported(req: P._SamplingFields) -> None:
-        if req.logit_bias:
-            raise APIError(400, "logit_bias is not supported", param="logit_bias", code="unsupported")
         if req.n > max_num_seqs:
             raise APIError(400, f"n={req.n} exceeds the server's --max-num-seqs {max_num_seqs}", param="n",
                            code="invalid_value")
@@ -397,9 +404,28 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             raise APIError(400, f"stop_token_ids: token id {bad[0]} is outside the vocabulary [0, {vocab_size})",
                            param="stop_token_ids", code="invalid_value")
 
-    def make_params(req: P._SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def logit_bias(req: P._SamplingFields) -> dict[int, float] | None:
+        if not req.logit_bias:
+            return None
+        out = {}
+        for key, value in req.logit_bias.items():
+            if not key.isdigit() or int(key) >= vocab_size:
+                raise APIError(400, f"logit_bias: {key!r} is not a token id in [0, {vocab_size})",
+                               param="logit_bias", code="invalid_value")
+            out[int(key)] = value
+        return out
+
+    def structured(req: P._SamplingFields):
+        try:
+            return structured_params(req)
+        except StructuredFieldError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from e
+
+    def make_params(req: P._SamplingFields, max_tokens: int | None, logprobs: int | None, constraint=None,
+                    n: int | None = None) -> SamplingParams:
         kw: dict[str, Any] = dict(
-            n=req.n, max_tokens=max_tokens, min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, stop=req.stop,
+            n=req.n if n is None else n, max_tokens=max_tokens, logit_bias=logit_bias(req),
+            structured_outputs=constraint if constraint is not None else structured(req), min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, stop=req.stop,
             stop_token_ids=req.stop_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,
             skip_special_tokens=req.skip_special_tokens, seed=req.seed, logprobs=logprobs)
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
@@ -537,7 +563,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         need_tokenizer()
         if req.messages is not None:
             msgs = [{"role": m.role, "content": m.text()} for m in req.messages]
-            ids = await async_engine.call(lambda: _encode_chat(tokenizer, msgs, req.add_generation_prompt))
+            ids = await async_engine.call(lambda: _render_chat(tokenizer, msgs, req.add_generation_prompt)[1])
         else:
             ids = await async_engine.call(
                 lambda: list(tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"]))
@@ -561,18 +587,29 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     async def completions(req: P.CompletionRequest, request: Request):
         lora = check_model(req.model)
         check_unsupported(req)
-        if req.echo:
-            raise APIError(400, "echo is not supported", param="echo", code="unsupported")
         if req.suffix is not None:
-            raise APIError(400, "suffix is not supported", param="suffix", code="unsupported")
-        if req.best_of is not None and req.best_of != req.n:
-            raise APIError(400, "best_of must equal n (or be omitted)", param="best_of", code="unsupported")
-        params = make_params(req, req.max_tokens, req.logprobs)
+            raise APIError(400, "suffix is not supported (no fill-in-the-middle)", param="suffix", code="unsupported")
+        if req.echo and req.logprobs is not None:
+            raise APIError(400, "echo with logprobs is not supported (prompt logprobs are not returned here)",
+                           param="echo", code="unsupported")
+        best_of = req.best_of if req.best_of is not None else req.n
+        if best_of < req.n:
+            raise APIError(400, f"best_of ({best_of}) must be >= n ({req.n})", param="best_of", code="invalid_value")
+        if best_of > req.n and req.stream:
+            raise APIError(400, "best_of > n cannot be streamed", param="best_of", code="unsupported")
+        if best_of > max_num_seqs:
+            raise APIError(400, f"best_of={best_of} exceeds the server's --max-num-seqs {max_num_seqs}",
+                           param="best_of", code="invalid_value")
+        # best_of ranks samples by cumulative logprob, so logprobs are computed for it (and shown only if asked).
+        logprobs = req.logprobs if best_of == req.n or req.logprobs is not None else 0
+        params = make_params(req, req.max_tokens, logprobs, n=best_of)
         prompts = await _completion_prompts(req.prompt)
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = await start(prompts, params, rid, "prompt", lora)
         if req.stream:
-            return StreamingResponse(_stream_completion(req, params, streams, rid), media_type="text/event-stream",
+            echoes = [await _prompt_text(p) for p in prompts] if req.echo else None
+            return StreamingResponse(_stream_completion(req, params, streams, rid, echoes),
+                                     media_type="text/event-stream",
                                      headers=SSE_HEADERS)
         try:
             finals = await run_blocking(request, streams)
@@ -581,14 +618,24 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         choices, usage = [], _Usage()
         for i, out in enumerate(finals):
             usage.add(i, out)
-            for c in out.outputs:
-                ch = _Choice(i * params.n + c.index)
+            best = sorted(out.outputs, key=lambda c: -(c.cumulative_logprob or 0.0))[:req.n] if best_of > req.n \
+                else out.outputs
+            echo = (await _prompt_text(prompts[i])) if req.echo else ""
+            for j, c in enumerate(best):
+                ch = _Choice(i * req.n + j)
                 choices.append(P.CompletionChoice(
-                    index=ch.index, text=c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                    logprobs=_completion_logprobs(c, ch, 0, len(c.token_ids)) if params.logprobs is not None else None))
+                    index=ch.index, text=echo + c.text, finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+                    logprobs=_completion_logprobs(c, ch, 0, len(c.token_ids)) if req.logprobs is not None else None))
         resp = P.CompletionResponse(id=rid, model=response_model(req), choices=choices, usage=usage.usage(),
                                     timings=usage.timings())
         return Response(resp.model_dump_json(), media_type="application/json")
+
+    async def _prompt_text(prompt: tuple[str | None, list[int]]) -> str:
+        text, ids = prompt
+        if text is not None:
+            return text
+        need_tokenizer()
+        return await async_engine.call(lambda: tokenizer.decode(ids))
 
     async def _completion_prompts(prompt) -> list[tuple[str | None, list[int]]]:
         if isinstance(prompt, str):
@@ -622,7 +669,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         return lp
 
     async def _stream_completion(req: P.CompletionRequest, params: SamplingParams, streams: list[RequestStream],
-                                 rid: str) -> AsyncIterator[str]:
+                                 rid: str, echoes: list[str] | None) -> AsyncIterator[str]:
         created_at = int(time.time())
         choices = {(i, j): _Choice(i * params.n + j) for i in range(len(streams)) for j in range(params.n)}
         unfinished = len(choices)
@@ -634,6 +681,8 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             return _sse(P.CompletionResponse(id=rid, created=created_at, model=response_model(req), choices=chs, **kw))
 
         try:
+            if echoes:
+                yield chunk([P.CompletionChoice(index=ch.index, text=echoes[i]) for (i, _), ch in choices.items()])
             async for i, out in each_output(streams):
                 usage.add(i, out)
                 chs = []
@@ -671,19 +720,25 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     async def chat_completions(req: P.ChatCompletionRequest, request: Request):
         lora = check_model(req.model)
         check_unsupported(req)
-        if req.tools:
-            raise APIError(400, "tools are not supported", param="tools", code="unsupported")
-        if req.response_format and req.response_format.get("type", "text") != "text":
-            raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format",
-                           code="unsupported")
+        try:
+            plan = T.plan_tools(req)
+        except T.ToolError as e:
+            raise APIError(400, str(e), param=e.param, code="invalid_value") from e
+        constraint = structured(req)
+        if plan.structured is not None:
+            if constraint is not None:
+                raise APIError(400, f"tool_choice {plan.mode!r} constrains the output to a tool call; "
+                                    "do not also set response_format or a guided field", param="tool_choice",
+                               code="invalid_value")
+            constraint = plan.structured
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        params = make_params(req, max_tokens, logprobs)
+        params = make_params(req, max_tokens, logprobs, constraint)
         need_tokenizer()
-        msgs = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {}) for m in req.messages]
+        msgs = T.template_messages(req)
         try:
             text, ids = await async_engine.call(
-                lambda: _render_chat(tokenizer, msgs, req.add_generation_prompt))
+                lambda: _render_chat(tokenizer, msgs, req.add_generation_prompt, plan))
         except (ValueError, TypeError) as e:
             raise APIError(400, f"cannot render the chat template: {e}", param="messages", code="invalid_value") from e
         except Exception as e:  # jinja2 errors raised by the model's template (e.g. role order)
@@ -694,7 +749,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await start([(text, ids)], params, rid, "messages", lora)
         if req.stream:
-            return StreamingResponse(_stream_chat(req, params, streams, rid), media_type="text/event-stream",
+            return StreamingResponse(_stream_chat(req, params, streams, rid, plan), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
         try:
             finals = await run_blocking(request, streams)
@@ -703,10 +758,15 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         out = finals[0]
         usage = _Usage()
         usage.add(0, out)
-        choices = [P.ChatChoice(index=c.index, message=P.ChatMessageOut(content=c.text),
-                                finish_reason=c.finish_reason, stop_reason=c.stop_reason,
-                                logprobs=_chat_logprobs(c, 0, len(c.token_ids), params.logprobs) if req.logprobs else None)
-                   for c in out.outputs]
+        choices = []
+        for c in out.outputs:
+            content, calls = T.reply_calls(plan, c.text, req.parallel_tool_calls)
+            tool_calls = [P.ToolCallOut(id=T.new_call_id(), function=P.FunctionCallOut(name=n, arguments=a))
+                          for n, a in calls] or None
+            choices.append(P.ChatChoice(
+                index=c.index, message=P.ChatMessageOut(content=content, tool_calls=tool_calls),
+                finish_reason=_chat_finish(c.finish_reason, bool(calls)), stop_reason=c.stop_reason,
+                logprobs=_chat_logprobs(c, 0, len(c.token_ids), params.logprobs) if req.logprobs else None))
         resp = P.ChatCompletionResponse(id=rid, model=response_model(req), choices=choices, usage=usage.usage(),
                                         timings=usage.timings())
         return Response(resp.model_dump_json(), media_type="application/json")
@@ -728,9 +788,10 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         return P.ChatLogprobs(content=content)
 
     async def _stream_chat(req: P.ChatCompletionRequest, params: SamplingParams, streams: list[RequestStream],
-                           rid: str) -> AsyncIterator[str]:
+                           rid: str, plan: T.ToolPlan) -> AsyncIterator[str]:
         created_at = int(time.time())
         choices = [_Choice(i) for i in range(params.n)]
+        replies = [T.ToolStream(plan, req.parallel_tool_calls) for _ in range(params.n)]
         unfinished = len(choices)
         usage = _Usage()
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -749,16 +810,19 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                     ch = choices[c.index]
                     if ch.finished:
                         continue
-                    text = ch.next_text(c, stops)
+                    ch.next_text(c, stops)  # advances ch.sent_text to the stop-safe end of the text
+                    reply = replies[c.index]
+                    text, calls = reply.update(c.text[:ch.sent_text], c.finish_reason is not None)
                     logprobs = None
                     if req.logprobs and len(c.token_ids) > ch.sent_tokens:
                         logprobs = _chat_logprobs(c, ch.sent_tokens, len(c.token_ids), params.logprobs)
                     ch.sent_tokens = len(c.token_ids)
-                    if text or logprobs or c.finish_reason:
+                    if text or calls or logprobs or c.finish_reason:
                         ch.finished = c.finish_reason is not None
                         unfinished -= ch.finished
-                        chs.append(P.ChatChunkChoice(index=ch.index, delta=P.DeltaMessage(content=text or None),
-                                                     logprobs=logprobs, finish_reason=c.finish_reason,
+                        delta = P.DeltaMessage(content=text or None, tool_calls=calls or None)
+                        chs.append(P.ChatChunkChoice(index=ch.index, delta=delta, logprobs=logprobs,
+                                                     finish_reason=_chat_finish(c.finish_reason, reply.has_calls),
                                                      stop_reason=c.stop_reason))
                 if chs:  # the last content chunk carries the timings
                     yield chunk(chs, timings=None if unfinished else usage.timings())
@@ -778,11 +842,13 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     return app
 
 
-def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> tuple[str, list[int]]:
+def _render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool,
+                 plan: T.ToolPlan | None = None) -> tuple[str, list[int]]:
     """Chat text and its ids, as ``LLM.chat`` does: the template already holds the special tokens."""
-    text = apply_chat_template(tokenizer, messages, add_generation_prompt)
+    text = T.render_chat(tokenizer, messages, plan or T.ToolPlan("none"), add_generation_prompt)
     return text, list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def _encode_chat(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    return _render_chat(tokenizer, messages, add_generation_prompt)[1]
+def _chat_finish(reason: str | None, has_calls: bool) -> str | None:
+    """OpenAI's finish_reason: "tool_calls" when a choice that ended normally called tools."""
+    return "tool_calls" if has_calls and reason == "stop" else reason

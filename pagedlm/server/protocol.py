@@ -23,8 +23,43 @@ class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
+# OpenAI request fields that pagedlm cannot honour: a request that sets one (to anything but
+# its neutral value) is refused with a 400 naming it, never served as if it were absent.
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "audio": (None,), "modalities": (None, ["text"]), "prediction": (None,), "functions": (None,),
+    "function_call": (None,), "reasoning_effort": (None,), "web_search_options": (None,), "verbosity": (None,),
+    "store": (None, False), "metadata": (None,),
+}
+
+
+def _refuse_unsupported(data: Any) -> Any:
+    if isinstance(data, dict):
+        for name, neutral in UNSUPPORTED_FIELDS.items():
+            if name in data and data[name] not in neutral:
+                raise ValueError(f"{name} is not supported by this server")
+    return data
+
+
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(_Request):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = Field(None, description="true: unsupported keywords are an error; else they are ignored.")
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a json_schema object")
+        return self
 
 
 class _SamplingFields(_Request):
@@ -41,7 +76,10 @@ class _SamplingFields(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported: must be empty or null.")
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, description="Token id (as a string) -> bias in [-100, 100] added to its logit.")
+    response_format: ResponseFormat | None = Field(
+        None, description="text, json_object, or json_schema (OpenAI; vLLM accepts it on completions too).")
     # vLLM extras.
     top_k: int | None = Field(None, ge=-1, le=INT64_MAX, description="0 or -1 = off.")
     min_p: float | None = Field(None, ge=0.0, le=1.0)
@@ -51,9 +89,18 @@ class _SamplingFields(_Request):
     stop_token_ids: Annotated[list[Annotated[int, Field(ge=0, le=INT64_MAX)]], Field(max_length=64)] | None = None
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    structured_outputs: dict[str, Any] | None = Field(
+        None, description="vLLM: {json | json_object | regex | choice | grammar: ...}.")
+    guided_json: dict[str, Any] | str | None = Field(None, description="vLLM (older name): a JSON schema.")
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(min_length=1)] | None = None
+    guided_grammar: str | None = Field(None, description="A Lark grammar (llguidance's dialect).")
+    guided_whitespace_pattern: None = Field(None, description="Not supported: must be null.")
+    guided_decoding_backend: None = Field(None, description="Not supported: must be null (llguidance is used).")
 
 
 class CompletionRequest(_SamplingFields):
+    _unsupported = model_validator(mode="before")(_refuse_unsupported)
     prompt: (Annotated[str, Field(min_length=1)]
              | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1, max_length=64)]
              | TokenIds
@@ -61,9 +108,10 @@ class CompletionRequest(_SamplingFields):
         ..., description="A string, a list of strings, a list of token ids, or a list of token id lists.")
     max_tokens: int | None = Field(16, ge=1, le=INT64_MAX, description="Default 16; null = up to the context length.")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Top logprobs per generated token.")
-    echo: bool = Field(False, description="Not supported: must be false.")
+    echo: bool = Field(False, description="Prepend the prompt to each choice's text.")
     suffix: str | None = Field(None, description="Not supported: must be null.")
-    best_of: int | None = Field(None, ge=1, description="Only best_of == n is supported.")
+    best_of: int | None = Field(None, ge=1, le=128, description="Generate best_of samples, return the n likeliest "
+                                "(by cumulative logprob); not with stream.")
 
 
 class TextContentPart(_Request):
@@ -71,10 +119,23 @@ class TextContentPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str = Field(..., description="The arguments as a JSON string.")
+
+
+class ToolCall(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call they answer
 
     def text(self) -> str:
         if self.content is None:
@@ -84,15 +145,39 @@ class ChatMessage(_Request):
         return "".join(part.text for part in self.content)
 
 
+class FunctionDef(_Request):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="A JSON schema of the arguments object.")
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class _FunctionName(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: _FunctionName
+
+
 class ChatCompletionRequest(_SamplingFields):
+    _unsupported = model_validator(mode="before")(_refuse_unsupported)
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(None, ge=1, le=INT64_MAX, description="Deprecated alias of max_completion_tokens.")
     max_completion_tokens: int | None = Field(None, ge=1, le=INT64_MAX,
                                               description="Default: up to the context length.")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported: must be empty or null.")
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'} is supported.")
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="Default: auto with tools, none without.")
+    parallel_tool_calls: bool = Field(True, description="false: at most one tool call per choice.")
     # vLLM extras.
     add_generation_prompt: bool = True
 
@@ -199,9 +284,33 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob] | None = None
 
 
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class ChatMessageOut(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(None, exclude_if=lambda v: v is None)
+    arguments: str | None = Field(None, exclude_if=lambda v: v is None)
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = Field(None, exclude_if=lambda v: v is None)
+    type: Literal["function"] | None = Field(None, exclude_if=lambda v: v is None)
+    function: FunctionCallDelta
 
 
 class ChatChoice(BaseModel):
@@ -227,6 +336,7 @@ class DeltaMessage(BaseModel):
 
     role: Literal["assistant"] | None = Field(None, exclude_if=lambda v: v is None)
     content: str | None = Field(None, exclude_if=lambda v: v is None)
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=lambda v: v is None)
 
 
 class ChatChunkChoice(BaseModel):

@@ -1,7 +1,8 @@
 """Batched sampling with per-request parameters.
 
 Order, per row: penalties (repetition over prompt + output, frequency / presence over output)
--> min_tokens (EOS and stop ids masked) -> greedy rows take the argmax -> temperature ->
+-> logit_bias -> min_tokens (EOS and stop ids masked) -> the grammar's token bitmask (structured
+output; where it and min_tokens leave nothing, the grammar wins) -> greedy rows take the argmax -> temperature ->
 top-k -> top-p -> min-p -> a draw by the exponential race: argmax(p / E), E ~ Exp(1), which
 picks token i with probability p_i. Each seeded request draws its noise from its own generator,
 one vocab-sized draw per token, so its samples do not depend on what else is in the batch.
@@ -24,6 +25,7 @@ class SamplingRow:
     num_prompt_tokens: int
     generator: torch.Generator | None
     banned: list[int]  # ids masked by min_tokens this step
+    allowed: torch.Tensor | None = None  # structured output: int32 bitmask of the tokens the grammar allows
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -57,18 +59,60 @@ def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
 
 
+def _plain_greedy(r: SamplingRow) -> bool:
+    p = r.params
+    return (p.greedy and p.logprobs is None and not r.banned and p.repetition_penalty == 1.0
+            and not p.frequency_penalty and not p.presence_penalty and r.allowed is None and not p.logit_bias)
+
+
+def _apply_logit_bias(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    vocab = logits.shape[-1]
+    for i, r in enumerate(rows):
+        if r.params.logit_bias:
+            bias = {t: v for t, v in r.params.logit_bias.items() if t < vocab}
+            logits[i, torch.tensor(list(bias), dtype=torch.long)] += torch.tensor(list(bias.values()),
+                                                                                  dtype=logits.dtype)
+
+
+def _apply_grammar(logits: torch.Tensor, rows: list[SamplingRow], unbanned: torch.Tensor | None) -> None:
+    """Mask the constrained rows in place; a row that min_tokens bans and the mask together leave
+    empty is masked from ``unbanned`` (the logits before the bans) instead: the grammar wins."""
+    from pagedlm.engine.structured import apply_bitmask
+
+    idx = [i for i, r in enumerate(rows) if r.allowed is not None]
+    masks = torch.stack([rows[i].allowed for i in idx])
+    every = len(idx) == len(rows)
+    sel = None if every else torch.tensor(idx, dtype=torch.long)
+    sub = logits if every else logits[sel]
+    apply_bitmask(sub, masks)
+    if unbanned is not None:
+        banned = [k for k, i in enumerate(idx) if rows[i].banned]
+        for k in banned:
+            if torch.isneginf(sub[k]).all():
+                fallback = unbanned[idx[k]: idx[k] + 1].clone()
+                apply_bitmask(fallback, masks[k: k + 1])
+                sub[k] = fallback[0]
+    if not every:
+        logits[sel] = sub
+
+
 def adjust_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
-    """Penalties and min_tokens bans (the logits greedy rows take the argmax of); returns a new
-    tensor when anything changes, so the caller's logits stay untouched."""
+    """Penalties, logit_bias, min_tokens bans and grammar masks (the logits greedy rows take the
+    argmax of); returns a new tensor when anything changes, so the caller's logits stay untouched."""
     if any(r.params.repetition_penalty != 1.0 or r.params.frequency_penalty or r.params.presence_penalty
            for r in rows):
         logits = logits.clone()
         _apply_penalties(logits, rows)
-    elif any(r.banned for r in rows):
+    elif any(r.banned or r.params.logit_bias or r.allowed is not None for r in rows):
         logits = logits.clone()
+    _apply_logit_bias(logits, rows)
+    constrained = any(r.allowed is not None for r in rows)
+    unbanned = logits.clone() if constrained and any(r.banned for r in rows) else None
     for i, r in enumerate(rows):
         if r.banned:
             logits[i, torch.tensor(r.banned, dtype=torch.long)] = float("-inf")
+    if constrained:
+        _apply_grammar(logits, rows, unbanned)
     return logits
 
 
@@ -110,8 +154,7 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
     """logits: (rows, vocab), float32."""
     logits = logits.float()
     n, vocab = logits.shape
-    if all(r.params.greedy and r.params.logprobs is None and not r.banned and r.params.repetition_penalty == 1.0
-           and not r.params.frequency_penalty and not r.params.presence_penalty for r in rows):
+    if all(_plain_greedy(r) for r in rows):
         # Greedy fast path: one argmax, nothing built per row.
         return SamplerOutput(logits.argmax(dim=-1).tolist(), None, None, [None] * n)
     want_logprobs = any(r.params.logprobs is not None for r in rows)

@@ -1,0 +1,243 @@
+"""Structured output, tool calls, logit_bias, echo and best_of through the server, with the
+official ``openai`` client against a real uvicorn server (the tiny random Llama: its text is
+random, so only the grammar makes it JSON)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from pagedlm.engine.async_engine import AsyncLLMEngine
+from pagedlm.engine.engine import EngineConfig, LLMEngine
+from pagedlm.server import tools as T
+from pagedlm.server.app import ServerConfig, build_app
+from tests.helpers import train_tokenizer
+from tests.server_fixtures import ServerThread, tiny_model_dir
+from tests.structured_cases import SCHEMAS
+
+MODEL = "tiny"
+MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather forecast",
+                                            "parameters": SCHEMAS["tool_args"]}}
+TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
+    "type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"],
+    "additionalProperties": False}}}
+
+# "not" is a keyword llguidance does not implement: refused when strict, ignored otherwise.
+NOT_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9,
+                                                     "not": {"const": 3}}}, "required": ["n"]}
+STRICT_NOT = {"type": "function", "function": {"name": "f", "parameters": NOT_SCHEMA, "strict": True}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    engine = LLMEngine(EngineConfig(model=tiny_model_dir(tmp_path_factory), dtype="float32", num_kv_blocks=512,
+                                    max_num_seqs=16, seed=0, max_model_len=1024))
+    aeng = AsyncLLMEngine(engine)
+    app = build_app(aeng, ServerConfig(served_model_name=MODEL))
+    with ServerThread(app, aeng) as srv:
+        srv.engine = engine
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+
+
+def chat(client, stream: bool = False, **kw):
+    kw = {"model": MODEL, "messages": MSGS, "max_tokens": 160, "temperature": 0.0, **kw}
+    if not stream:
+        r = client.chat.completions.create(**kw)
+        m = r.choices[0].message
+        calls = [(c.id, c.function.name, c.function.arguments) for c in m.tool_calls or []]
+        return m.content, calls, r.choices[0].finish_reason
+    content, calls, finish = "", {}, None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        for ch in chunk.choices:
+            content += ch.delta.content or ""
+            for d in ch.delta.tool_calls or []:
+                c = calls.setdefault(d.index, ["", "", ""])
+                c[0] += d.id or ""
+                c[1] += (d.function.name or "") if d.function else ""
+                c[2] += (d.function.arguments or "") if d.function else ""
+            finish = ch.finish_reason or finish
+    return content or None, [tuple(c) for _, c in sorted(calls.items())], finish
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_response_format_json_schema_and_json_object(client, stream):
+    for name in ("nested_object", "refs", "array_of_objects", "string_pattern"):
+        rf = {"type": "json_schema", "json_schema": {"name": name, "schema": SCHEMAS[name], "strict": True}}
+        content, calls, finish = chat(client, stream, response_format=rf)
+        assert finish == "stop" and not calls
+        jsonschema.validate(json.loads(content), SCHEMAS[name])
+    content, _, finish = chat(client, stream, response_format={"type": "json_object"}, max_tokens=400)
+    assert content.startswith("{")
+    if finish == "stop":
+        assert isinstance(json.loads(content), dict)
+
+
+def test_vllm_guided_fields_on_both_endpoints(client):
+    c, _, _ = chat(client, extra_body={"guided_regex": r"\d{3}-[a-z]{2}"})
+    assert re.fullmatch(r"\d{3}-[a-z]{2}", c)
+    c, _, _ = chat(client, temperature=1.0, seed=4, extra_body={"guided_choice": ["alpha", "beta", "gamma"]})
+    assert c in ("alpha", "beta", "gamma")
+    c, _, _ = chat(client, extra_body={"structured_outputs": {"json": SCHEMAS["enum_string"]}})
+    jsonschema.validate(json.loads(c), SCHEMAS["enum_string"])
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=120, temperature=0,
+                                  extra_body={"guided_json": SCHEMAS["date_like"]})
+    jsonschema.validate(json.loads(r.choices[0].text), SCHEMAS["date_like"])
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=120, temperature=0, n=3, seed=2,
+                                  extra_body={"response_format": {"type": "json_schema", "json_schema": {
+                                      "name": "x", "schema": SCHEMAS["array_of_enums"]}}})
+    for ch in r.choices:
+        jsonschema.validate(json.loads(ch.text), SCHEMAS["array_of_enums"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_named_and_required(client, stream):
+    content, calls, finish = chat(client, stream, tools=[WEATHER, TIME],
+                                  tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert content is None and finish == "tool_calls" and len(calls) == 1
+    call_id, name, args = calls[0]
+    assert call_id.startswith("call_") and name == "get_weather"
+    jsonschema.validate(json.loads(args), SCHEMAS["tool_args"])
+    content, calls, finish = chat(client, stream, tools=[WEATHER, TIME], tool_choice="required",
+                                  temperature=1.0, seed=7, max_tokens=300)
+    assert content is None and finish == "tool_calls" and calls
+    schemas = {"get_weather": WEATHER["function"]["parameters"], "get_time": TIME["function"]["parameters"]}
+    for _, name, args in calls:
+        jsonschema.validate(json.loads(args), schemas[name])
+    _, calls, _ = chat(client, stream, tools=[WEATHER, TIME], tool_choice="required", parallel_tool_calls=False,
+                       temperature=1.0, seed=7, max_tokens=300)
+    assert len(calls) == 1
+    lenient = {"type": "function", "function": {"name": "f", "parameters": NOT_SCHEMA}}
+    _, calls, _ = chat(client, stream, tools=[lenient], tool_choice={"type": "function", "function": {"name": "f"}})
+    assert 0 <= json.loads(calls[0][2])["n"] <= 9
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_tool_choice_auto_parses_hermes_blocks(client, stream):
+    # The tiny model never calls a tool by itself: a regex makes it write a Hermes block, so what
+    # is tested is the parser on a real reply (content before the block, then the call).
+    reply = 'Sure. <tool_call>{"name": "get_time", "arguments": {"tz": "CET"}}</tool_call>'
+    content, calls, finish = chat(client, stream, tools=[WEATHER, TIME], extra_body={"guided_regex": re.escape(reply)})
+    assert content == "Sure. " and finish == "tool_calls"
+    assert [(n, json.loads(a)) for _, n, a in calls] == [("get_time", {"tz": "CET"})]
+    # An unknown function name is not a call: the text stays content.
+    bad = '<tool_call>{"name": "nope", "arguments": {}}</tool_call>'
+    content, calls, finish = chat(client, stream, tools=[WEATHER], extra_body={"guided_regex": re.escape(bad)})
+    assert content == bad and not calls and finish == "stop"
+    # none: free text, even if it looks like a call.
+    content, calls, _ = chat(client, stream, tools=[TIME], tool_choice="none",
+                             extra_body={"guided_regex": re.escape(reply)})
+    assert content == reply and not calls
+
+
+def test_tool_round_trip_conversation(client):
+    msgs = MSGS + [
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "UTC"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "12:00"},
+    ]
+    content, calls, finish = chat(client, messages=msgs, tools=[TIME], max_tokens=8)
+    assert finish in ("stop", "length") and isinstance(content, str)
+
+
+def test_parse_auto_formats():
+    names = {"f", "g"}
+    assert T.parse_auto('{"name": "f", "arguments": {"a": 1}}', names) == (None, [("f", '{"a": 1}')])
+    assert T.parse_auto('[{"name": "f", "parameters": {}}, {"name": "g", "arguments": "{\\"b\\": 2}"}]',
+                        names) == (None, [("f", "{}"), ("g", '{"b": 2}')])
+    two = 'x <tool_call>{"name": "f", "arguments": {}}</tool_call>\n<tool_call>{"name": "g", "arguments": {}}</tool_call>'
+    assert T.parse_auto(two, names) == ("x \n", [("f", "{}"), ("g", "{}")])
+    assert T.parse_auto(two, names, parallel=False)[1] == [("f", "{}")]
+    assert T.parse_auto('{"name": "h", "arguments": {}}', names) == ('{"name": "h", "arguments": {}}', [])
+    assert T.parse_auto("<tool_call>{broken</tool_call>", names) == ("<tool_call>{broken</tool_call>", [])
+    assert T.streamable_prefix("Hello <tool") == len("Hello ")
+    assert T.streamable_prefix("Hello <tool_call>{") == len("Hello ")
+    assert T.streamable_prefix('  {"name"') == 0
+    assert T.streamable_prefix("plain text") == len("plain text")
+
+
+def test_template_tool_format_or_hermes_fallback():
+    tok = train_tokenizer()
+    plan = T.ToolPlan("auto", [TIME])
+    fallback = T.render_chat(tok, MSGS, plan, True)
+    assert "<tools>" in fallback and '"get_time"' in fallback and fallback.startswith("<|im_start|>system")
+    tok.chat_template = ("{% if tools %}TOOLS:{{ tools | map(attribute='function') | map(attribute='name') | join(',') }}\n"
+                         "{% endif %}" + tok.chat_template)
+    own = T.render_chat(tok, MSGS, plan, True)
+    assert own.startswith("TOOLS:get_time\n") and "<tools>" not in own
+
+
+def test_logit_bias_echo_and_best_of(client):
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=4, temperature=0, logit_bias={"42": 100})
+    tok = train_tokenizer()
+    assert r.choices[0].text == tok.decode([42] * 4)
+    r = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=4, temperature=0, echo=True)
+    plain = client.completions.create(model=MODEL, prompt="Hello there", max_tokens=4, temperature=0)
+    assert r.choices[0].text == "Hello there" + plain.choices[0].text
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello there", max_tokens=4, temperature=0,
+                                            echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == r.choices[0].text
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=1.0, seed=3, n=2, best_of=4)
+    assert len(r.choices) == 2 and [c.index for c in r.choices] == [0, 1]
+    assert r.choices[0].logprobs is None
+    assert r.usage.completion_tokens > sum(len(tok(c.text)["input_ids"]) for c in r.choices) - 1  # 4 samples paid
+    # best_of keeps the likeliest: the same request with logprobs shows them ordered.
+    r = client.completions.create(model=MODEL, prompt="Hello", max_tokens=6, temperature=1.0, seed=3, n=2, best_of=4,
+                                  logprobs=0)
+    sums = [sum(c.logprobs.token_logprobs) for c in r.choices]
+    assert sums == sorted(sums, reverse=True)
+
+
+@pytest.mark.parametrize("path, body, param, needle", [
+    ("/v1/completions", {"prompt": "a", "suffix": "b"}, "suffix", "suffix is not supported"),
+    ("/v1/completions", {"prompt": "a", "echo": True, "logprobs": 1}, "echo", "echo with logprobs"),
+    ("/v1/completions", {"prompt": "a", "best_of": 1, "n": 2}, "best_of", "must be >= n"),
+    ("/v1/completions", {"prompt": "a", "best_of": 3, "stream": True}, "best_of", "cannot be streamed"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias", "not a token id"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"5": 101}}, "logit_bias", "less than or equal to 100"),
+    ("/v1/completions", {"prompt": "a", "logit_bias": {"99999": 1}}, "logit_bias", "not a token id"),
+    ("/v1/chat/completions", {"messages": MSGS, "audio": {"voice": "x"}}, "audio", "audio is not supported"),
+    ("/v1/chat/completions", {"messages": MSGS, "functions": [{"name": "f"}]}, "functions", "not supported"),
+    ("/v1/chat/completions", {"messages": MSGS, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "foo"}, "strict": True}}}, "response_format", "Invalid type: foo"),
+    ("/v1/chat/completions", {"messages": MSGS, "response_format": {"type": "json_schema"}}, "response_format",
+     "needs a json_schema"),
+    ("/v1/chat/completions", {"messages": MSGS, "response_format": {"type": "xml"}}, "response_format.type", "json"),
+    ("/v1/chat/completions", {"messages": MSGS, "guided_regex": "[a-"}, "guided_regex", "unclosed character class"),
+    ("/v1/chat/completions", {"messages": MSGS, "guided_regex": "a", "guided_choice": ["a"]}, "guided_choice",
+     "give only one"),
+    ("/v1/chat/completions", {"messages": MSGS, "guided_regex": r"[^\x00-\U0010FFFF]"}, None, "cannot be satisfied"),
+    ("/v1/chat/completions", {"messages": MSGS, "guided_decoding_backend": "xgrammar"}, "guided_decoding_backend",
+     "None"),
+    ("/v1/chat/completions", {"messages": MSGS, "tools": [WEATHER], "tool_choice": {
+        "type": "function", "function": {"name": "nope"}}}, "tool_choice", "not in tools"),
+    ("/v1/chat/completions", {"messages": MSGS, "tool_choice": "required"}, "tool_choice", "needs a non-empty tools"),
+    ("/v1/chat/completions", {"messages": MSGS, "tools": [WEATHER, WEATHER]}, "tools", "unique"),
+    ("/v1/chat/completions", {"messages": MSGS, "tools": [STRICT_NOT], "tool_choice": "required"}, "tools",
+     "Unimplemented keys"),
+    ("/v1/chat/completions", {"messages": MSGS, "tools": [WEATHER], "tool_choice": "required",
+                              "guided_regex": "a"}, "tool_choice", "do not also set"),
+])
+def test_bad_input_is_a_400_naming_the_field(http, path, body, param, needle):
+    r = http.post(path, json={"model": MODEL, "max_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert needle in err["message"] and err["param"] == param, err
+    ok = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hello", "max_tokens": 2})
+    assert ok.status_code == 200  # the server goes on serving
