@@ -41,6 +41,7 @@ from pagedlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.server import protocol as P
 from pagedlm.server.metrics import ServerMetrics
+from pagedlm.server.ui import install_ui
 from pagedlm.tokenizer import apply_chat_template
 
 log = logging.getLogger(__name__)
@@ -90,7 +91,7 @@ def _loc_param(loc) -> str | None:
     and indices, without the union-branch tags pydantic puts in the path."""
     parts = []
     for x in loc:
-        if x == "body" and not parts:
+        if x in ("body", "query", "path") and not parts:
             continue
         if isinstance(x, int) or (re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", x) and x not in _UNION_TAGS):
             parts.append(str(x))
@@ -761,6 +762,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             yield _sse(error_body(f"internal error: {type(e).__name__}: {e}", "internal_error"))
         yield "data: [DONE]\n\n"
 
+    install_ui(app, async_engine, SSE_HEADERS)
     app.add_middleware(_BodyLimitAndAuth, api_key=config.api_key or None, max_body_bytes=config.max_body_bytes)
     return app
 
