@@ -9,7 +9,7 @@ const HISTORY = 240; // plot points kept: one minute at the update rate
 const COLORS = { free: "#e5e7eb", cached: "#93c5fd", used: "#22c55e" };
 
 // What the tests and the benchmark read: the newest snapshot and the cost of drawing it.
-const view = window.pagedlmView = { state: null, updates: 0, drawMs: [], connected: false };
+const view = window.pagedlmView = { state: null, updates: 0, drawMs: [], connected: false, grid: null };
 
 // ---- the API key and requests ------------------------------------------------------------
 function apiKey() { return $("api-key").value.trim(); }
@@ -196,7 +196,7 @@ async function send(text) {
 }
 
 // ---- engine view: the block grid ---------------------------------------------------------
-const grid = { cell: 8, cols: 1, owners: new Map(), hover: -1, detailTimer: null, details: new Map() };
+const grid = view.grid = { cell: 8, cols: 1, owners: new Map(), hover: -1, detailTimer: null, details: new Map() };
 
 function sharedColor(ref) {
   // Darker orange for more sharers: ref 2 light, 8+ darkest.
@@ -295,7 +295,7 @@ function tooltipHtml(i) {
   const owners = grid.owners.get(i) || [];
   if (owners.length) {
     html += "<br>" + owners.slice(0, 8).map((o) => esc(o.request_id) + (o.index ? "#" + o.index : "") +
-      " (block " + o.position + ")").join("<br>");
+      " · its block " + o.position).join("<br>");
     if (owners.length > 8) html += "<br>… and " + (owners.length - 8) + " more";
   }
   const d = grid.details.get(i);
@@ -376,11 +376,11 @@ function renderCounts(state) {
 }
 
 const PLOTS = [
-  { key: "tokps", label: "generated tokens/s" },
+  { key: "tokps", label: "generated tokens/s", digits: 0 },
   { key: "kv", label: "KV usage %", max: 100 },
   { key: "hit", label: "prefix hit rate % (last 2 s)", max: 100 },
-  { key: "batch", label: "running sequences" },
-  { key: "preempt", label: "preemptions / update" },
+  { key: "batch", label: "running sequences", digits: 0 },
+  { key: "preempt", label: "preemptions / update", digits: 0 },
 ];
 const history = [];
 
@@ -399,7 +399,7 @@ function pushHistory(state) {
   if (history.length > HISTORY) history.shift();
 }
 
-function drawPlot(canvas, key, label, fixedMax) {
+function drawPlot(canvas, { key, label, max: fixedMax, digits }) {
   const width = canvas.clientWidth || 200;
   const height = canvas.clientHeight || 70;
   const dpr = window.devicePixelRatio || 1;
@@ -426,11 +426,11 @@ function drawPlot(canvas, key, label, fixedMax) {
   ctx.fillStyle = "#374151";
   ctx.font = "11px sans-serif";
   ctx.textBaseline = "top";
-  ctx.fillText(label + ": " + (last == null ? "–" : last.toFixed(key === "tokps" ? 0 : 1)) + "  (max " + max.toFixed(0) + ")", 4, 2);
+  ctx.fillText(label + ": " + (last == null ? "–" : last.toFixed(digits == null ? 1 : digits)) + "  (max " + max.toFixed(0) + ")", 4, 2);
 }
 
 function drawPlots() {
-  PLOTS.forEach((p) => drawPlot($("plot-" + p.key), p.key, p.label, p.max));
+  PLOTS.forEach((p) => drawPlot($("plot-" + p.key), p));
 }
 
 function onState(state) {
@@ -483,11 +483,13 @@ async function startLive() {
 // ---- wiring ------------------------------------------------------------------------------
 function init() {
   $("api-key").value = localStorage.getItem(KEY_STORE) || "";
-  $("api-key").addEventListener("change", () => {
+  const applyKey = () => {
     localStorage.setItem(KEY_STORE, apiKey());
     checkServer();
     startLive();
-  });
+  };
+  $("api-key").addEventListener("change", applyKey);
+  $("key-form").addEventListener("submit", (ev) => { ev.preventDefault(); applyKey(); });
   $("composer").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const text = $("prompt").value.trim();
