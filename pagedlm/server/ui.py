@@ -106,9 +106,12 @@ async def _events(feed: StateFeed, async_engine: AsyncLLMEngine, blocks: bool,
     """Until the client disconnects (Starlette then cancels this generator) or the server drains."""
     # Views polling at the page's rate all share a snapshot younger than half their interval.
     max_age = max(MIN_INTERVAL_MS / 1000.0, interval) / 2
+    loop = asyncio.get_running_loop()
     try:
         while async_engine.is_running and not async_engine.draining:
+            start = loop.time()
             yield f"data: {await feed.latest(blocks, max_age)}\n\n"
-            await asyncio.sleep(interval)
+            # A fixed cadence: the wait for the engine's current step counts towards the interval.
+            await asyncio.sleep(max(0.0, interval - (loop.time() - start)))
     except EngineDeadError:
         pass

@@ -503,6 +503,8 @@ function init() {
   $("stop").addEventListener("click", () => { if (chat.controller) chat.controller.abort(); });
   $("clear").addEventListener("click", () => { if (!chat.controller) { chat.messages = []; $("messages").innerHTML = ""; } });
   $("live").addEventListener("change", startLive);
+  // A hidden tab draws nothing: close its stream until it is shown again.
+  document.addEventListener("visibilitychange", () => { if (document.hidden) stopLive(); else startLive(); });
   $("blocks").addEventListener("mousemove", onGridMove);
   $("blocks").addEventListener("mouseleave", () => { grid.hover = -1; $("tooltip").hidden = true; });
   window.addEventListener("resize", () => { if (view.state) { drawGrid(view.state); drawPlots(); } });
