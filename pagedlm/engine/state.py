@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from pagedlm.engine.sequence import Sequence
 
 if TYPE_CHECKING:
+    from pagedlm.engine.block_manager import BlockManager
     from pagedlm.engine.engine import LLMEngine
 
 BLOCK_STATES = ("free", "cached", "used", "shared")
@@ -34,6 +35,14 @@ def block_counts(ref: list[int], cached: list[int]) -> dict[str, int]:
         else:
             counts["used" if r == 1 else "shared"] += 1
     return counts
+
+
+def _counts(bm: BlockManager, ref: list[int]) -> dict[str, int]:
+    """``block_counts`` the fast way (C-level ``list.count``; the prefix-cache dict for the cached
+    ones): a few hundred microseconds less per snapshot of thousands of blocks."""
+    zero, one = ref.count(0), ref.count(1)
+    cached = sum(1 for bid in bm.cached.values() if ref[bid] == 0)
+    return {"free": zero - cached, "cached": cached, "used": one, "shared": len(ref) - zero - one}
 
 
 def _seq_state(seq: Sequence, now: float) -> dict[str, Any]:
@@ -57,7 +66,9 @@ def snapshot(engine: LLMEngine, include_blocks: bool = True) -> dict[str, Any]:
     bm = engine.block_manager
     sched = engine.scheduler
     ref = [b.ref_count for b in bm.blocks]
-    cached = [0 if b.key is None else 1 for b in bm.blocks]
+    cached = [0] * bm.num_blocks
+    for bid in bm.cached.values():
+        cached[bid] = 1
     now = time.perf_counter()
     seqs = [_seq_state(s, now) for s in sched.running]
     seqs += [_seq_state(s, now) for s in sched.waiting if not s.is_finished]
@@ -68,7 +79,7 @@ def snapshot(engine: LLMEngine, include_blocks: bool = True) -> dict[str, Any]:
     out: dict[str, Any] = {
         "time": time.time(), "num_blocks": bm.num_blocks, "block_size": bm.block_size,
         "prefix_caching": bm.enable_prefix_caching, "max_num_seqs": sched.max_num_seqs,
-        "counts": block_counts(ref, cached), "queues": queues, "sequences": seqs, "metrics": metrics,
+        "counts": _counts(bm, ref), "queues": queues, "sequences": seqs, "metrics": metrics,
     }
     if include_blocks:
         out["blocks"] = {"ref": ref, "cached": cached}

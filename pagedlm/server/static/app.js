@@ -8,8 +8,9 @@ const STATE_INTERVAL_MS = 250; // four view updates a second
 const HISTORY = 240; // plot points kept: one minute at the update rate
 const COLORS = { free: "#e5e7eb", cached: "#93c5fd", used: "#22c55e" };
 
-// What the tests and the benchmark read: the newest snapshot and the cost of drawing it.
-const view = window.pagedlmView = { state: null, updates: 0, drawMs: [], connected: false, grid: null };
+// What the tests and the benchmark read: the newest snapshot, the time to draw the grid and to
+// render a whole update (counts, grid, queues, plots), in ms.
+const view = window.pagedlmView = { state: null, updates: 0, drawMs: [], updateMs: [], connected: false, grid: null };
 
 // ---- the API key and requests ------------------------------------------------------------
 function apiKey() { return $("api-key").value.trim(); }
@@ -440,11 +441,14 @@ function onState(state) {
   pushHistory(state);
   requestAnimationFrame(() => {
     if (view.state !== state) return; // a newer snapshot came first: draw that one
+    const t0 = performance.now();
     renderCounts(state);
     drawGrid(state);
     renderQueues(state);
     drawPlots();
     $("engine").dataset.updates = String(view.updates);
+    view.updateMs.push(performance.now() - t0);
+    if (view.updateMs.length > 400) view.updateMs.shift();
   });
 }
 
