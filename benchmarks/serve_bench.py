@@ -153,7 +153,8 @@ def summarize(label: str, results: list[Result], wall: float) -> dict:
     return s
 
 
-def launch_pagedlm(args) -> tuple[subprocess.Popen, str]:
+def launch_pagedlm(args, extra: list[str] | tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """Start ``pagedlm serve`` for a run (``extra``: more serve options); returns (process, URL)."""
     cmd = [sys.executable, "-m", "pagedlm.cli", "serve", "--port", "0", "--log-level", "warning",
            "--dtype", args.dtype, "--max-num-seqs", str(max(args.concurrency or [64])),
            "--quantization", args.quantization]
@@ -161,6 +162,7 @@ def launch_pagedlm(args) -> tuple[subprocess.Popen, str]:
     cmd += ["--enforce-eager"] if args.enforce_eager else ["--compile-at-startup"]
     if args.model_path:
         cmd += ["--model", args.model_path]
+    cmd += list(extra)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     deadline = time.monotonic() + 1800  # a cold inductor cache compiles each bucket (~1 min each)
     while True:

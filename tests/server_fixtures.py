@@ -74,3 +74,44 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def launch_serve(model: str, *args: str, timeout: float = 90.0):
+    """Start ``pagedlm serve`` as a subprocess on a free loopback port; returns (process, URL).
+    The caller stops it (SIGTERM)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pagedlm.cli", "serve", "--model", model, "--dtype", "float32", "--port", "0",
+           "--log-level", "warning", *args]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "PAGEDLM_API_KEY": ""})
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            line = proc.stderr.readline()
+            if not line and proc.poll() is not None:
+                raise RuntimeError(f"pagedlm serve exited during start-up (rc {proc.returncode})")
+            if "listening on " in line:
+                threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+                return proc, line.split("listening on ")[1].strip()
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"pagedlm serve did not start within {timeout} s")
+    except BaseException:
+        proc.kill()
+        proc.wait(10)
+        raise
+
+
+def stop_serve(proc, timeout: float = 30.0) -> int:
+    """SIGTERM, then wait (kill if it hangs); returns the exit status."""
+    import subprocess
+
+    proc.send_signal(signal.SIGTERM)
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(10)
+        raise

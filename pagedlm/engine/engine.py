@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from pagedlm.config import ModelConfig
+from pagedlm.engine import state as engine_state
 from pagedlm.engine.block_manager import BlockManager
 from pagedlm.engine.model_runner import ModelRunner
 from pagedlm.engine.scheduler import Scheduler
@@ -623,3 +624,8 @@ class LLMEngine:
     def live_sequences(self) -> list[Sequence]:
         return [s for s in self.scheduler.running] + [s for s in self.scheduler.waiting
                                                      if s.status is not SequenceStatus.FINISHED]
+
+    def snapshot_state(self, include_blocks: bool = True) -> dict[str, Any]:
+        """Blocks, queues and counters as JSON-ready data (``pagedlm.engine.state``); call it
+        on the thread that steps this engine, between steps."""
+        return engine_state.snapshot(self, include_blocks)

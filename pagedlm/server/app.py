@@ -43,6 +43,7 @@ from pagedlm.server import protocol as P
 from pagedlm.server import tools as T
 from pagedlm.server.metrics import ServerMetrics
 from pagedlm.server.structured import StructuredFieldError, structured_params
+from pagedlm.server.ui import install_ui
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def _loc_param(loc) -> str | None:
     and indices, without the union-branch tags pydantic puts in the path."""
     parts = []
     for x in loc:
-        if x == "body" and not parts:
+        if x in ("body", "query", "path") and not parts:
             continue
         if isinstance(x, int) or (re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", x) and x not in _UNION_TAGS):
             parts.append(str(x))
@@ -838,6 +839,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             yield _sse(error_body(f"internal error: {type(e).__name__}: {e}", "internal_error"))
         yield "data: [DONE]\n\n"
 
+    install_ui(app, async_engine, SSE_HEADERS)
     app.add_middleware(_BodyLimitAndAuth, api_key=config.api_key or None, max_body_bytes=config.max_body_bytes)
     return app
 
