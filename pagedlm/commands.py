@@ -62,7 +62,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--engine-seed", type=int, default=0, help="seed for requests without their own seed")
-    g = p.add_argument_group("parallelism (the engine spawns one process per rank; gloo on CPU, NCCL on CUDA)")
+    g = p.add_argument_group("parallelism (the engine spawns one process per rank, or runs as rank 0 under "
+                             "torchrun, maybe across nodes; gloo on CPU, NCCL on CUDA)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="split heads and MLPs over T ranks")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None, help="split layers into P stages")
     g.add_argument("--expert-parallel-size", "-ep", type=int, default=None, help="split MoE experts over E ranks")
@@ -77,7 +78,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["enforce_eager"] = True
     if args.compile_at_startup:
         kw["compile_at_startup"] = True
-    for extra in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
+    for extra in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size", "launcher"):
         if getattr(args, extra, None) is not None:
             kw[extra] = getattr(args, extra)
     return kw

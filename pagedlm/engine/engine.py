@@ -19,10 +19,11 @@ import torch
 
 from pagedlm.config import ModelConfig
 from pagedlm.engine.block_manager import BlockManager
+from pagedlm.engine.faults import FaultInjector, describe, find_failing
 from pagedlm.engine.model_runner import ModelRunner
-from pagedlm.engine.scheduler import Scheduler
+from pagedlm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedlm.engine.sequence import Sequence, SequenceStatus
-from pagedlm.errors import ModelLoadError, RequestRejectedError
+from pagedlm.errors import EngineDeadError, ModelLoadError, RequestRejectedError, WorkerError
 from pagedlm.model.layers.sampler import SamplingRow, sample
 from pagedlm.model.registry import resolve_dtype
 from pagedlm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
@@ -118,6 +119,9 @@ class EngineConfig:
     expert_parallel_size: int = 1
     master_addr: str = "127.0.0.1"
     master_port: int = 0  # 0: a free port, so several engines can share a host
+    # spawn: this process starts the ranks on this host. torchrun: this is rank 0 of ranks that
+    # torchrun started, maybe across nodes (pagedlm/distributed/torchrun.py; the CLI sets it).
+    launcher: str = "spawn"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -141,6 +145,8 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if self.launcher not in ("spawn", "torchrun"):
+            raise ValueError(f"launcher must be 'spawn' or 'torchrun', got {self.launcher!r}")
         if not isinstance(self.master_port, int) or not 0 <= self.master_port < 65536:
             raise ValueError(f"master_port must be a port number (0 for a free one), got {self.master_port!r}")
 
@@ -160,6 +166,7 @@ class Request:
         self.metrics = RequestMetrics(arrival_time=arrival, num_prompt_tokens=len(prompt_ids))
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
+        self.error: str | None = None  # set when the request failed inside a step
 
     @property
     def finished(self) -> bool:
@@ -179,9 +186,17 @@ class LLMEngine:
 
             layout = ParallelLayout(config.tensor_parallel_size, config.pipeline_parallel_size,
                                     config.expert_parallel_size)
-            self.runner = DistributedModelRunner(self.weights_path, self.model_config, dtype, config.device, layout,
-                                                 config.master_addr, config.master_port,
-                                                 **config.extra.get("distributed", {}))
+            if config.launcher == "torchrun":  # ranks started by torchrun, maybe on other nodes
+                from pagedlm.distributed.launch import detect
+                from pagedlm.distributed.torchrun import TorchrunModelRunner
+
+                self.runner = TorchrunModelRunner(self.weights_path, self.model_config, dtype, config.device, layout,
+                                                  detect(), config.quantization,
+                                                  **config.extra.get("distributed", {}))
+            else:
+                self.runner = DistributedModelRunner(self.weights_path, self.model_config, dtype, config.device,
+                                                     layout, config.master_addr, config.master_port,
+                                                     **config.extra.get("distributed", {}))
         else:
             self.runner = ModelRunner(self.weights_path, self.model_config, dtype, config.device,
                                       quantization=config.quantization, enforce_eager=config.enforce_eager,
@@ -217,7 +232,10 @@ class LLMEngine:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
         self.eos_ids |= _generation_config_eos(self.model_path)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "prefill_tokens": 0,
-                      "decode_tokens": 0}
+                      "decode_tokens": 0, "failed_requests": 0}
+        # Test hook (engine/faults.py): called as (stage, seq) per request; raises to fail it.
+        self.fault_injector = FaultInjector.from_env()
+        self.dead: WorkerError | None = None  # set when a model rank died: no step can run again
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token)", num_blocks,
                  config.block_size, cache_tokens, num_blocks * per_block / 2**20, per_token)
         if config.compile_at_startup:
@@ -259,6 +277,8 @@ class LLMEngine:
                     prompt_token_ids: list[int] | None = None, arrival_time: float | None = None) -> None:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine is shut down: {self.dead}")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if prompt_token_ids is None:
@@ -331,49 +351,156 @@ class LLMEngine:
                 self.stats["decode_tokens"] += 1
             else:
                 self.stats["prefill_tokens"] += n
-        inputs = self.runner.prepare(sched)
-        logits = self.runner.execute(inputs)
-        self.scheduler.on_step_done(sched)
-        self.stats["steps"] += 1
         changed: dict[str, Request] = {}
+        try:
+            inputs, logits = self._forward(sched, changed)
+        except WorkerError as e:
+            return self._fail_everything(e)
+        self.stats["steps"] += 1
+        if inputs is None:  # every request of the step failed
+            return [self._make_output(req) for req in changed.values()]
+        self.scheduler.on_step_done(sched)
         if inputs.prompt_rows:
-            self._record_prompt_logprobs(inputs, logits)
-        if inputs.samples:
-            rows = []
-            for seq, _ in inputs.samples:
-                p = seq.params
-                banned = []
-                if seq.num_output_tokens < p.min_tokens:
-                    banned = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_ids))
-                rows.append(SamplingRow(p, seq.token_ids, seq.num_prompt_tokens, seq.state.get("generator"), banned))
-            idx = [i for _, i in inputs.samples]
-            result = sample(logits if idx == list(range(logits.shape[0])) else logits[torch.tensor(idx)],
-                            rows, self.generator)
+            self._record_prompt_logprobs(inputs, logits, changed)
+        samples = [(seq, i) for seq, i in inputs.samples if not seq.is_finished]
+        if samples:
             t = time.perf_counter()
-            for j, (seq, _) in enumerate(inputs.samples):
-                tok = result.token_ids[j]
-                lp = None if result.logprobs is None else (result.logprobs[j], result.ranks[j])
-                self._append_token(seq, tok, lp, result.top_logprobs[j], t)
+            for seq, (tok, lp, top) in self._sample(logits, samples, changed):
+                if seq.is_finished:  # a sibling (n > 1) failed in this step
+                    continue
+                try:
+                    self._append_token(seq, tok, lp, top, t)
+                except Exception as e:  # noqa: BLE001 - e.g. a detokenizer error: this request only
+                    self._fail_request(seq.request_id, f"while appending a token: {describe(e)}", changed)
+                    continue
                 changed[seq.request_id] = self.requests[seq.request_id]
         return [self._make_output(req) for req in changed.values()]
 
-    def _record_prompt_logprobs(self, inputs, logits: torch.Tensor) -> None:
+    # ---- fault isolation (engine/faults.py) --------------------------------------------------
+    def _run_model(self, sched: SchedulerOutput):
+        """Prepare and run one batch (raises what any part of it raises)."""
+        if self.fault_injector is not None:
+            for seq, _ in sched.scheduled:
+                self.fault_injector("prepare", seq)
+        inputs = self.runner.prepare(sched)
+        return inputs, self.runner.execute(inputs)
+
+    def _forward(self, sched: SchedulerOutput, changed: dict[str, Request]):
+        """(inputs, logits) of the step; requests whose part fails end with an error and leave
+        ``sched``. (None, None) when none is left."""
+        try:
+            return self._run_model(sched)
+        except WorkerError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            log.warning("engine step failed (%s); finding the failing requests", describe(e))
+            error = e
+        trial = lambda items: self._run_model(SchedulerOutput(items))  # noqa: E731
+        for (seq, _), err in find_failing(sched.scheduled, trial, error):
+            self._fail_request(seq.request_id, describe(err), changed)
+        sched.scheduled = [(seq, n) for seq, n in sched.scheduled if not seq.is_finished]
+        if not sched.scheduled:
+            return None, None
+        try:
+            return self._run_model(sched)
+        except WorkerError:
+            raise
+        except Exception as e:  # noqa: BLE001 - fails only together: end them all, keep the engine
+            log.exception("engine step failed again without the isolated requests; failing its %d requests",
+                          len(sched.scheduled))
+            for seq, _ in sched.scheduled:
+                self._fail_request(seq.request_id, describe(e), changed)
+            sched.scheduled = []
+            return None, None
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        if self.fault_injector is not None:
+            self.fault_injector("sample", seq)
+        p = seq.params
+        banned = []
+        if seq.num_output_tokens < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else sorted(self.eos_ids))
+        return SamplingRow(p, seq.token_ids, seq.num_prompt_tokens, seq.state.get("generator"), banned)
+
+    def _sample(self, logits: torch.Tensor, samples: list[tuple[Sequence, int]], changed: dict[str, Request]):
+        """(seq, (token, (logprob, rank) | None, top)) for each sampling row that does not fail."""
+        rows, kept = [], []
+        for seq, i in samples:
+            try:
+                rows.append(self._sampling_row(seq))
+                kept.append((seq, i))
+            except Exception as e:  # noqa: BLE001
+                self._fail_request(seq.request_id, f"while sampling: {describe(e)}", changed)
+        if not kept:
+            return []
+        idx = [i for _, i in kept]
+        sel = logits if idx == list(range(logits.shape[0])) else logits[torch.tensor(idx)]
+        if sel.isnan().any():  # one reduction per step; rows only on the fault path
+            bad = sel.isnan().any(dim=-1).tolist()
+            for (seq, _), b in zip(kept, bad):
+                if b:
+                    self._fail_request(seq.request_id, "the model produced NaN logits", changed)
+            ok = [j for j, b in enumerate(bad) if not b]
+            kept, rows, sel = [kept[j] for j in ok], [rows[j] for j in ok], sel[ok]
+            if not kept:
+                return []
+        try:
+            return list(zip((seq for seq, _ in kept), _per_row(sample(sel, rows, self.generator))))
+        except Exception as e:  # noqa: BLE001
+            log.warning("batched sampling failed (%s); sampling row by row", describe(e))
+        out = []
+        for j, (seq, _) in enumerate(kept):
+            try:
+                out.append((seq, _per_row(sample(sel[j:j + 1], [rows[j]], self.generator))[0]))
+            except Exception as e:  # noqa: BLE001
+                self._fail_request(seq.request_id, f"while sampling: {describe(e)}", changed)
+        return out
+
+    def _fail_request(self, request_id: str, message: str, changed: dict[str, Request]) -> None:
+        """End every sequence of a request with finish_reason "error" (its blocks are freed)."""
+        req = self.requests.get(request_id)
+        if req is None or req.error is not None:
+            return
+        log.warning("request %s failed: %s", request_id, message)
+        req.error = message
+        for seq in req.seqs:
+            self.scheduler.finish(seq, "error")
+        req.metrics.finished_time = time.perf_counter()
+        self.stats["failed_requests"] += 1
+        changed[request_id] = req
+
+    def _fail_everything(self, e: WorkerError) -> list[RequestOutput]:
+        """A model rank died: no step can run again. End every request with an error naming it."""
+        log.error("engine is dead: %s", e)
+        self.dead = e
+        changed: dict[str, Request] = {}
+        for rid in list(self.requests):
+            self._fail_request(rid, str(e), changed)
+        return [self._make_output(req) for req in changed.values()]
+
+    def _record_prompt_logprobs(self, inputs, logits: torch.Tensor, changed: dict[str, Request]) -> None:
         for seq, first, count, start in inputs.prompt_rows:
-            if seq.index != 0:
+            if seq.index != 0 or seq.is_finished:
                 continue
-            req = self.requests[seq.request_id]
-            if len(req.prompt_logprobs) != start + 1:
-                continue  # recomputed after a preemption: already recorded
-            lps = torch.log_softmax(logits[first:first + count], dim=-1)
-            k = seq.params.prompt_logprobs
-            for r in range(count):
-                target = seq.token_ids[start + r + 1]
-                entry = {target: Logprob(lps[r, target].item())}
-                if k:
-                    vals, ids = lps[r].topk(k)
-                    for rank, (tid, v) in enumerate(zip(ids.tolist(), vals.tolist()), 1):
-                        entry.setdefault(tid, Logprob(v, rank))
-                req.prompt_logprobs.append(entry)
+            try:
+                self._record_prompt_rows(seq, logits, first, count, start)
+            except Exception as e:  # noqa: BLE001
+                self._fail_request(seq.request_id, f"while computing prompt logprobs: {describe(e)}", changed)
+
+    def _record_prompt_rows(self, seq: Sequence, logits: torch.Tensor, first: int, count: int, start: int) -> None:
+        req = self.requests[seq.request_id]
+        if len(req.prompt_logprobs) != start + 1:
+            return  # recomputed after a preemption: already recorded
+        lps = torch.log_softmax(logits[first:first + count], dim=-1)
+        k = seq.params.prompt_logprobs
+        for r in range(count):
+            target = seq.token_ids[start + r + 1]
+            entry = {target: Logprob(lps[r, target].item())}
+            if k:
+                vals, ids = lps[r].topk(k)
+                for rank, (tid, v) in enumerate(zip(ids.tolist(), vals.tolist()), 1):
+                    entry.setdefault(tid, Logprob(v, rank))
+            req.prompt_logprobs.append(entry)
 
     def _append_token(self, seq: Sequence, tok: int, lp: tuple[float, int] | None, top, now: float) -> None:
         req = self.requests[seq.request_id]
@@ -457,7 +584,7 @@ class LLMEngine:
         if finished:
             self.requests.pop(req.request_id, None)
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished,
-                             req.prompt_logprobs, req.metrics)
+                             req.prompt_logprobs, req.metrics, req.error)
 
     def shutdown(self) -> None:
         """Stop the model ranks of a parallel engine (no-op for a single process)."""
@@ -483,3 +610,9 @@ class LLMEngine:
     def live_sequences(self) -> list[Sequence]:
         return [s for s in self.scheduler.running] + [s for s in self.scheduler.waiting
                                                      if s.status is not SequenceStatus.FINISHED]
+
+
+def _per_row(result) -> list[tuple[int, tuple[float, int] | None, Any]]:
+    """A SamplerOutput as one (token, (logprob, rank) | None, top logprobs) per row."""
+    return [(tok, None if result.logprobs is None else (result.logprobs[j], result.ranks[j]), result.top_logprobs[j])
+            for j, tok in enumerate(result.token_ids)]

@@ -1,8 +1,10 @@
 """``pagedlm serve``: the OpenAI-compatible server (FastAPI + uvicorn) over the paged engine.
 
 torch, FastAPI and uvicorn are imported inside the command, so ``pagedlm --help`` stays fast.
-SIGTERM / SIGINT: stop accepting connections, abort the requests in flight (streams end with
-finish_reason "abort", waiting calls get 503), stop the engine thread, exit 0.
+SIGTERM / SIGINT drain the server: new requests get 503 (and /health 503), the running ones
+finish, for up to ``--shutdown-timeout`` seconds; what is left then is aborted (streams end with
+finish_reason "abort"), the engine thread stops, and the process exits 0. A second signal
+aborts at once.
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:  # also rejects nan
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, SSE streaming, metrics).",
                        description="Serve a model over an OpenAI-compatible HTTP API with continuous batching.")
@@ -48,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-waiting", type=_non_negative, default=None,
                    help="refuse new requests with 503 while N sequences wait for a slot (default: no limit)")
     p.add_argument("--max-body-size", type=parse_bytes, default=1 << 20, help="largest request body (default 1M; 413)")
+    p.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0,
+                   help="on SIGTERM/SIGINT, refuse new requests (503) and let running ones finish for up to "
+                        "this many seconds before aborting them (default 30; 0 = abort at once)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     # The engine options are the ones generate / chat / bench take (one declaration).
     add_engine_args(p)
@@ -71,7 +86,8 @@ def serve(args: argparse.Namespace) -> int:
     async_engine = AsyncLLMEngine(engine, max_waiting=args.max_waiting)
     app = build_app(async_engine, ServerConfig(served_model_name=name, api_key=args.api_key or None,
                                                max_body_bytes=args.max_body_size))
-    server = make_server(app, async_engine, args.host, args.port, log_level=args.log_level)
+    server = make_server(app, async_engine, args.host, args.port, log_level=args.log_level,
+                         shutdown_timeout=args.shutdown_timeout)
     server.run()
     return 0
 
@@ -82,19 +98,43 @@ def default_served_name(model_path: str) -> str:
 
 
 def make_server(app, async_engine, host: str, port: int, log_level: str = "info",
-                graceful_timeout: float = 10.0):
+                graceful_timeout: float = 10.0, shutdown_timeout: float = 0.0):
     """A uvicorn server that drains the engine on SIGTERM/SIGINT and exits 0 (uvicorn re-raises
-    the signal after shutdown by default, which would end the process with 128+signal)."""
+    the signal after shutdown by default, which would end the process with 128+signal).
+
+    Draining: the listener stays open, so new requests get a 503 rather than a refused
+    connection, while running requests have ``shutdown_timeout`` seconds to finish; then what
+    is left is aborted and uvicorn shuts down."""
     import contextlib
     import signal
     import threading
+    import time
 
     import uvicorn
 
     class Server(uvicorn.Server):
         bound_port: int | None = None
+        draining = False
 
         def handle_exit(self, sig, frame) -> None:
+            if self.draining or shutdown_timeout <= 0:  # a second signal, or no grace: abort now
+                self._stop(sig, frame)
+                return
+            self.draining = True
+            async_engine.stop_admitting()
+            threading.Thread(target=self._drain, args=(sig,), name="pagedlm-drain", daemon=True).start()
+
+        def _drain(self, sig) -> None:
+            deadline = time.monotonic() + shutdown_timeout
+            while async_engine.num_in_flight and time.monotonic() < deadline and not self.should_exit:
+                time.sleep(0.05)
+            left = async_engine.num_in_flight
+            if left:
+                logging.getLogger("pagedlm.server").warning(
+                    "shutdown timeout (%.0f s): aborting %d running requests", shutdown_timeout, left)
+            self._stop(sig, None)
+
+        def _stop(self, sig, frame) -> None:
             if not self.should_exit:
                 async_engine.drain()  # in-flight requests end now; uvicorn then waits for their replies
             super().handle_exit(sig, frame)
