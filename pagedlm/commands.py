@@ -61,6 +61,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default: 2048)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    g.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"],
+                   help="when the KV pool runs dry, the newest sequence gives back its blocks: recompute "
+                        "(free them; full blocks stay in the prefix cache) is the only mode; swap is refused "
+                        "(on CPU the cache already is host memory; docs/server.md)")
     g.add_argument("--engine-seed", type=int, default=0, help="seed for requests without their own seed")
     g = p.add_argument_group("parallelism (the engine spawns one process per rank, or runs as rank 0 under "
                              "torchrun, maybe across nodes; gloo on CPU, NCCL on CUDA)")
@@ -73,7 +77,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     kw = dict(model=args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory, block_size=args.block_size,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
-              seed=args.engine_seed, quantization=args.quantization)
+              seed=args.engine_seed, quantization=args.quantization,
+              preemption_mode=getattr(args, "preemption_mode", "recompute"))
     if args.enforce_eager:
         kw["enforce_eager"] = True
     if args.compile_at_startup:

@@ -91,6 +91,23 @@ def stop_prefix_len(text: str, stops: list[str]) -> int:
     return best
 
 
+def check_preemption_mode(mode: str, device: str) -> None:
+    """Only recompute is implemented. Swap would copy a preempted sequence's KV blocks to host
+    memory and back: on CPU the cache already is host memory, so a swap is a copy of what is
+    already there (twice the bytes, no capacity gained); on CUDA it is not implemented."""
+    if mode == "recompute":
+        return
+    if mode != "swap":
+        raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {mode!r}")
+    if not str(device).startswith("cuda"):
+        raise ValueError("preemption_mode 'swap' makes no sense on CPU: the KV cache already lives in host "
+                         "memory, so swapping a sequence out would copy its blocks to the same memory (no "
+                         "capacity gained, twice the bytes); use 'recompute' (the default), which frees the "
+                         "blocks and keeps the full ones in the prefix cache")
+    raise ValueError("preemption_mode 'swap' (KV blocks to host memory on CUDA) is not implemented; use "
+                     "'recompute' (the default)")
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None
@@ -122,6 +139,9 @@ class EngineConfig:
     # spawn: this process starts the ranks on this host. torchrun: this is rank 0 of ranks that
     # torchrun started, maybe across nodes (pagedlm/distributed/torchrun.py; the CLI sets it).
     launcher: str = "spawn"
+    # How a preempted sequence gives back its KV blocks: recompute (free them; its full blocks
+    # stay in the prefix cache) is the only mode; swap is refused with the reason (docs/server.md).
+    preemption_mode: str = "recompute"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -145,6 +165,7 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_preemption_mode(self.preemption_mode, self.device)
         if self.launcher not in ("spawn", "torchrun"):
             raise ValueError(f"launcher must be 'spawn' or 'torchrun', got {self.launcher!r}")
         if not isinstance(self.master_port, int) or not 0 <= self.master_port < 65536:

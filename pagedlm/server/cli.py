@@ -38,6 +38,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _positive(text: str) -> int:
+    value = _non_negative(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _non_negative_float(text: str) -> float:
     try:
         value = float(text)
@@ -60,6 +67,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-waiting", type=_non_negative, default=None,
                    help="refuse new requests with 503 while N sequences wait for a slot (default: no limit)")
     p.add_argument("--max-body-size", type=parse_bytes, default=1 << 20, help="largest request body (default 1M; 413)")
+    p.add_argument("--data-parallel-size", "-dp", type=_positive, default=1,
+                   help="run D engine replicas (each with its own KV cache and TP/PP/EP ranks) behind this "
+                        "server; a request goes to the replica holding its longest cached prefix, else the "
+                        "least loaded (default 1)")
     p.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0,
                    help="on SIGTERM/SIGINT, refuse new requests (503) and let running ones finish for up to "
                         "this many seconds before aborting them (default 30; 0 = abort at once)")
@@ -80,10 +91,21 @@ def serve(args: argparse.Namespace) -> int:
     from pagedlm.engine.engine import EngineConfig, LLMEngine
     from pagedlm.server.app import ServerConfig, build_app
 
-    engine = LLMEngine(EngineConfig(**engine_kwargs(args)))
-    print(engine.cache_report(), file=sys.stderr, flush=True)
+    kwargs = engine_kwargs(args)
+    if args.data_parallel_size > 1 and kwargs.get("launcher") == "torchrun":
+        raise ValueError("--data-parallel-size is not supported under torchrun (each replica would need its "
+                         "own ranks); start one torchrun job per replica behind a load balancer")
+    engines = [LLMEngine(EngineConfig(**kwargs)) for _ in range(args.data_parallel_size)]
+    engine = engines[0]
+    print(engine.cache_report() + (f"; {len(engines)} data-parallel replicas" if len(engines) > 1 else ""),
+          file=sys.stderr, flush=True)
     name = args.served_model_name or default_served_name(engine.model_path)
     async_engine = AsyncLLMEngine(engine, max_waiting=args.max_waiting)
+    if len(engines) > 1:
+        from pagedlm.server.replicas import ReplicaRouter
+
+        async_engine = ReplicaRouter([async_engine] + [AsyncLLMEngine(e, max_waiting=args.max_waiting)
+                                                       for e in engines[1:]])
     app = build_app(async_engine, ServerConfig(served_model_name=name, api_key=args.api_key or None,
                                                max_body_bytes=args.max_body_size))
     server = make_server(app, async_engine, args.host, args.port, log_level=args.log_level,

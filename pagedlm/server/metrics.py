@@ -24,23 +24,35 @@ class _EngineCollector:
         self.model_name = model_name
         self.snapshot: dict[str, float] = {}
 
+    GAUGES = (("vllm:num_requests_running", "Sequences running in the engine.", "num_requests_running"),
+              ("vllm:num_requests_waiting", "Sequences waiting for a slot.", "num_requests_waiting"),
+              ("vllm:kv_cache_usage_perc", "KV cache usage, a fraction in [0, 1].", "kv_cache_usage"))
+    COUNTERS = (("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+                ("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", "prefix_cache_hits"),
+                ("vllm:num_preemptions", "Sequences preempted (recompute).", "num_preemptions"),
+                ("vllm:prompt_tokens", "Prompt tokens admitted.", "prompt_tokens"),
+                ("vllm:generation_tokens", "Tokens generated.", "generation_tokens"))
+
     def collect(self):
-        s, labels = self.snapshot, [self.model_name]
-        gauges = (("vllm:num_requests_running", "Sequences running in the engine.", "num_requests_running"),
-                  ("vllm:num_requests_waiting", "Sequences waiting for a slot.", "num_requests_waiting"),
-                  ("vllm:kv_cache_usage_perc", "KV cache usage, a fraction in [0, 1].", "kv_cache_usage"))
-        for name, doc, key in gauges:
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric(labels, float(s.get(key, 0.0)))
-            yield g
-        counters = (("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
-                    ("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", "prefix_cache_hits"),
-                    ("vllm:num_preemptions", "Sequences preempted (recompute).", "num_preemptions"),
-                    ("vllm:prompt_tokens", "Prompt tokens admitted.", "prompt_tokens"),
-                    ("vllm:generation_tokens", "Tokens generated.", "generation_tokens"))
-        for name, doc, key in counters:
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric(labels, float(s.get(key, 0.0)))
+        # Data-parallel replicas (server/replicas.py): one sample per replica, labelled
+        # engine="i" as vLLM does; a single engine keeps the plain model_name label.
+        replicas = self.snapshot.get("replicas")
+        rows = ([([self.model_name, str(i)], s) for i, s in enumerate(replicas)] if replicas
+                else [([self.model_name], self.snapshot)])
+        names = ["model_name", "engine"] if replicas else ["model_name"]
+        for family, specs in ((GaugeMetricFamily, self.GAUGES), (CounterMetricFamily, self.COUNTERS)):
+            for name, doc, key in specs:
+                f = family(name, doc, labels=names)
+                for labels, s in rows:
+                    f.add_metric(labels, float(s.get(key, 0.0)))
+                yield f
+        if replicas:
+            c = CounterMetricFamily("pagedlm:routed_requests", "Requests the router sent to each replica, by reason "
+                                    "(prefix: it held the longest cached prefix; load: the least loaded).",
+                                    labels=names + ["reason"])
+            for labels, s in rows:
+                for reason in ("prefix", "load"):
+                    c.add_metric(labels + [reason], float(s.get(f"routed_by_{reason}", 0)))
             yield c
 
 
@@ -63,6 +75,6 @@ class ServerMetrics:
     def request_finished(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()
 
-    def render(self, snapshot: dict[str, float]) -> bytes:
+    def render(self, snapshot: dict) -> bytes:
         self.engine.snapshot = snapshot
         return generate_latest(self.registry)
