@@ -61,7 +61,17 @@ def reference(tmp_path_factory):
 def test_two_nodes_on_loopback_match_one_process_and_a_dead_node_is_named(reference):
     model, expected = reference
     port = _free_port()
-    nodes = [_torchrun(port, model) for _ in range(2)]
+    # Node 0 first: it hosts torchrun's rendezvous store (the endpoint), which must outlive the
+    # node we kill, and, with the lower pid on the same address, it becomes rank 0.
+    nodes = [_torchrun(port, model)]
+    deadline = time.monotonic() + 60
+    while True:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        assert time.monotonic() < deadline and nodes[0].poll() is None
+        time.sleep(0.1)
+    nodes.append(_torchrun(port, model))
     every = {}  # pid -> psutil.Process, of both launches, for the orphan check
     lines: dict[int, list[str]] = {0: [], 1: []}
     try:
@@ -84,7 +94,8 @@ def test_two_nodes_on_loopback_match_one_process_and_a_dead_node_is_named(refere
             assert all(n.poll() is None for n in nodes), "".join(lines[0] + lines[1])
             assert time.monotonic() < deadline, "".join(lines[0] + lines[1])
             time.sleep(0.1)
-        other = nodes[1 - head]
+        assert head == 0, "the node started second became rank 0"
+        other = nodes[1]
         for n in nodes:
             every.update({p.pid: p for p in _tree(n)})
         assert len(every) == 4  # two torchrun agents, each with one pagedlm rank
