@@ -16,11 +16,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any
 
 from pagedlm.engine.async_engine import AsyncLLMEngine, RequestStream
-from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 
 METRIC_KEYS_SUMMED = ("num_requests_running", "num_requests_waiting", "num_free_blocks", "prefix_cache_queries",
@@ -128,15 +127,6 @@ class ReplicaRouter:
         self.indexes[i].add(chain)
         self.routed[i][reason] += 1
         return stream
-
-    async def generate(self, request_id: str, prompt: str | None, params: SamplingParams,
-                       prompt_token_ids: list[int] | None = None) -> AsyncIterator[RequestOutput]:
-        stream = await self.add_request(request_id, prompt, params, prompt_token_ids)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.abort()
 
     def abort(self, request_id: str) -> None:
         for r in self.replicas:  # unknown ids are ignored by each replica
