@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)  # start-up facts: KV cache, quantization, compile progress
     try:
+        worker = _torchrun(args)
+        if worker is not None:
+            return worker()
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -50,6 +53,29 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"pagedlm {args.command}: error: {e}", file=sys.stderr)
         return 2
+
+
+ENGINE_COMMANDS = ("serve", "generate", "chat", "bench", "perplexity")
+
+
+def _torchrun(args: argparse.Namespace):
+    """Under torchrun (RANK / WORLD_SIZE set, more than one rank): rank 0 runs the command with
+    the engine's ranks being torchrun's; the others return a worker loop to run instead."""
+    from pagedlm.distributed.launch import detect, resolve_layout
+
+    env = detect()
+    if env is None or args.command not in ENGINE_COMMANDS:
+        return None
+    args.tensor_parallel_size, args.pipeline_parallel_size, args.expert_parallel_size = resolve_layout(
+        env, args.tensor_parallel_size, args.pipeline_parallel_size, args.expert_parallel_size)
+    args.launcher = "torchrun"
+    if env.rank == 0:
+        return None
+    from pagedlm.commands import engine_kwargs
+    from pagedlm.distributed.torchrun import run_worker
+
+    kwargs = engine_kwargs(args)
+    return lambda: run_worker(kwargs, env)
 
 
 if __name__ == "__main__":

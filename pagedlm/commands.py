@@ -61,6 +61,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (default: 2048)")
     g.add_argument("--max-model-len", type=int, default=None, help="context length cap (default: the model's)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
+    g.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"],
+                   help="when the KV pool runs dry, the newest sequence gives back its blocks: recompute "
+                        "(free them; full blocks stay in the prefix cache) is the only mode; swap is refused "
+                        "(on CPU the cache already is host memory; docs/server.md)")
     g.add_argument("--engine-seed", type=int, default=0, help="seed for requests without their own seed")
     g = p.add_argument_group("LoRA adapters (PEFT directories; see docs/lora.md)")
     g.add_argument("--lora-modules", nargs="+", action="extend", default=None, metavar="NAME=PATH",
@@ -73,7 +77,8 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         '"prompt_lookup_max": N, "prompt_lookup_min": N, "model": DRAFT_PATH} (default: off)')
     g.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
                    help="tokens proposed per step (1-16); alone, turns on n-gram prompt lookup")
-    g = p.add_argument_group("parallelism (the engine spawns one process per rank; gloo on CPU, NCCL on CUDA)")
+    g = p.add_argument_group("parallelism (the engine spawns one process per rank, or runs as rank 0 under "
+                             "torchrun, maybe across nodes; gloo on CPU, NCCL on CUDA)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=None, help="split heads and MLPs over T ranks")
     g.add_argument("--pipeline-parallel-size", "-pp", type=int, default=None, help="split layers into P stages")
     g.add_argument("--expert-parallel-size", "-ep", type=int, default=None, help="split MoE experts over E ranks")
@@ -84,7 +89,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
               max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
               seed=args.engine_seed, quantization=args.quantization, lora_modules=args.lora_modules,
-              max_loras=args.max_loras, max_lora_rank=args.max_lora_rank)
+              max_loras=args.max_loras, max_lora_rank=args.max_lora_rank,
+              preemption_mode=getattr(args, "preemption_mode", "recompute"))
     for spec in ("speculative_config", "num_speculative_tokens"):
         if getattr(args, spec, None) is not None:
             kw[spec] = getattr(args, spec)
@@ -92,7 +98,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         kw["enforce_eager"] = True
     if args.compile_at_startup:
         kw["compile_at_startup"] = True
-    for extra in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
+    for extra in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size", "launcher"):
         if getattr(args, extra, None) is not None:
             kw[extra] = getattr(args, extra)
     return kw

@@ -110,6 +110,8 @@ class LLM:
                         done[out.request_id] = out
                         if bar is not None:
                             bar.update(1)
+                if eng.dead is not None:  # a model rank died: its requests ended with an error
+                    raise eng.dead
                 if bar is not None:
                     dt = max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix_str(f"prefill {(eng.stats['prefill_tokens'] - p0) / dt:.0f} tok/s, "

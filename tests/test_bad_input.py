@@ -164,3 +164,27 @@ def test_serve_takes_the_engine_options(capsys, tiny_llama_dir):
     error before anything binds."""
     assert main(["serve", "--model", tiny_llama_dir, "--tensor-parallel-size", "3", "--port", "0"]) == 2
     assert "3" in capsys.readouterr().err
+
+
+def test_swap_preemption_is_refused_with_the_reason(capsys, tiny_llama_dir):
+    from pagedlm.engine.engine import EngineConfig
+
+    with pytest.raises(ValueError, match="KV cache already lives in host memory"):
+        EngineConfig(model=tiny_llama_dir, preemption_mode="swap")
+    with pytest.raises(ValueError, match="not implemented"):
+        EngineConfig(model=tiny_llama_dir, preemption_mode="swap", device="cuda")
+    with pytest.raises(ValueError, match="'recompute' or 'swap'"):
+        EngineConfig(model=tiny_llama_dir, preemption_mode="page-out")
+    assert main(["generate", "hi", "--model", tiny_llama_dir, "--preemption-mode", "swap"]) == 2
+    assert "preemption_mode 'swap' makes no sense on CPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--data-parallel-size", "0"], "must be >= 1"),
+    (["--shutdown-timeout", "-1"], "must be >= 0"),
+    (["--shutdown-timeout", "soon"], "not a number"),
+])
+def test_serve_bad_replica_and_shutdown_options(argv, match, capsys, tiny_llama_dir):
+    with pytest.raises(SystemExit) as e:
+        main(["serve", "--model", tiny_llama_dir, "--port", "0", *argv])
+    assert e.value.code == 2 and match in capsys.readouterr().err

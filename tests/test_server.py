@@ -400,10 +400,14 @@ def test_shutdown_aborts_streams_and_stops_threads(tmp_path_factory):
     assert not aeng.is_running
 
 
-def test_cli_serve_sigterm_exits_zero(tmp_path_factory):
+@pytest.mark.parametrize("shutdown_timeout, finish", [(60, "length"), (0.3, "abort")])
+def test_cli_serve_sigterm_drains_then_exits_zero(tmp_path_factory, shutdown_timeout, finish):
+    """SIGTERM: new requests get 503 at once (the listener stays open), the running stream goes
+    on to its end within --shutdown-timeout (else it is aborted), then the process exits 0."""
     model = tiny_model_dir(tmp_path_factory)
     cmd = [sys.executable, "-m", "pagedlm.cli", "serve", "--model", model, "--dtype", "float32",
-           "--kv-cache-memory", "4M", "--port", "0", "--api-key", "k", "--log-level", "warning"]
+           "--kv-cache-memory", "4M", "--port", "0", "--api-key", "k", "--log-level", "warning",
+           "--shutdown-timeout", str(shutdown_timeout)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                             env={**os.environ, "PAGEDLM_API_KEY": ""})
     try:
@@ -419,6 +423,7 @@ def test_cli_serve_sigterm_exits_zero(tmp_path_factory):
         assert url.startswith("http://127.0.0.1:")
         assert httpx.get(url + "/v1/models").status_code == 401
         h = {"Authorization": "Bearer k"}
+        during: dict[str, httpx.Response] = {}
         with httpx.stream("POST", url + "/v1/completions", headers=h, timeout=30,
                           json={"prompt": "Hello", "max_tokens": 1500, "ignore_eos": True, "stream": True}) as r:
             events = []
@@ -427,8 +432,18 @@ def test_cli_serve_sigterm_exits_zero(tmp_path_factory):
                     events.append(line[6:])
                     if len(events) == 2:
                         proc.send_signal(signal.SIGTERM)
+                        if finish == "length":  # while draining: refused, not dropped
+                            time.sleep(0.2)
+                            during["new"] = httpx.post(url + "/v1/completions", headers=h, timeout=10,
+                                                       json={"prompt": "Hi", "max_tokens": 2})
+                            during["health"] = httpx.get(url + "/health", timeout=10)
         assert events[-1] == "[DONE]"
-        assert json.loads(events[-2])["choices"][0]["finish_reason"] == "abort"
+        last = json.loads(events[-2])["choices"][0]
+        assert last["finish_reason"] == finish
+        if finish == "length":
+            text = "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1])
+            assert len(text) > 0 and during["new"].status_code == 503 and during["health"].status_code == 503
+            assert "shutting down" in during["new"].json()["error"]["message"]
         assert proc.wait(timeout=30) == 0
     finally:
         if proc.poll() is None:

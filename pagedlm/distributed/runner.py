@@ -25,16 +25,11 @@ from pagedlm.config import ModelConfig
 from pagedlm.distributed.layout import ParallelLayout
 from pagedlm.engine.model_runner import ModelRunner, StepInputs
 from pagedlm.engine.scheduler import SchedulerOutput
+from pagedlm.errors import WorkerError
+
+__all__ = ["DistributedModelRunner", "WorkerError"]
 
 log = logging.getLogger(__name__)
-
-
-class WorkerError(RuntimeError):
-    """A model rank died, failed to start, or raised; the message names the rank."""
-
-    def __init__(self, rank: int, message: str):
-        super().__init__(f"worker rank {rank} {message}")
-        self.rank = rank
 
 
 class _Workers:

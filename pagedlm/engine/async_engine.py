@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from pagedlm.engine.engine import LLMEngine
-from pagedlm.errors import PagedLMError
+from pagedlm.errors import EngineDeadError, PagedLMError
 from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 
@@ -28,8 +28,7 @@ class EngineOverloadedError(PagedLMError):
     """The waiting queue is full (``max_waiting``): try again later (HTTP 503)."""
 
 
-class EngineDeadError(PagedLMError):
-    """The engine is shut down or not started; no request can be served (HTTP 503)."""
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineOverloadedError", "RequestAbortedError", "RequestStream"]
 
 
 class RequestAbortedError(PagedLMError):
@@ -136,6 +135,26 @@ class AsyncLLMEngine:
     def draining(self) -> bool:
         return self._draining
 
+    def health_error(self) -> str | None:
+        """Why the engine cannot take requests (None: healthy), for /health."""
+        if self.engine.dead is not None:
+            return f"the engine is dead: {self.engine.dead}"
+        if self._draining:
+            return "the server is shutting down"
+        if not self.is_running:
+            return "the engine is not running"
+        return None
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests whose streams have not ended (graceful shutdown waits for 0)."""
+        with self._lock:
+            return len(self._streams)
+
+    def stop_admitting(self) -> None:
+        """Graceful shutdown, step one (thread-safe): refuse new requests (503); running ones go on."""
+        self._draining = True
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort every request, stop the thread and wait for it. Safe to call twice."""
         with self._cond:
@@ -199,7 +218,7 @@ class AsyncLLMEngine:
         self._submit(run)
 
     def drain(self) -> None:
-        """Graceful shutdown, step one (thread-safe): refuse new requests, abort the running ones."""
+        """Refuse new requests and abort the running ones (thread-safe)."""
         self._draining = True
         self.abort_all()
 

@@ -20,11 +20,12 @@ import torch
 from pagedlm.config import ModelConfig
 from pagedlm.engine import state as engine_state
 from pagedlm.engine.block_manager import BlockManager
+from pagedlm.engine.faults import FaultInjector, describe, find_failing
 from pagedlm.engine.model_runner import ModelRunner
-from pagedlm.engine.scheduler import Scheduler
+from pagedlm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedlm.engine.sequence import Sequence, SequenceStatus
 from pagedlm.engine.structured import GrammarManager, advance
-from pagedlm.errors import ModelLoadError, RequestRejectedError
+from pagedlm.errors import EngineDeadError, ModelLoadError, RequestRejectedError, WorkerError
 from pagedlm.lora import LoRARequest
 from pagedlm.model.layers.sampler import SamplingRow, sample
 from pagedlm.model.registry import resolve_dtype
@@ -93,6 +94,23 @@ def stop_prefix_len(text: str, stops: list[str]) -> int:
     return best
 
 
+def check_preemption_mode(mode: str, device: str) -> None:
+    """Only recompute is implemented. Swap would copy a preempted sequence's KV blocks to host
+    memory and back: on CPU the cache already is host memory, so a swap is a copy of what is
+    already there (twice the bytes, no capacity gained); on CUDA it is not implemented."""
+    if mode == "recompute":
+        return
+    if mode != "swap":
+        raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {mode!r}")
+    if not str(device).startswith("cuda"):
+        raise ValueError("preemption_mode 'swap' makes no sense on CPU: the KV cache already lives in host "
+                         "memory, so swapping a sequence out would copy its blocks to the same memory (no "
+                         "capacity gained, twice the bytes); use 'recompute' (the default), which frees the "
+                         "blocks and keeps the full ones in the prefix cache")
+    raise ValueError("preemption_mode 'swap' (KV blocks to host memory on CUDA) is not implemented; use "
+                     "'recompute' (the default)")
+
+
 @dataclass
 class EngineConfig:
     model: str | None = None
@@ -133,6 +151,12 @@ class EngineConfig:
     # alone turns on n-gram prompt lookup. Normalised to a SpeculativeConfig or None.
     speculative_config: Any = None
     num_speculative_tokens: int | None = None
+    # spawn: this process starts the ranks on this host. torchrun: this is rank 0 of ranks that
+    # torchrun started, maybe across nodes (pagedlm/distributed/torchrun.py; the CLI sets it).
+    launcher: str = "spawn"
+    # How a preempted sequence gives back its KV blocks: recompute (free them; its full blocks
+    # stay in the prefix cache) is the only mode; swap is refused with the reason (docs/server.md).
+    preemption_mode: str = "recompute"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -156,6 +180,9 @@ class EngineConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        check_preemption_mode(self.preemption_mode, self.device)
+        if self.launcher not in ("spawn", "torchrun"):
+            raise ValueError(f"launcher must be 'spawn' or 'torchrun', got {self.launcher!r}")
         if not isinstance(self.master_port, int) or not 0 <= self.master_port < 65536:
             raise ValueError(f"master_port must be a port number (0 for a free one), got {self.master_port!r}")
         self._check_lora()
@@ -197,6 +224,7 @@ class Request:
         self.metrics = RequestMetrics(arrival_time=arrival, num_prompt_tokens=len(prompt_ids))
         self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
             [None] if params.prompt_logprobs is not None else None)
+        self.error: str | None = None  # set when the request failed inside a step
 
     @property
     def finished(self) -> bool:
@@ -216,9 +244,17 @@ class LLMEngine:
 
             layout = ParallelLayout(config.tensor_parallel_size, config.pipeline_parallel_size,
                                     config.expert_parallel_size)
-            self.runner = DistributedModelRunner(self.weights_path, self.model_config, dtype, config.device, layout,
-                                                 config.master_addr, config.master_port,
-                                                 **config.extra.get("distributed", {}))
+            if config.launcher == "torchrun":  # ranks started by torchrun, maybe on other nodes
+                from pagedlm.distributed.launch import detect
+                from pagedlm.distributed.torchrun import TorchrunModelRunner
+
+                self.runner = TorchrunModelRunner(self.weights_path, self.model_config, dtype, config.device, layout,
+                                                  detect(), config.quantization,
+                                                  **config.extra.get("distributed", {}))
+            else:
+                self.runner = DistributedModelRunner(self.weights_path, self.model_config, dtype, config.device,
+                                                     layout, config.master_addr, config.master_port,
+                                                     **config.extra.get("distributed", {}))
         else:
             self.runner = ModelRunner(self.weights_path, self.model_config, dtype, config.device,
                                       quantization=config.quantization, enforce_eager=config.enforce_eager,
@@ -262,12 +298,15 @@ class LLMEngine:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
         self.eos_ids |= _generation_config_eos(self.model_path)
         self.stats = {"prompt_tokens": 0, "generation_tokens": 0, "steps": 0, "prefill_tokens": 0,
-                      "decode_tokens": 0}
+                      "decode_tokens": 0, "failed_requests": 0}
         self.spec = None
         if config.speculative_config is not None:
             from pagedlm.engine.spec_decode import SpecDecoder
 
             self.spec = SpecDecoder(config.speculative_config, self)
+        # Test hook (engine/faults.py): called as (stage, seq) per request; raises to fail it.
+        self.fault_injector = FaultInjector.from_env()
+        self.dead: WorkerError | None = None  # set when a model rank died: no step can run again
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token)", num_blocks,
                  config.block_size, cache_tokens, num_blocks * per_block / 2**20, per_token)
         if config.compile_at_startup:
@@ -317,6 +356,8 @@ class LLMEngine:
                     lora_request: LoRARequest | None = None) -> None:
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if self.dead is not None:
+            raise EngineDeadError(f"the engine is shut down: {self.dead}")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         lora = self._lora_adapter(lora_request)
@@ -422,33 +463,39 @@ class LLMEngine:
                 self.stats["decode_tokens"] += 1
             else:
                 self.stats["prefill_tokens"] += n
-        inputs = self.runner.prepare(sched)
-        logits = self.runner.execute(inputs)
-        self.scheduler.on_step_done(sched)
-        self.stats["steps"] += 1
         changed: dict[str, Request] = {}
+        try:
+            inputs, logits = self._forward(sched, changed)
+        except WorkerError as e:
+            return self._fail_everything(e)
+        self.stats["steps"] += 1
+        if inputs is None:  # every request of the step failed
+            return [self._make_output(req) for req in changed.values()]
+        self.scheduler.on_step_done(sched)
         if inputs.prompt_rows:
-            self._record_prompt_logprobs(inputs, logits)
-        samples = inputs.samples
+            self._record_prompt_logprobs(inputs, logits, changed)
+        samples = [(seq, i) for seq, i in inputs.samples if not seq.is_finished]
         verified = [(seq, i) for seq, i in samples if seq.spec_tokens]
         if verified:
             samples = [(seq, i) for seq, i in samples if not seq.spec_tokens]
         if samples:
-            rows = [SamplingRow(seq.params, seq.token_ids, seq.num_prompt_tokens, seq.state.get("generator"),
-                                self.banned_ids(seq)) for seq, _ in samples]
-            idx = [i for _, i in samples]
-            self._grammar_masks(samples, rows)
-            result = sample(logits if idx == list(range(logits.shape[0])) else logits[torch.tensor(idx)],
-                            rows, self.generator)
             t = time.perf_counter()
-            for j, (seq, _) in enumerate(samples):
-                tok = result.token_ids[j]
-                lp = None if result.logprobs is None else (result.logprobs[j], result.ranks[j])
-                self._append_token(seq, tok, lp, result.top_logprobs[j], t)
+            for seq, (tok, lp, top) in self._sample(logits, samples, changed):
+                if seq.is_finished:  # a sibling (n > 1) failed in this step
+                    continue
+                try:
+                    self._append_token(seq, tok, lp, top, t)
+                except Exception as e:  # noqa: BLE001 - e.g. a detokenizer error: this request only
+                    self._fail_request(seq.request_id, f"while appending a token: {describe(e)}", changed)
+                    continue
                 changed[seq.request_id] = self.requests[seq.request_id]
         for seq, i in verified:
-            tokens = self.spec.verify(logits[i:i + 1 + len(seq.spec_tokens)], seq, self)
-            self._append_verified(seq, tokens, time.perf_counter())
+            try:
+                tokens = self.spec.verify(logits[i:i + 1 + len(seq.spec_tokens)], seq, self)
+                self._append_verified(seq, tokens, time.perf_counter())
+            except Exception as e:  # noqa: BLE001 - this request only
+                self._fail_request(seq.request_id, f"while verifying speculative tokens: {describe(e)}", changed)
+                continue
             changed[seq.request_id] = self.requests[seq.request_id]
         return [self._make_output(req) for req in changed.values()]
 
@@ -480,33 +527,161 @@ class LLMEngine:
             if seq.is_finished:
                 return
         self.block_manager.trim(seq)
-    def _grammar_masks(self, samples, rows: list[SamplingRow]) -> None:
-        """Give each constrained row its bitmask of allowed tokens (all filled in one call)."""
-        if self.grammars is None:
-            return
-        constrained = [j for j, (seq, _) in enumerate(samples) if "grammar" in seq.state]
-        if constrained:
-            masks = self.grammars.fill([samples[j][0].state["grammar"] for j in constrained])
-            for k, j in enumerate(constrained):
-                rows[j].allowed = masks[k]
 
-    def _record_prompt_logprobs(self, inputs, logits: torch.Tensor) -> None:
+    def _grammar_masks(self, samples, rows: list[SamplingRow], changed: dict[str, Request]):
+        """Give each constrained row its bitmask of allowed tokens (all filled in one call); a
+        request whose grammar fails ends with an error. Returns the samples and rows left."""
+        if self.grammars is None:
+            return samples, rows
+        constrained = [j for j, (seq, _) in enumerate(samples) if "grammar" in seq.state]
+        if not constrained:
+            return samples, rows
+        try:
+            masks = self.grammars.fill([samples[j][0].state["grammar"] for j in constrained])
+        except Exception as e:  # noqa: BLE001 - find the failing grammar, one row at a time
+            log.warning("grammar mask fill failed (%s); filling row by row", describe(e))
+            masks = []
+            for j in constrained:
+                seq = samples[j][0]
+                try:
+                    masks.append(self.grammars.fill([seq.state["grammar"]])[0])
+                except Exception as e1:  # noqa: BLE001
+                    self._fail_request(seq.request_id, f"while applying the grammar: {describe(e1)}", changed)
+                    masks.append(None)
+        for k, j in enumerate(constrained):
+            rows[j].allowed = masks[k]
+        ok = [j for j, (seq, _) in enumerate(samples) if not seq.is_finished]
+        if len(ok) == len(samples):
+            return samples, rows
+        return [samples[j] for j in ok], [rows[j] for j in ok]
+
+    # ---- fault isolation (engine/faults.py) --------------------------------------------------
+    def _run_model(self, sched: SchedulerOutput):
+        """Prepare and run one batch (raises what any part of it raises)."""
+        if self.fault_injector is not None:
+            for seq, _ in sched.scheduled:
+                self.fault_injector("prepare", seq)
+        inputs = self.runner.prepare(sched)
+        return inputs, self.runner.execute(inputs)
+
+    def _forward(self, sched: SchedulerOutput, changed: dict[str, Request]):
+        """(inputs, logits) of the step; requests whose part fails end with an error and leave
+        ``sched``. (None, None) when none is left."""
+        try:
+            return self._run_model(sched)
+        except WorkerError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            log.warning("engine step failed (%s); finding the failing requests", describe(e))
+            error = e
+        trial = lambda items: self._run_model(SchedulerOutput(items))  # noqa: E731
+        for (seq, _), err in find_failing(sched.scheduled, trial, error):
+            self._fail_request(seq.request_id, describe(err), changed)
+        sched.scheduled = [(seq, n) for seq, n in sched.scheduled if not seq.is_finished]
+        if not sched.scheduled:
+            return None, None
+        try:
+            return self._run_model(sched)
+        except WorkerError:
+            raise
+        except Exception as e:  # noqa: BLE001 - fails only together: end them all, keep the engine
+            log.exception("engine step failed again without the isolated requests; failing its %d requests",
+                          len(sched.scheduled))
+            for seq, _ in sched.scheduled:
+                self._fail_request(seq.request_id, describe(e), changed)
+            sched.scheduled = []
+            return None, None
+
+    def _sampling_row(self, seq: Sequence) -> SamplingRow:
+        if self.fault_injector is not None:
+            self.fault_injector("sample", seq)
+        return SamplingRow(seq.params, seq.token_ids, seq.num_prompt_tokens, seq.state.get("generator"),
+                           self.banned_ids(seq))
+
+    def _sample(self, logits: torch.Tensor, samples: list[tuple[Sequence, int]], changed: dict[str, Request]):
+        """(seq, (token, (logprob, rank) | None, top)) for each sampling row that does not fail."""
+        rows, kept = [], []
+        for seq, i in samples:
+            try:
+                rows.append(self._sampling_row(seq))
+                kept.append((seq, i))
+            except Exception as e:  # noqa: BLE001
+                self._fail_request(seq.request_id, f"while sampling: {describe(e)}", changed)
+        if not kept:
+            return []
+        kept, rows = self._grammar_masks(kept, rows, changed)
+        if not kept:
+            return []
+        idx = [i for _, i in kept]
+        sel = logits if idx == list(range(logits.shape[0])) else logits[torch.tensor(idx)]
+        # One sum per step (~30x cheaper than isnan().any() over batch x vocab): NaN anywhere
+        # makes it NaN; then, on the fault path only, find the rows.
+        if torch.isnan(sel.sum()):
+            bad = sel.isnan().any(dim=-1).tolist()
+            for (seq, _), b in zip(kept, bad):
+                if b:
+                    self._fail_request(seq.request_id, "the model produced NaN logits", changed)
+            ok = [j for j, b in enumerate(bad) if not b]
+            kept, rows, sel = [kept[j] for j in ok], [rows[j] for j in ok], sel[ok]
+            if not kept:
+                return []
+        try:
+            return list(zip((seq for seq, _ in kept), _per_row(sample(sel, rows, self.generator))))
+        except Exception as e:  # noqa: BLE001
+            log.warning("batched sampling failed (%s); sampling row by row", describe(e))
+        out = []
+        for j, (seq, _) in enumerate(kept):
+            try:
+                out.append((seq, _per_row(sample(sel[j:j + 1], [rows[j]], self.generator))[0]))
+            except Exception as e:  # noqa: BLE001
+                self._fail_request(seq.request_id, f"while sampling: {describe(e)}", changed)
+        return out
+
+    def _fail_request(self, request_id: str, message: str, changed: dict[str, Request]) -> None:
+        """End every sequence of a request with finish_reason "error" (its blocks are freed)."""
+        req = self.requests.get(request_id)
+        if req is None or req.error is not None:
+            return
+        log.warning("request %s failed: %s", request_id, message)
+        req.error = message
+        for seq in req.seqs:
+            self.scheduler.finish(seq, "error")
+        req.metrics.finished_time = time.perf_counter()
+        self.stats["failed_requests"] += 1
+        changed[request_id] = req
+
+    def _fail_everything(self, e: WorkerError) -> list[RequestOutput]:
+        """A model rank died: no step can run again. End every request with an error naming it."""
+        log.error("engine is dead: %s", e)
+        self.dead = e
+        changed: dict[str, Request] = {}
+        for rid in list(self.requests):
+            self._fail_request(rid, str(e), changed)
+        return [self._make_output(req) for req in changed.values()]
+
+    def _record_prompt_logprobs(self, inputs, logits: torch.Tensor, changed: dict[str, Request]) -> None:
         for seq, first, count, start in inputs.prompt_rows:
-            if seq.index != 0:
+            if seq.index != 0 or seq.is_finished:
                 continue
-            req = self.requests[seq.request_id]
-            if len(req.prompt_logprobs) != start + 1:
-                continue  # recomputed after a preemption: already recorded
-            lps = torch.log_softmax(logits[first:first + count], dim=-1)
-            k = seq.params.prompt_logprobs
-            for r in range(count):
-                target = seq.token_ids[start + r + 1]
-                entry = {target: Logprob(lps[r, target].item())}
-                if k:
-                    vals, ids = lps[r].topk(k)
-                    for rank, (tid, v) in enumerate(zip(ids.tolist(), vals.tolist()), 1):
-                        entry.setdefault(tid, Logprob(v, rank))
-                req.prompt_logprobs.append(entry)
+            try:
+                self._record_prompt_rows(seq, logits, first, count, start)
+            except Exception as e:  # noqa: BLE001
+                self._fail_request(seq.request_id, f"while computing prompt logprobs: {describe(e)}", changed)
+
+    def _record_prompt_rows(self, seq: Sequence, logits: torch.Tensor, first: int, count: int, start: int) -> None:
+        req = self.requests[seq.request_id]
+        if len(req.prompt_logprobs) != start + 1:
+            return  # recomputed after a preemption: already recorded
+        lps = torch.log_softmax(logits[first:first + count], dim=-1)
+        k = seq.params.prompt_logprobs
+        for r in range(count):
+            target = seq.token_ids[start + r + 1]
+            entry = {target: Logprob(lps[r, target].item())}
+            if k:
+                vals, ids = lps[r].topk(k)
+                for rank, (tid, v) in enumerate(zip(ids.tolist(), vals.tolist()), 1):
+                    entry.setdefault(tid, Logprob(v, rank))
+            req.prompt_logprobs.append(entry)
 
     def _append_token(self, seq: Sequence, tok: int, lp: tuple[float, int] | None, top, now: float) -> None:
         req = self.requests[seq.request_id]
@@ -597,7 +772,7 @@ class LLMEngine:
         if finished:
             self.requests.pop(req.request_id, None)
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished,
-                             req.prompt_logprobs, req.metrics)
+                             req.prompt_logprobs, req.metrics, req.error)
 
     def shutdown(self) -> None:
         """Stop the model ranks of a parallel engine (no-op for a single process)."""
@@ -629,3 +804,8 @@ class LLMEngine:
         """Blocks, queues and counters as JSON-ready data (``pagedlm.engine.state``); call it
         on the thread that steps this engine, between steps."""
         return engine_state.snapshot(self, include_blocks)
+
+def _per_row(result) -> list[tuple[int, tuple[float, int] | None, Any]]:
+    """A SamplerOutput as one (token, (logprob, rank) | None, top logprobs) per row."""
+    return [(tok, None if result.logprobs is None else (result.logprobs[j], result.ranks[j]), result.top_logprobs[j])
+            for j, tok in enumerate(result.token_ids)]

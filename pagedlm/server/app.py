@@ -36,7 +36,7 @@ from pagedlm.engine.async_engine import (
     RequestStream,
 )
 from pagedlm.engine.engine import stop_prefix_len
-from pagedlm.errors import RequestRejectedError
+from pagedlm.errors import RequestFailedError, RequestRejectedError
 from pagedlm.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from pagedlm.sampling_params import SamplingParams
 from pagedlm.server import protocol as P
@@ -489,6 +489,8 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                     metrics.e2e.observe(max(0.0, m.finished_time - m.arrival_time))
                 for c in out.outputs:
                     metrics.request_finished(c.finish_reason or "abort")
+                if out.error is not None:  # this request failed inside a step; the others went on
+                    raise RequestFailedError(f"request failed: {out.error}")
 
         try:
             if len(streams) == 1:
@@ -535,12 +537,15 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             return await _unless_disconnected(request, collect(streams))
         except (RequestAbortedError, EngineDeadError) as e:
             raise APIError(503, f"request aborted: {e}", "service_unavailable", None, "shutting_down") from e
+        except RequestFailedError as e:
+            raise APIError(500, str(e), "internal_error", None, "request_failed") from e
 
     # ---- routes -------------------------------------------------------------------------------
     @app.get("/health", response_model=P.HealthResponse, responses={503: {"model": P.ErrorResponse}})
     async def health():
-        if not async_engine.is_running or async_engine.draining:
-            return error_response(503, "the engine is not running (or shutting down)", "service_unavailable")
+        problem = async_engine.health_error()
+        if problem is not None:
+            return error_response(503, problem, "service_unavailable")
         return P.HealthResponse(status="ok")
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
@@ -711,6 +716,8 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                     if not ch.finished]
             if left:
                 yield chunk(left)
+        except RequestFailedError as e:
+            yield _sse(error_body(str(e), "internal_error", None, "request_failed"))
         except Exception as e:
             log.exception("stream %s failed", rid)
             yield _sse(error_body(f"internal error: {type(e).__name__}: {e}", "internal_error"))
@@ -834,6 +841,8 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
                     for ch in choices if not ch.finished]
             if left:
                 yield chunk(left)
+        except RequestFailedError as e:
+            yield _sse(error_body(str(e), "internal_error", None, "request_failed"))
         except Exception as e:
             log.exception("stream %s failed", rid)
             yield _sse(error_body(f"internal error: {type(e).__name__}: {e}", "internal_error"))

@@ -1,8 +1,10 @@
 """``pagedlm serve``: the OpenAI-compatible server (FastAPI + uvicorn) over the paged engine.
 
 torch, FastAPI and uvicorn are imported inside the command, so ``pagedlm --help`` stays fast.
-SIGTERM / SIGINT: stop accepting connections, abort the requests in flight (streams end with
-finish_reason "abort", waiting calls get 503), stop the engine thread, exit 0.
+SIGTERM / SIGINT drain the server: new requests get 503 (and /health 503), the running ones
+finish, for up to ``--shutdown-timeout`` seconds; what is left then is aborted (streams end with
+finish_reason "abort"), the engine thread stops, and the process exits 0. A second signal
+aborts at once.
 """
 
 from __future__ import annotations
@@ -26,14 +28,20 @@ def _port(text: str) -> int:
     return value
 
 
-def _non_negative(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+def _at_least(low: float, kind: type = int):
+    """An argparse type: a number of ``kind`` that is >= ``low`` (NaN refused)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+        return value
+    return parse
+
+
+_non_negative, _positive, _non_negative_float = _at_least(0), _at_least(1), _at_least(0, float)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -48,6 +56,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-waiting", type=_non_negative, default=None,
                    help="refuse new requests with 503 while N sequences wait for a slot (default: no limit)")
     p.add_argument("--max-body-size", type=parse_bytes, default=1 << 20, help="largest request body (default 1M; 413)")
+    p.add_argument("--data-parallel-size", "-dp", type=_positive, default=1,
+                   help="run D engine replicas (each with its own KV cache and TP/PP/EP ranks) behind this "
+                        "server; a request goes to the replica holding its longest cached prefix, else the "
+                        "least loaded (default 1)")
+    p.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0,
+                   help="on SIGTERM/SIGINT, refuse new requests (503) and let running ones finish for up to "
+                        "this many seconds before aborting them (default 30; 0 = abort at once)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     # The engine options are the ones generate / chat / bench take (one declaration).
     add_engine_args(p)
@@ -65,13 +80,25 @@ def serve(args: argparse.Namespace) -> int:
     from pagedlm.engine.engine import EngineConfig, LLMEngine
     from pagedlm.server.app import ServerConfig, build_app
 
-    engine = LLMEngine(EngineConfig(**engine_kwargs(args)))
-    print(engine.cache_report(), file=sys.stderr, flush=True)
+    kwargs = engine_kwargs(args)
+    if args.data_parallel_size > 1 and kwargs.get("launcher") == "torchrun":
+        raise ValueError("--data-parallel-size is not supported under torchrun (each replica would need its "
+                         "own ranks); start one torchrun job per replica behind a load balancer")
+    engines = [LLMEngine(EngineConfig(**kwargs)) for _ in range(args.data_parallel_size)]
+    engine = engines[0]
+    print(engine.cache_report() + (f"; {len(engines)} data-parallel replicas" if len(engines) > 1 else ""),
+          file=sys.stderr, flush=True)
     name = args.served_model_name or default_served_name(engine.model_path)
     async_engine = AsyncLLMEngine(engine, max_waiting=args.max_waiting)
+    if len(engines) > 1:
+        from pagedlm.server.replicas import ReplicaRouter
+
+        async_engine = ReplicaRouter([async_engine] + [AsyncLLMEngine(e, max_waiting=args.max_waiting)
+                                                       for e in engines[1:]])
     app = build_app(async_engine, ServerConfig(served_model_name=name, api_key=args.api_key or None,
                                                max_body_bytes=args.max_body_size))
-    server = make_server(app, async_engine, args.host, args.port, log_level=args.log_level)
+    server = make_server(app, async_engine, args.host, args.port, log_level=args.log_level,
+                         shutdown_timeout=args.shutdown_timeout)
     server.run()
     return 0
 
@@ -82,19 +109,43 @@ def default_served_name(model_path: str) -> str:
 
 
 def make_server(app, async_engine, host: str, port: int, log_level: str = "info",
-                graceful_timeout: float = 10.0):
+                graceful_timeout: float = 10.0, shutdown_timeout: float = 0.0):
     """A uvicorn server that drains the engine on SIGTERM/SIGINT and exits 0 (uvicorn re-raises
-    the signal after shutdown by default, which would end the process with 128+signal)."""
+    the signal after shutdown by default, which would end the process with 128+signal).
+
+    Draining: the listener stays open, so new requests get a 503 rather than a refused
+    connection, while running requests have ``shutdown_timeout`` seconds to finish; then what
+    is left is aborted and uvicorn shuts down."""
     import contextlib
     import signal
     import threading
+    import time
 
     import uvicorn
 
     class Server(uvicorn.Server):
         bound_port: int | None = None
+        draining = False
 
         def handle_exit(self, sig, frame) -> None:
+            if self.draining or shutdown_timeout <= 0:  # a second signal, or no grace: abort now
+                self._stop(sig, frame)
+                return
+            self.draining = True
+            async_engine.stop_admitting()
+            threading.Thread(target=self._drain, args=(sig,), name="pagedlm-drain", daemon=True).start()
+
+        def _drain(self, sig) -> None:
+            deadline = time.monotonic() + shutdown_timeout
+            while async_engine.num_in_flight and time.monotonic() < deadline and not self.should_exit:
+                time.sleep(0.05)
+            left = async_engine.num_in_flight
+            if left:
+                logging.getLogger("pagedlm.server").warning(
+                    "shutdown timeout (%.0f s): aborting %d running requests", shutdown_timeout, left)
+            self._stop(sig, None)
+
+        def _stop(self, sig, frame) -> None:
             if not self.should_exit:
                 async_engine.drain()  # in-flight requests end now; uvicorn then waits for their replies
             super().handle_exit(sig, frame)

@@ -24,36 +24,50 @@ class _EngineCollector:
         self.model_name = model_name
         self.snapshot: dict = {}
 
+    GAUGES = (("vllm:num_requests_running", "Sequences running in the engine.", "num_requests_running"),
+              ("vllm:num_requests_waiting", "Sequences waiting for a slot.", "num_requests_waiting"),
+              ("vllm:kv_cache_usage_perc", "KV cache usage, a fraction in [0, 1].", "kv_cache_usage"))
+    COUNTERS = (("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
+                ("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", "prefix_cache_hits"),
+                ("vllm:num_preemptions", "Sequences preempted (recompute).", "num_preemptions"),
+                ("vllm:prompt_tokens", "Prompt tokens admitted.", "prompt_tokens"),
+                ("vllm:generation_tokens", "Tokens generated.", "generation_tokens"))
+
+    SPEC_COUNTERS = (
+        ("vllm:spec_decode_num_drafts", "Verification steps with proposed tokens.", "spec_decode_num_drafts"),
+        ("vllm:spec_decode_num_draft_tokens", "Tokens proposed.", "spec_decode_num_draft_tokens"),
+        ("vllm:spec_decode_num_accepted_tokens", "Proposed tokens accepted.", "spec_decode_num_accepted_tokens"))
+
     def collect(self):
-        s, labels = self.snapshot, [self.model_name]
-        gauges = (("vllm:num_requests_running", "Sequences running in the engine.", "num_requests_running"),
-                  ("vllm:num_requests_waiting", "Sequences waiting for a slot.", "num_requests_waiting"),
-                  ("vllm:kv_cache_usage_perc", "KV cache usage, a fraction in [0, 1].", "kv_cache_usage"))
-        for name, doc, key in gauges:
-            g = GaugeMetricFamily(name, doc, labels=["model_name"])
-            g.add_metric(labels, float(s.get(key, 0.0)))
-            yield g
-        counters = (("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", "prefix_cache_queries"),
-                    ("vllm:prefix_cache_hits", "Prompt tokens served from the prefix cache.", "prefix_cache_hits"),
-                    ("vllm:num_preemptions", "Sequences preempted (recompute).", "num_preemptions"),
-                    ("vllm:prompt_tokens", "Prompt tokens admitted.", "prompt_tokens"),
-                    ("vllm:generation_tokens", "Tokens generated.", "generation_tokens"))
-        if "spec_decode_num_drafts" in s:  # speculative decoding is on
-            counters += (
-                ("vllm:spec_decode_num_drafts", "Verification steps with proposed tokens.", "spec_decode_num_drafts"),
-                ("vllm:spec_decode_num_draft_tokens", "Tokens proposed.", "spec_decode_num_draft_tokens"),
-                ("vllm:spec_decode_num_accepted_tokens", "Proposed tokens accepted.",
-                 "spec_decode_num_accepted_tokens"))
-        for name, doc, key in counters:
-            c = CounterMetricFamily(name, doc, labels=["model_name"])
-            c.add_metric(labels, float(s.get(key, 0.0)))
-            yield c
-        if "spec_decode_num_accepted_tokens_per_pos" in s:
+        # Data-parallel replicas (server/replicas.py): one sample per replica, labelled
+        # engine="i" as vLLM does; a single engine keeps the plain model_name label.
+        replicas = self.snapshot.get("replicas")
+        rows = ([([self.model_name, str(i)], s) for i, s in enumerate(replicas)] if replicas
+                else [([self.model_name], self.snapshot)])
+        names = ["model_name", "engine"] if replicas else ["model_name"]
+        spec = any("spec_decode_num_drafts" in s for _, s in rows)  # speculative decoding is on
+        counters = self.COUNTERS + (self.SPEC_COUNTERS if spec else ())
+        for family, specs in ((GaugeMetricFamily, self.GAUGES), (CounterMetricFamily, counters)):
+            for name, doc, key in specs:
+                f = family(name, doc, labels=names)
+                for labels, s in rows:
+                    f.add_metric(labels, float(s.get(key, 0.0)))
+                yield f
+        if spec:
             c = CounterMetricFamily("vllm:spec_decode_num_accepted_tokens_per_pos",
                                     "Proposed tokens accepted, by position in the proposal.",
-                                    labels=["model_name", "position"])
-            for pos, n in enumerate(s["spec_decode_num_accepted_tokens_per_pos"]):
-                c.add_metric(labels + [str(pos)], float(n))
+                                    labels=names + ["position"])
+            for labels, s in rows:
+                for pos, n in enumerate(s.get("spec_decode_num_accepted_tokens_per_pos", [])):
+                    c.add_metric(labels + [str(pos)], float(n))
+            yield c
+        if replicas:
+            c = CounterMetricFamily("pagedlm:routed_requests", "Requests the router sent to each replica, by reason "
+                                    "(prefix: it held the longest cached prefix; load: the least loaded).",
+                                    labels=names + ["reason"])
+            for labels, s in rows:
+                for reason in ("prefix", "load"):
+                    c.add_metric(labels + [reason], float(s.get(f"routed_by_{reason}", 0)))
             yield c
 
 
@@ -76,6 +90,6 @@ class ServerMetrics:
     def request_finished(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()
 
-    def render(self, snapshot: dict[str, float]) -> bytes:
+    def render(self, snapshot: dict) -> bytes:
         self.engine.snapshot = snapshot
         return generate_latest(self.registry)
