@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from pagedlm.config import RUNNABLE_ARCHITECTURES, ModelConfig, UnsupportedArchitectureError
+from pagedlm.config import ModelConfig, UnsupportedArchitectureError
 from pagedlm.model.layers.quant import (
     QuantConfig,
     finalize_quantization,
@@ -39,16 +39,21 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
     return DTYPES[dtype.lower()]
 
 
+# ModelConfig.family -> "module:class" of the model code that runs it.
+MODEL_CLASSES = {
+    "llama": "pagedlm.model.llama:LlamaForCausalLM",
+    "deepseek": "pagedlm.model.llama:LlamaForCausalLM",  # the Llama code with MLA and DeepSeek's router
+    "gpt2": "pagedlm.model.gpt2:GPT2LMHeadModel",
+}
+
+
 def model_class(cfg: ModelConfig) -> type[nn.Module]:
-    if cfg.architecture not in RUNNABLE_ARCHITECTURES:
+    if not cfg.runnable:
         raise UnsupportedArchitectureError(cfg.architecture)
-    if cfg.family == "gpt2":
-        from pagedlm.model.gpt2 import GPT2LMHeadModel
+    import importlib
 
-        return GPT2LMHeadModel
-    from pagedlm.model.llama import LlamaForCausalLM
-
-    return LlamaForCausalLM
+    module, name = MODEL_CLASSES[cfg.family].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
