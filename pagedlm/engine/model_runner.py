@@ -62,7 +62,7 @@ class ModelRunner:
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return sum(2 * a.num_kv_heads * a.head_dim * elem for a in self.model.attention_layers())
+        return sum(a.kv_elems_per_token() * elem for a in self.model.attention_layers())
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
@@ -70,10 +70,8 @@ class ModelRunner:
         # The compiled decode step pads batches with rows that write to one scratch block, past
         # the blocks the block manager hands out.
         extra = 1 if self.compiled is not None else 0
-        for a in self.model.attention_layers():
-            # (K|V, blocks, block_size, kv_heads, head_dim)
-            cache = torch.zeros(2, num_blocks + extra, block_size, a.num_kv_heads, a.head_dim,
-                                dtype=self.dtype, device=self.device)
+        for a in self.model.attention_layers():  # each declares its cache (K|V heads, or MLA's latent)
+            cache = torch.zeros(a.kv_cache_shape(num_blocks + extra, block_size), dtype=self.dtype, device=self.device)
             a.kv_cache = cache
             self.kv_caches.append(cache)
         if self.compiled is not None:
