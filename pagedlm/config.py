@@ -336,6 +336,8 @@ class ModelConfig:
             "eos_token_id": None if eos is None else int(eos),
             "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
             "tie_word_embeddings": bool(names) and "output.weight" not in names,
+            # llama.cpp records biases only as tensors (Llama with attention_bias has them).
+            "attention_bias": "blk.0.attn_q.bias" in names,
         }
         factor = opt("rope.scaling.factor")
         if factor and opt("rope.scaling.type", "linear") == "linear":

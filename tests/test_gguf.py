@@ -144,15 +144,21 @@ def test_gguf_logits_match_hf_original(kind, tmp_path):
     cfg = ModelConfig.from_pretrained(str(path))
     assert cfg.gguf_qk_permuted == (GGUF_ARCH[kind] == "llama")
     assert cfg.is_moe == (kind == "mixtral")
+    _assert_logits_match(hf, path, cfg, length=20)
+
+
+def _assert_logits_match(hf, path, cfg: ModelConfig, length: int) -> None:
+    """Float32 logits of a prefill of half the tokens, then one decode step per token."""
     model = load_model(str(path), cfg, torch.float32)
-    ids = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, cfg.vocab_size, (length,), generator=torch.Generator().manual_seed(length))
     with torch.no_grad():
         ref = hf(ids[None]).logits[0]
-    assert_close(run_pagedlm(model, ids, prefill=11), ref)
+    assert_close(run_pagedlm(model, ids, prefill=length // 2 + 1), ref)
 
 
 def test_gguf_qkv_bias_is_permuted_for_llama(tmp_path):
-    """Llama with attention_bias: the converter permutes the q/k biases too."""
+    """Llama with attention_bias: the converter permutes the q/k biases too; the loader finds the
+    biases from the tensor names."""
     hf = hf_tiny("llama", attention_bias=True)
     with torch.no_grad():
         for layer in hf.model.layers:
@@ -161,12 +167,8 @@ def test_gguf_qkv_bias_is_permuted_for_llama(tmp_path):
     path = tmp_path / "llama-bias.gguf"
     write_gguf("llama", hf, path)
     cfg = ModelConfig.from_pretrained(str(path))
-    cfg = cfg.with_overrides(attention_bias=True, o_proj_bias=True)  # GGUF metadata has no bias flag
-    model = load_model(str(path), cfg, torch.float32)
-    ids = torch.randint(0, cfg.vocab_size, (12,), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref = hf(ids[None]).logits[0]
-    assert_close(run_pagedlm(model, ids, prefill=7), ref)
+    assert cfg.attention_bias and cfg.o_proj_bias  # from the bias tensors: no metadata key says so
+    _assert_logits_match(hf, path, cfg, length=12)
 
 
 def test_gguf_engine_greedy_matches_hf(tmp_path):

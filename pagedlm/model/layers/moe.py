@@ -36,11 +36,11 @@ import torch
 from torch import nn
 
 from pagedlm.config import ModelConfig
-from pagedlm.distributed.state import get_parallel_state
 from pagedlm.model.layers.basic import act_fn
 from pagedlm.model.layers.linear import ReplicatedLinear, _copy_checked
 from pagedlm.model.layers.matmul import linear
 from pagedlm.model.layers.quant import QuantizedWeight, current_weight_dtype, quantize_int4, quantize_int8
+from pagedlm.model.parallel import current_parallel_state
 
 
 class FusedExperts(nn.Module):
@@ -49,7 +49,7 @@ class FusedExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden: int, inter: int, act: str):
         super().__init__()
-        ps = get_parallel_state()
+        ps = current_parallel_state()
         if num_experts % ps.ep_size:
             raise ValueError(f"expert parallel size {ps.ep_size} does not divide num_experts {num_experts}")
         if inter % ps.tp_size:
@@ -142,7 +142,7 @@ class SharedExpert(nn.Module):
 class SparseMoeBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        ps = get_parallel_state()
+        ps = current_parallel_state()
         self.tp_size, self.tp_group = ps.tp_size, ps.tp_group
         self.ep_size, self.ep_group = ps.ep_size, ps.ep_group
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
