@@ -29,7 +29,7 @@ def run_pagedlm(model, ids: torch.Tensor, prefill: int, block_size: int = 4) -> 
 
     dtype = split_dtype(next(model.parameters()).dtype)[1]  # the compute dtype holds the KV cache
     for a in model.attention_layers():
-        a.kv_cache = torch.zeros(2, nb, block_size, a.num_kv_heads, a.head_dim, dtype=dtype)
+        a.kv_cache = torch.zeros(a.kv_cache_shape(nb, block_size), dtype=dtype)
     table = torch.randperm(nb)  # blocks need not be contiguous
     slots = lambda ps: torch.tensor([int(table[p // block_size]) * block_size + p % block_size for p in ps])  # noqa: E731
     out = []
@@ -74,7 +74,7 @@ def test_chunked_prefill_over_cached_prefix_matches(tmp_path):
         ref = hf(ids[None]).logits[0]
     bs, nb = 4, 5
     for a in model.attention_layers():
-        a.kv_cache = torch.zeros(2, nb, bs, a.num_kv_heads, a.head_dim)
+        a.kv_cache = torch.zeros(a.kv_cache_shape(nb, bs))
     table = torch.tensor([3, 0, 4, 1, 2])
     slots = lambda ps: torch.tensor([int(table[p // bs]) * bs + p % bs for p in ps])  # noqa: E731
     with torch.no_grad():

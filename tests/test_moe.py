@@ -88,3 +88,33 @@ def test_missing_expert_is_named(tmp_path):
     save_file(state, str(tmp_path / "model.safetensors"))
     with pytest.raises(ModelLoadError, match=r"model\.layers\.1\.mlp\.experts\.gate_up_proj"):
         load_model(str(tmp_path), ModelConfig.from_pretrained(str(tmp_path)), torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen2_moe"])
+def test_moe_bf16_weights_fp32_compute_on_cpus_without_native_bf16(kind, tmp_path, monkeypatch):
+    """Forced no-native-bf16 policy (bf16 weights, fp32 activations): the router, the fused experts
+    and the shared expert multiply through ``matmul.linear`` like dense layers (``F.linear`` of a
+    bf16 weight and an fp32 input would raise), and the logits are those of the same model with
+    bf16-rounded weights computed in float32 (few-row matmuls round their input to bf16: looser
+    tolerance than float32)."""
+    from pagedlm.model.layers import matmul
+
+    monkeypatch.setattr(matmul, "cpu_has_native_bf16", lambda: False)
+    hf = hf_tiny_moe(kind)
+    hf.save_pretrained(tmp_path)
+    cfg = ModelConfig.from_pretrained(str(tmp_path))
+    model = load_model(str(tmp_path), cfg, torch.bfloat16)
+    mlp = model.model.layers["0"].mlp
+    assert mlp.experts.gate_up_proj.dtype == torch.bfloat16 and mlp.gate.weight.dtype == torch.bfloat16
+    if kind == "qwen2_moe":
+        assert mlp.shared_expert.down_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(p.bfloat16().float())
+    ids = torch.randint(0, cfg.vocab_size, (20,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    ours = run_pagedlm(model, ids, prefill=11)
+    assert ours.dtype == torch.float32
+    err = (ours - ref).abs().max().item()
+    assert err <= 0.03 * ref.abs().max().item(), err

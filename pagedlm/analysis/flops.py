@@ -45,7 +45,7 @@ class Flops:
 
 def attention_matmul_weights(cfg: ModelConfig) -> int:
     h = cfg.hidden_size
-    if cfg.family == "deepseek_v3":
+    if cfg.is_mla:
         nh, qk = cfg.num_attention_heads, cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         q = h * cfg.q_lora_rank + cfg.q_lora_rank * nh * qk if cfg.q_lora_rank else h * nh * qk
         return (q + h * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
@@ -75,7 +75,7 @@ def matmul_weights_per_token(cfg: ModelConfig) -> int:
 def attention_flops_per_key(cfg: ModelConfig, mla_absorbed: bool = False) -> int:
     """FLOPs of one query scoring and reading one key, over all heads (one layer)."""
     nh = cfg.num_attention_heads
-    if cfg.family == "deepseek_v3":
+    if cfg.is_mla:
         if mla_absorbed:  # scores against the latent + rope key, values read from the latent
             return 2 * nh * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
         return 2 * nh * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim + cfg.v_head_dim)
@@ -127,7 +127,7 @@ def decode_flops(cfg: ModelConfig, context: int) -> Flops:
     DeepSeek-V3 decodes in MLA's absorbed form (attention over the latent cache).
     """
     return forward_flops(cfg, 1, max(context - 1, 0), logits_tokens=1,
-                         mla_absorbed=cfg.family == "deepseek_v3")
+                         mla_absorbed=cfg.is_mla)
 
 
 def training_forward_flops_exact(cfg: ModelConfig, batch: int, seq: int) -> Flops:

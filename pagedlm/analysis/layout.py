@@ -17,7 +17,7 @@ def validate_layout(cfg: ModelConfig, tp: int = 1, pp: int = 1, ep: int = 1) -> 
     if cfg.num_attention_heads % tp:
         raise ValueError(f"--tp {tp} does not divide num_attention_heads ({cfg.num_attention_heads})")
     kv = cfg.num_key_value_heads
-    if cfg.family != "deepseek_v3" and kv % tp and tp % kv:
+    if not cfg.is_mla and kv % tp and tp % kv:
         raise ValueError(f"--tp {tp} neither divides nor is a multiple of num_key_value_heads ({kv})")
     if not all(cfg.moe_layers) and cfg.intermediate_size % tp:
         raise ValueError(f"--tp {tp} does not divide intermediate_size ({cfg.intermediate_size})")

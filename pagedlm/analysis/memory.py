@@ -18,7 +18,7 @@ def _num(x: float) -> float | int:
 
 def kv_bytes_per_token_layer(cfg: ModelConfig, layer: int, dtype_bytes: float, tp: int = 1) -> float | int:
     """KV bytes one token adds to ``layer`` (on one TP rank when ``tp`` > 1)."""
-    if cfg.family == "deepseek_v3":  # latent cache, the same on every TP rank
+    if cfg.is_mla:  # latent cache, the same on every TP rank
         return _num((cfg.kv_lora_rank + cfg.qk_rope_head_dim) * dtype_bytes)
     return _num(2 * kv_heads_per_rank(cfg, tp) * cfg.head_dim * dtype_bytes)
 
@@ -103,7 +103,7 @@ def activation_peak_bytes(cfg: ModelConfig, chunk_tokens: int, dtype_bytes: floa
     are fp32 and only for the ``num_sampled`` sampled tokens.
     """
     h, t = cfg.hidden_size, chunk_tokens
-    if cfg.family == "deepseek_v3":
+    if cfg.is_mla:
         nh = cfg.num_attention_heads // tp
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         attn = (cfg.q_lora_rank or 0) + nh * qk + cfg.kv_lora_rank + cfg.qk_rope_head_dim \

@@ -130,7 +130,7 @@ def _norm(cfg: ModelConfig, dim: int) -> int:
 
 def attention_params(cfg: ModelConfig) -> int:
     h = cfg.hidden_size
-    if cfg.family == "deepseek_v3":  # multi-head latent attention
+    if cfg.is_mla:  # multi-head latent attention
         nh = cfg.num_attention_heads
         qk_dim = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         if cfg.q_lora_rank:
@@ -158,14 +158,14 @@ def layer_params(cfg: ModelConfig, i: int) -> LayerParams:
     one_expert = _mlp(cfg, cfg.moe_intermediate_size)
     router = h * cfg.num_experts  # the gate: hidden -> one logit per expert, no bias
     shared = 0
-    if cfg.architecture == "Qwen2MoeForCausalLM":
+    if cfg.shared_expert_intermediate_size:
         # One shared expert of its own width, scaled by a sigmoid gate (hidden -> 1).
         shared = _mlp(cfg, cfg.shared_expert_intermediate_size) + h
     elif cfg.n_shared_experts:
-        # DeepSeek-V3: n_shared_experts experts fused into one MLP of n times the expert width.
+        # DeepSeek: n_shared_experts experts fused into one MLP of n times the expert width.
         shared = _mlp(cfg, cfg.moe_intermediate_size * cfg.n_shared_experts)
-    if cfg.family == "deepseek_v3":
-        router += cfg.num_experts  # e_score_correction_bias (checkpoint tensor)
+    if cfg.router == "sigmoid_group":
+        router += cfg.num_experts  # DeepSeek-V3's e_score_correction_bias (checkpoint tensor)
     return LayerParams(i, "moe", attn, 0, cfg.num_experts * one_expert, shared, router, norms,
                        cfg.num_experts_per_tok * one_expert)
 
@@ -191,7 +191,7 @@ def mtp_params(cfg: ModelConfig, num_nextn_predict_layers: int = 1) -> int:
     (2h -> h), and its own copies of the embedding, ``shared_head.norm`` and ``shared_head.head``.
     Not part of the model transformers (or pagedlm) runs; used only to reconcile 671B with 685B.
     """
-    if cfg.family != "deepseek_v3":
+    if not cfg.is_mla:
         raise ValueError(f"{cfg.architecture} has no multi-token-prediction module")
     h = cfg.hidden_size
     layer = layer_params(cfg, cfg.num_hidden_layers - 1)  # a routed (MoE) layer

@@ -62,7 +62,7 @@ class _Workers:
 
 
 class DistributedModelRunner(ModelRunner):
-    """Same interface as ModelRunner (prepare / execute / allocate_kv_cache / kv_bytes_per_token)."""
+    """``ModelRunnerBase`` over spawned ranks (it reuses ``ModelRunner.prepare`` to pack batches)."""
 
     poll_interval = 0.2
 
@@ -75,7 +75,7 @@ class DistributedModelRunner(ModelRunner):
             raise ValueError(f"device {device!r} asked for, but no CUDA device is visible")
         from pagedlm.model.layers.matmul import split_dtype
 
-        self.cfg, self.dtype, self.layout = cfg, dtype, layout
+        self.cfg, self.model_dtype, self.layout = cfg, dtype, layout  # model_dtype: what each rank builds
         self.weight_dtype, self.compute_dtype = split_dtype(dtype, device)  # as each rank's ModelRunner
         self.device = torch.device("cpu")  # where batches are packed; ranks move them to their device
         self.block_size = 0
@@ -115,7 +115,7 @@ class DistributedModelRunner(ModelRunner):
         for rank in range(world):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=worker_main, name=f"pagedlm-rank{rank}", daemon=True,
-                            args=(rank, self.layout, master_addr, port, backend, model_path, self.cfg, self.dtype,
+                            args=(rank, self.layout, master_addr, port, backend, model_path, self.cfg, self.model_dtype,
                                   device, child, self.timeout_s, threads))
             p.start()
             child.close()

@@ -119,7 +119,7 @@ class RankNode:
         self.state = init_distributed(env.rank, layout, store, backend, timeout_s)
         # Control objects go over gloo even on CUDA (pickled objects live in host memory).
         self.ctrl = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
-        self.runner = ModelRunner(model_path, cfg, dtype, device, quantization=quantization,
+        self.runner = ModelRunner(model_path, cfg, dtype, device, quantization=quantization, parallel=self.state,
                                   **layout.stage_kwargs(cfg, self.state.pp_rank))
         self.executor = StageExecutor(self.runner, layout, self.state, cfg)
         mine = torch.tensor([self.runner.kv_bytes_per_token()], dtype=torch.long)
@@ -140,7 +140,7 @@ class TorchrunModelRunner(DistributedModelRunner):
     def __init__(self, model_path: str, cfg, dtype, device: str, layout: ParallelLayout, env: TorchrunEnv,
                  quantization: str = "none", timeout_s: float = 120.0):
         layout.validate(cfg)  # not DistributedModelRunner.__init__: it would spawn ranks
-        self.cfg, self.dtype, self.layout, self.env = cfg, dtype, layout, env
+        self.cfg, self.model_dtype, self.layout, self.env = cfg, dtype, layout, env
         self.weight_dtype, self.compute_dtype = split_dtype(dtype, device)
         self.device = torch.device("cpu")  # where batches are packed
         self.block_size = 0

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from pagedlm.distributed import comm
 from pagedlm.distributed.layout import ParallelLayout
-from pagedlm.distributed.state import ParallelState, set_parallel_state
+from pagedlm.distributed.state import ParallelState
 
 
 def init_distributed(rank: int, layout: ParallelLayout, store, backend: str, timeout_s: float) -> ParallelState:
@@ -37,7 +37,6 @@ def init_distributed(rank: int, layout: ParallelLayout, store, backend: str, tim
             ep_group = g
     state = ParallelState(tp_rank=tp_rank, tp_size=layout.tp, tp_group=tp_group, pp_rank=pp_rank, pp_size=layout.pp,
                           ep_rank=ep_rank, ep_size=layout.ep, ep_group=ep_group)
-    set_parallel_state(state)
     return state
 
 
@@ -69,7 +68,7 @@ class StageExecutor:
         input_ids, positions, meta, logit_rows = _to_device(parts[st.ep_rank], dev)
         hidden = None
         if st.pp_rank > 0:
-            hidden = torch.empty(len(input_ids), self.cfg.hidden_size, dtype=self.runner.dtype, device=dev)
+            hidden = torch.empty(len(input_ids), self.cfg.hidden_size, dtype=self.runner.compute_dtype, device=dev)
             comm.recv(hidden, self.rank - self.stride)
         hidden = model(input_ids, positions, meta, hidden=hidden)
         if st.pp_rank < st.pp_size - 1:
@@ -94,7 +93,7 @@ def worker_main(rank: int, layout: ParallelLayout, master_addr: str, master_port
             torch.cuda.set_device(device)
         store = dist.TCPStore(master_addr, master_port, is_master=False, timeout=timedelta(seconds=timeout_s))
         state = init_distributed(rank, layout, store, backend, timeout_s)
-        runner = ModelRunner(model_path, cfg, dtype, device, **layout.stage_kwargs(cfg, state.pp_rank))
+        runner = ModelRunner(model_path, cfg, dtype, device, parallel=state, **layout.stage_kwargs(cfg, state.pp_rank))
         executor = StageExecutor(runner, layout, state, cfg)
         conn.send(("ready", runner.kv_bytes_per_token()))
     except BaseException:

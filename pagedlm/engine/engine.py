@@ -279,7 +279,7 @@ class LLMEngine:
                              f"{config.block_size} tokens ({per_block} bytes each)")
         self.runner.allocate_kv_cache(num_blocks, config.block_size)
         self.kv_bytes_per_token = per_token
-        prefix_caching = config.enable_prefix_caching and getattr(self.runner, "supports_prefix_caching", True)
+        prefix_caching = config.enable_prefix_caching and self.runner.supports_prefix_caching
         self.block_manager = BlockManager(num_blocks, config.block_size, prefix_caching)
         cache_tokens = num_blocks * config.block_size
         self.max_model_len = min(model_max, cache_tokens)
@@ -317,7 +317,7 @@ class LLMEngine:
         than at the first step of each size; a no-op with enforce_eager. With speculative
         decoding, a list of buckets also gets the one a sequence's 1 + k verification rows use
         (and a draft model compiles the same buckets)."""
-        compiled = getattr(self.runner, "compiled", None)
+        compiled = self.runner.compiled
         if self.spec is not None:
             self.spec.warmup(buckets)
         if compiled is not None:
@@ -335,12 +335,12 @@ class LLMEngine:
         bm = self.block_manager
         mib = bm.num_blocks * bm.block_size * self.kv_bytes_per_token / 2**20
         r = self.runner
-        w, c = (str(d).removeprefix("torch.") for d in (r.weight_dtype, getattr(r, "compute_dtype", r.dtype)))
+        w, c = (str(d).removeprefix("torch.") for d in (r.weight_dtype, r.compute_dtype))
         dt = f"dtype {c}" if w == c else f"weights {w}, compute {c}"
-        quant = {k: v for k, v in getattr(r, "quant_counts", {}).items() if k != "none"}
+        quant = {k: v for k, v in r.quant_counts.items() if k != "none"}
         if quant:
             dt += "; quantized layers: " + ", ".join(f"{v} {k}" for k, v in sorted(quant.items()))
-        if getattr(r, "compiled", None) is not None:
+        if r.compiled is not None:
             dt += "; compiled decode"
         return (f"{dt}; KV cache: {bm.num_blocks} blocks x {bm.block_size} tokens = {bm.num_blocks * bm.block_size} "
                 f"tokens ({mib:.1f} MiB, {self.kv_bytes_per_token} bytes/token); max_model_len {self.max_model_len}")
@@ -776,9 +776,7 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Stop the model ranks of a parallel engine (no-op for a single process)."""
-        stop = getattr(self.runner, "shutdown", None)
-        if stop is not None:
-            stop()
+        self.runner.shutdown()
 
     # ---- metrics ---------------------------------------------------------------------------
     def get_metrics(self) -> dict[str, float]:

@@ -13,6 +13,7 @@ eagerly.
 
 from __future__ import annotations
 
+import abc
 import logging
 from dataclasses import dataclass
 
@@ -40,19 +41,51 @@ class StepInputs:
     compiled: object = None  # the compiled decode step's batch bucket, when it runs this step
 
 
-class ModelRunner:
-    compiled = None  # CompiledDecode when the decode step is compiled
-    quant_counts: dict[str, int] = {}
+class ModelRunnerBase(abc.ABC):
+    """What the engine needs of a model runner, in this process (``ModelRunner``) or over ranks
+    (``DistributedModelRunner``): declared here, so the engine reads attributes, not ``getattr``."""
 
+    weight_dtype: torch.dtype  # linear and embedding weights
+    compute_dtype: torch.dtype  # activations and the KV cache
+    block_size: int = 0
+    supports_prefix_caching: bool = True  # False where cached blocks are not visible to every step
+    compiled = None  # CompiledDecode when the decode step is compiled
+    quant_counts: dict[str, int] = {}  # layers per quantization method
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The compute dtype (activations and the KV cache)."""
+        return self.compute_dtype
+
+    @abc.abstractmethod
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes per token, all layers (on the busiest rank)."""
+
+    @abc.abstractmethod
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None: ...
+
+    @abc.abstractmethod
+    def prepare(self, out: SchedulerOutput) -> StepInputs: ...
+
+    @abc.abstractmethod
+    def execute(self, inputs: StepInputs) -> torch.Tensor | None:
+        """float32 logits for ``inputs.logit_rows`` (None if none are needed)."""
+
+    def shutdown(self) -> None:  # noqa: B027 (optional to override)
+        """Release processes or devices; nothing to do in-process."""
+
+
+class ModelRunner(ModelRunnerBase):
     def __init__(self, model_path: str, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu",
                  quantization: str = "none", enforce_eager: bool = True, dense_min_rows: int | None = None,
-                 max_num_seqs: int = 64, max_loras: int = 0, max_lora_rank: int = 16, **stage):
+                 max_num_seqs: int = 64, max_loras: int = 0, max_lora_rank: int = 16, parallel=None,
+                 **stage):
         from pagedlm.model.layers.matmul import split_dtype
 
         self.cfg = cfg
-        self.weight_dtype, self.dtype = split_dtype(dtype, device)  # self.dtype: activations and KV cache
+        self.weight_dtype, self.compute_dtype = split_dtype(dtype, device)
         self.device = torch.device(device)
-        self.model = load_model(model_path, cfg, dtype, device, quantization, dense_min_rows, **stage)
+        self.model = load_model(model_path, cfg, dtype, device, quantization, dense_min_rows, parallel, **stage)
         self.quant_counts: dict[str, int] = getattr(self.model, "quant_counts", {})
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = 0
@@ -69,8 +102,8 @@ class ModelRunner:
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return sum(2 * a.num_kv_heads * a.head_dim * elem for a in self.model.attention_layers())
+        elem = self.compute_dtype.itemsize
+        return sum(a.kv_elems_per_token() * elem for a in self.model.attention_layers())
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
@@ -78,10 +111,8 @@ class ModelRunner:
         # The compiled decode step pads batches with rows that write to one scratch block, past
         # the blocks the block manager hands out.
         extra = 1 if self.compiled is not None else 0
-        for a in self.model.attention_layers():
-            # (K|V, blocks, block_size, kv_heads, head_dim)
-            cache = torch.zeros(2, num_blocks + extra, block_size, a.num_kv_heads, a.head_dim,
-                                dtype=self.dtype, device=self.device)
+        for a in self.model.attention_layers():  # each declares its cache (K|V heads, or MLA's latent)
+            cache = torch.zeros(a.kv_cache_shape(num_blocks + extra, block_size), dtype=self.compute_dtype, device=self.device)
             a.kv_cache = cache
             self.kv_caches.append(cache)
         if self.compiled is not None:

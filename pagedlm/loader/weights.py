@@ -88,6 +88,12 @@ _GGUF_LAYER_NAMES = {
     "ffn_down": "mlp.down_proj",
     "post_attention_norm": "post_attention_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
+    # Mixtral (llama.cpp's "llama" with experts): the router and each part of all experts as one
+    # 3-D tensor (experts, out, in); ``layers/moe.py`` maps the 3-D forms.
+    "ffn_gate_inp": "mlp.gate",
+    "ffn_gate_exps": "mlp.experts.gate_proj",
+    "ffn_up_exps": "mlp.experts.up_proj",
+    "ffn_down_exps": "mlp.experts.down_proj",
 }
 
 
@@ -100,6 +106,9 @@ def gguf_to_hf_name(name: str, cfg: ModelConfig) -> str | None:
     if not m:
         return None
     layer, part, kind = m.groups()
+    if part.endswith("_exps"):  # 3-D expert tensors carry no ".weight" in their HF-side name
+        hf = _GGUF_LAYER_NAMES[part]
+        return f"model.layers.{layer}.{hf}" if kind == "weight" else None
     if part == "ffn_norm":
         hf = "pre_feedforward_layernorm" if cfg.post_norms else "post_attention_layernorm"
     else:
@@ -107,6 +116,9 @@ def gguf_to_hf_name(name: str, cfg: ModelConfig) -> str | None:
     if hf is None:
         return None
     return f"model.layers.{layer}.{hf}.{kind}"
+
+
+_QK_PERMUTED = ("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")
 
 
 def iter_gguf_weights(path: str, cfg: ModelConfig, int4_codes: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
@@ -119,8 +131,8 @@ def iter_gguf_weights(path: str, cfg: ModelConfig, int4_codes: bool = False) -> 
     from pagedlm.loader.gguf_quant import INT4_TYPES
     from pagedlm.loader.gguf_quant import int4_codes as gguf_int4
 
-    if cfg.family == "gpt2":
-        raise ModelLoadError("GGUF GPT-2 checkpoints are not supported; use an HF directory")
+    if cfg.position_embedding != "rope" or cfg.is_mla:
+        raise ModelLoadError(f"GGUF {cfg.architecture} checkpoints are not supported; use an HF directory")
     reader = open_gguf(path)
     for t in reader.tensors:
         if _IGNORED.search(t.name):
@@ -142,9 +154,10 @@ def iter_gguf_weights(path: str, cfg: ModelConfig, int4_codes: bool = False) -> 
         codes = None
         if int4_codes and t.tensor_type.name in INT4_TYPES and len(shape) == 2:
             codes = gguf_int4(t.data, t.tensor_type.name, shape[1])
-        if cfg.family == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
-            heads = cfg.num_attention_heads if "q_proj" in name else cfg.num_key_value_heads
-            # llama.cpp interleaves the two rope halves of each head; restore "rotate half" order.
+        if cfg.gguf_qk_permuted and name.endswith(_QK_PERMUTED):
+            heads = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
+            # llama.cpp's converter interleaved the two rope halves of each head's rows (weight
+            # and bias); restore "rotate half" order.
             perm = torch.arange(shape[0]).view(heads, cfg.head_dim // 2, 2).transpose(1, 2).reshape(-1)
             w = w[perm]
             codes = None if codes is None else tuple(c[perm] for c in codes)
@@ -188,6 +201,12 @@ def default_remap(model: nn.Module, name: str, tensor: torch.Tensor):
             yield name.replace(f".{ckpt}.", f".{packed}."), tensor, shard
             return
     yield name, tensor, None
+
+
+def layer_of(name: str) -> int | None:
+    """The layer number a checkpoint name belongs to (None for embeddings, final norm, head)."""
+    m = _LAYER.search(name)
+    return int(m.group(1)) if m else None
 
 
 def _stage_layers(params: dict[str, torch.Tensor]):

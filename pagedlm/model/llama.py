@@ -5,6 +5,8 @@
     Gemma 3: embeddings x sqrt(hidden), GeGLU, RMSNorm with (1 + w), q/k norm, norms after
              attention and MLP as well as before, sliding-window layers with their own rope base
     Mixtral / Qwen-MoE: the MLP of some layers is a sparse mixture of experts (layers/moe.py)
+    DeepSeek-V2 / V3: multi-head latent attention (layers/mla.py), YaRN rope on the rope dims only,
+             dense first layers, routed + shared experts with a group-limited router
 
 One step runs on a flat batch of tokens (no padding): ``forward(input_ids, positions, meta)``.
 """
@@ -73,7 +75,12 @@ class LlamaMLP(nn.Module):
 class LlamaDecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, layer)
+        if cfg.is_mla:
+            from pagedlm.model.layers.mla import MLAAttention
+
+            self.self_attn = MLAAttention(cfg, layer)
+        else:
+            self.self_attn = LlamaAttention(cfg, layer)
         if cfg.moe_layers[layer]:
             from pagedlm.model.layers.moe import SparseMoeBlock
 
@@ -113,7 +120,7 @@ class LlamaModel(nn.Module):
         for i in self.layer_ids:
             key = (cfg.rope_theta_for(i), cfg.rope_scaling_for(i))
             if key not in ropes:
-                ropes[key] = RotaryEmbedding(cfg.head_dim, *key)
+                ropes[key] = RotaryEmbedding(cfg.rotary_dim, *key)
             self.layer_rope[i] = str(list(ropes).index(key))
         self.rotary = nn.ModuleDict({str(j): r for j, r in enumerate(ropes.values())})
 
@@ -145,6 +152,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, layers: range | None = None, first: bool = True, last: bool = True):
         super().__init__()
         self.config = cfg
+        if cfg.is_mla:  # MLA's projections load as they are (its q_proj is not fused with k/v)
+            self.packed_modules_mapping = {k: v for k, v in self.packed_modules_mapping.items()
+                                           if v[0] != "qkv_proj"}
         self.first, self.last = first, last
         self.model = LlamaModel(cfg, layers)
         if not cfg.tie_word_embeddings:
@@ -164,14 +174,17 @@ class LlamaForCausalLM(nn.Module):
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-    def attention_layers(self) -> list[Attention]:
-        return [m.self_attn.attn for m in self.model.layers.values()]
+    def attention_layers(self) -> list[nn.Module]:
+        """The modules that own a KV cache (``Attention``, or ``MLAAttention`` itself)."""
+        return [m.self_attn if self.config.is_mla else m.self_attn.attn for m in self.model.layers.values()]
 
     def remap_checkpoint(self, name: str, tensor: torch.Tensor):
         """Yield (parameter name, tensor, shard id): MoE experts of any layout (layers/moe.py),
         then the fused q/k/v and gate/up of ``packed_modules_mapping``."""
-        from pagedlm.loader.weights import default_remap
+        from pagedlm.loader.weights import default_remap, layer_of
 
+        if (layer_of(name) or 0) >= self.config.num_hidden_layers:
+            return  # DeepSeek-V3's multi-token-prediction module: not used for decoding
         if self.config.is_moe:
             from pagedlm.model.layers.moe import remap_moe, rename_moe
 

@@ -7,7 +7,7 @@ import os
 import torch
 from torch import nn
 
-from pagedlm.config import RUNNABLE_ARCHITECTURES, ModelConfig, UnsupportedArchitectureError
+from pagedlm.config import ModelConfig, UnsupportedArchitectureError
 from pagedlm.model.layers.quant import (
     QuantConfig,
     finalize_quantization,
@@ -15,6 +15,7 @@ from pagedlm.model.layers.quant import (
     most_precise,
     validate_quantization,
 )
+from pagedlm.model.parallel import ParallelState, parallel_scope
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -39,24 +40,30 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
     return DTYPES[dtype.lower()]
 
 
+# ModelConfig.family -> "module:class" of the model code that runs it.
+MODEL_CLASSES = {
+    "llama": "pagedlm.model.llama:LlamaForCausalLM",
+    "deepseek": "pagedlm.model.llama:LlamaForCausalLM",  # the Llama code with MLA and DeepSeek's router
+    "gpt2": "pagedlm.model.gpt2:GPT2LMHeadModel",
+}
+
+
 def model_class(cfg: ModelConfig) -> type[nn.Module]:
-    if cfg.architecture not in RUNNABLE_ARCHITECTURES:
+    if not cfg.runnable:
         raise UnsupportedArchitectureError(cfg.architecture)
-    if cfg.family == "gpt2":
-        from pagedlm.model.gpt2 import GPT2LMHeadModel
+    import importlib
 
-        return GPT2LMHeadModel
-    from pagedlm.model.llama import LlamaForCausalLM
-
-    return LlamaForCausalLM
+    module, name = MODEL_CLASSES[cfg.family].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
-                quant: QuantConfig | None = None, **stage) -> nn.Module:
+                quant: QuantConfig | None = None, parallel: ParallelState | None = None, **stage) -> nn.Module:
     """Build with uninitialised weights (torch.empty): loading fills them. Linear and embedding
     weights are created in the weight dtype, the rest in the compute dtype (``matmul.split_dtype``:
     bf16 weights with fp32 compute where the hardware computes bf16 slowly). Each linear layer gets
-    its ``quant_method`` (``layers/quant.py``) by its checkpoint names."""
+    its ``quant_method`` (``layers/quant.py``) by its checkpoint names. ``parallel``: the shard of
+    each layer this process builds (``pagedlm.model.parallel``; None: one process)."""
     from pagedlm.model.layers.matmul import split_dtype
     from pagedlm.model.layers.quant import weight_dtype_scope
 
@@ -64,7 +71,7 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device
     prev = torch.get_default_dtype()
     torch.set_default_dtype(compute_dtype)
     try:
-        with torch.device(device), weight_dtype_scope(weight_dtype):
+        with torch.device(device), weight_dtype_scope(weight_dtype), parallel_scope(parallel):
             model = model_class(cfg)(cfg, **stage)
     finally:
         torch.set_default_dtype(prev)
@@ -103,7 +110,8 @@ def assign_quant_methods(model: nn.Module, quant: QuantConfig, device: torch.dev
 
 
 def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
-               quantization: str = "none", dense_min_rows: int | None = None, **stage) -> nn.Module:
+               quantization: str = "none", dense_min_rows: int | None = None,
+               parallel: ParallelState | None = None, **stage) -> nn.Module:
     """Build, load strictly, then quantize as ``quantization`` says (auto | none | int8 | int4;
     auto keeps a GGUF file's precision class per tensor and is none for HF directories)."""
     from pagedlm.loader.weights import iter_weights, load_weights
@@ -114,7 +122,7 @@ def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str | to
         raise FileNotFoundError(f"model path does not exist: {path!r}")
     types = gguf_tensor_types(path, cfg) if quantization == "auto" and path.endswith(".gguf") else {}
     quant = QuantConfig(quantization, types, dense_min_rows)
-    model = build_model(cfg, dtype, device, quant, **stage)
+    model = build_model(cfg, dtype, device, quant, parallel, **stage)
     load_weights(model, iter_weights(path, cfg, int4_codes=quantization in ("auto", "int4")))
     model.quant_counts = finalize_quantization(model, split_dtype(dtype, device)[1], quant)
     return model

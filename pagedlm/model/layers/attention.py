@@ -11,6 +11,13 @@ New K/V are written by ``slot_mapping``; block tables are read for the context.
 
 Backends sit behind one call, ``backend.forward(q, k, v, kv_cache, meta, scale, window)``, and
 each owns its metadata class: the layer runs ``meta.backend``. ``BACKENDS`` is the registry.
+Multi-head latent attention (``layers/mla.py``) uses two more calls of the same backends:
+``write_latent`` and ``decode_latent`` (decode rows attend to a one-slot cache of latents, one
+KV head whose values are the first ``value_dim`` columns of the keys).
+
+Every attention layer a model lists in ``attention_layers()`` declares its cache:
+``kv_cache_shape(num_blocks, block_size)`` and ``kv_elems_per_token()``; the runner allocates
+``kv_cache`` from them (K/V heads here; one latent per token for MLA).
 
     torch  ``AttentionMetadata``: the portable reference (CPU and CUDA, varlen decodes and prefill
            chunks). Gathers each sequence's blocks into a contiguous copy and calls SDPA.
@@ -144,6 +151,30 @@ class TorchAttentionBackend:
             out[s : s + n] = o.squeeze(0).transpose(0, 1)
         return out
 
+    # ---- multi-head latent attention (layers/mla.py): a one-slot cache of latents ----------
+    @staticmethod
+    def write_latent(cache: torch.Tensor, latent: torch.Tensor, slots: torch.Tensor) -> None:
+        _, nb, bs, _, d = cache.shape
+        cache[0].view(nb * bs, d).index_copy_(0, slots, latent)
+
+    @staticmethod
+    def decode_latent(q: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                      value_dim: int) -> torch.Tensor:
+        """q (decodes, heads, d) against each sequence's cached latents (one KV head of size d,
+        values its first ``value_dim`` columns) -> (decodes, heads, value_dim)."""
+        nd, t = q.shape[0], meta.decode_max_context
+        bt = meta.decode_block_tables[:, : (t + meta.block_size - 1) // meta.block_size]
+        d = cache.shape[-1]
+        kc = cache[0][bt].view(nd, -1, 1, d)[:, :t].transpose(1, 2)  # (nd, 1, t, d)
+        o = F.scaled_dot_product_attention(q.unsqueeze(2), kc, kc[..., :value_dim],
+                                           attn_mask=meta.decode_mask(None), scale=scale, enable_gqa=True)
+        return o.squeeze(2)
+
+    @staticmethod
+    def context_latents(cache: torch.Tensor, seg: PrefillSegment) -> torch.Tensor:
+        """The latents of a prefill segment's whole context (cached prefix + chunk): (context, d)."""
+        return cache[0][seg.block_table].view(-1, cache.shape[-1])[: seg.context_len]
+
 
 @torch.library.custom_op("pagedlm::write_kv", mutates_args=("kv_cache",))
 def write_kv_op(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor) -> None:
@@ -167,10 +198,15 @@ class PagedDecodeMetadata:
     block_tables: torch.Tensor  # (batch, width) int64, padded with any valid block id
     context_lens: torch.Tensor  # (batch,) int64, including the new token
     block_size: int = 16
+    prefills = ()  # decode-only: every row is a decode
 
     @property
     def backend(self):
         return PagedAttentionBackend
+
+    @property
+    def num_decodes(self) -> int:
+        return self.slot_mapping.shape[0]
 
 
 class PagedAttentionBackend:
@@ -198,14 +234,36 @@ class PagedAttentionBackend:
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: PagedDecodeMetadata, scale: float, window: int | None) -> torch.Tensor:
         PagedAttentionBackend.write_kv(kv_cache, k, v, meta.slot_mapping)
+        _, nb, bs, kvh, d = kv_cache.shape
+        return PagedAttentionBackend._attend(q, kv_cache[0].view(nb * bs, kvh, d), kv_cache[1].view(nb * bs, kvh, d),
+                                             meta, scale, window, bs)
+
+    @staticmethod
+    def write_latent(cache: torch.Tensor, latent: torch.Tensor, slots: torch.Tensor) -> None:
+        """One index_put_ on the cache tensor itself, as ``write_kv``."""
+        bs = cache.shape[2]
+        cache.index_put_((torch.zeros_like(slots), slots // bs, slots % bs), latent[:, None])
+
+    @staticmethod
+    def decode_latent(q: torch.Tensor, cache: torch.Tensor, meta: PagedDecodeMetadata, scale: float,
+                      value_dim: int) -> torch.Tensor:
+        _, nb, bs, _, d = cache.shape
+        flat = cache[0].view(nb * bs, 1, d)
+        return PagedAttentionBackend._attend(q, flat, flat[..., :value_dim], meta, scale, None, bs)
+
+    @staticmethod
+    def _attend(q: torch.Tensor, k_all: torch.Tensor, v_all: torch.Tensor, meta: PagedDecodeMetadata,
+                scale: float, window: int | None, bs: int) -> torch.Tensor:
+        """q (b, heads, d) against keys / values (slots, kv_heads, d | dv) read through the block
+        tables -> (b, heads, dv)."""
         b, heads, d = q.shape
-        _, nb, bs, kvh, _ = kv_cache.shape
+        kvh, dv = k_all.shape[1], v_all.shape[-1]
         g = heads // kvh
         width = meta.block_tables.shape[1]
         t = torch.arange(width * bs, device=q.device)  # key positions
         slots = meta.block_tables[:, t // bs] * bs + t % bs  # (b, T)
-        kc = kv_cache[0].view(nb * bs, kvh, d)[slots]  # (b, T, kvh, d): fused into the reduction
-        vc = kv_cache[1].view(nb * bs, kvh, d)[slots]
+        kc = k_all[slots]  # (b, T, kvh, d): fused into the reduction
+        vc = v_all[slots]
         qg = q.view(b, 1, kvh, g, d).float()
         scores = (qg * kc[:, :, :, None, :].float()).sum(-1) * scale  # (b, T, kvh, g)
         lens = meta.context_lens[:, None]
@@ -214,8 +272,8 @@ class PagedAttentionBackend:
             visible &= t[None, :] > lens - 1 - window
         scores = scores.masked_fill(~visible[:, :, None, None], float("-inf"))
         p = torch.softmax(scores, dim=1)  # over keys
-        o = (p[..., None] * vc[:, :, :, None, :].float()).sum(1)  # (b, kvh, g, d)
-        return o.reshape(b, heads, d).to(q.dtype)
+        o = (p[..., None] * vc[:, :, :, None, :].float()).sum(1)  # (b, kvh, g, dv)
+        return o.reshape(b, heads, dv).to(q.dtype)
 
 
 AttentionMetadata.backend = TorchAttentionBackend
@@ -235,6 +293,12 @@ class Attention(nn.Module):
         self.scale = scale
         self.sliding_window = sliding_window
         self.kv_cache: torch.Tensor | None = None
+
+    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)  # K and V
+
+    def kv_elems_per_token(self) -> int:
+        return 2 * self.num_kv_heads * self.head_dim
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         # q: (tokens, heads * hd) -> (tokens, heads, hd); same for k/v with kv_heads

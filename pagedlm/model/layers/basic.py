@@ -2,7 +2,8 @@
 
 RMSNorm:   y = x / sqrt(mean(x^2) + eps) * (offset + w)       (offset 1 for Gemma, else 0)
 LayerNorm: y = (x - mean) / sqrt(var + eps) * w + b
-RoPE:      rotate each (x_i, x_{i+d/2}) pair by angle pos * theta^(-2i/d)  ("rotate half" layout)
+RoPE:      rotate each (x_i, x_{i+d/2}) pair by angle pos * theta^(-2i/d)  ("rotate half" layout);
+           scalings: linear, llama3, YaRN (DeepSeek)
 """
 
 from __future__ import annotations
@@ -81,7 +82,39 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> t
         smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled)
+    if scaling.rope_type == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, theta, scaling)
     raise ValueError(f"unsupported rope scaling {scaling.rope_type!r}")
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
+    """YaRN: high frequencies (many rotations over the original context) extrapolated as is, low
+    ones interpolated (divided by ``factor``), a linear ramp between the dims where a frequency
+    turns ``beta_fast`` and ``beta_slow`` times over ``original_max_position_embeddings``."""
+    def dim_of(rotations: float) -> float:
+        return dim * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = dim_of(s.beta_fast), dim_of(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return inv_freq / s.factor * ramp + inv_freq * (1 - ramp)
+
+
+def rope_attention_factor(scaling: RopeScaling | None) -> float:
+    """YaRN's magnitude scale of cos and sin (1 for every other rope)."""
+    from pagedlm.config import yarn_mscale
+
+    if scaling is None or scaling.rope_type != "yarn":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+    if scaling.mscale and scaling.mscale_all_dim:
+        return yarn_mscale(scaling.factor, scaling.mscale) / yarn_mscale(scaling.factor, scaling.mscale_all_dim)
+    return yarn_mscale(scaling.factor)
 
 
 class RotaryEmbedding(nn.Module):
@@ -91,10 +124,14 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.head_dim = head_dim
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        self.attention_factor = rope_attention_factor(scaling)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # (tokens, hd/2)
-        return freqs.cos().to(dtype), freqs.sin().to(dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

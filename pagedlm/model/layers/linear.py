@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedlm.distributed.state import get_parallel_state
 from pagedlm.model.layers.quant import (
     Int4LinearMethod,
     LinearMethod,
@@ -19,6 +18,7 @@ from pagedlm.model.layers.quant import (
     UnquantizedLinearMethod,
     current_weight_dtype,
 )
+from pagedlm.model.parallel import current_parallel_state
 
 
 def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
@@ -40,7 +40,7 @@ class LinearBase(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool):
         super().__init__()
-        ps = get_parallel_state()
+        ps = current_parallel_state()
         self.tp_rank, self.tp_size, self.tp_group = ps.tp_rank, ps.tp_size, ps.tp_group
         self.in_features, self.out_features = in_features, out_features
         self.quant_method: LinearMethod = UnquantizedLinearMethod()
@@ -94,7 +94,7 @@ class ColumnParallelLinear(LinearBase):
     tp_dim = 0
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        tp = get_parallel_state().tp_size
+        tp = current_parallel_state().tp_size
         if out_features % tp:
             raise ValueError(f"output size {out_features} is not divisible by tensor parallel size {tp}")
         super().__init__(in_features, out_features // tp, bias)
@@ -122,7 +122,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     replicated when there are fewer of them than ranks."""
 
     def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
-        tp = get_parallel_state().tp_size
+        tp = current_parallel_state().tp_size
         if num_heads % tp:
             raise ValueError(f"num_attention_heads {num_heads} is not divisible by tensor parallel size {tp}")
         if num_kv_heads >= tp and num_kv_heads % tp:
@@ -158,7 +158,7 @@ class RowParallelLinear(LinearBase):
     tp_dim = 1
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
-        tp = get_parallel_state().tp_size
+        tp = current_parallel_state().tp_size
         if in_features % tp:
             raise ValueError(f"input size {in_features} is not divisible by tensor parallel size {tp}")
         super().__init__(in_features // tp, out_features, bias)
@@ -179,7 +179,7 @@ class VocabParallelEmbedding(nn.Module):
 
     def __init__(self, num_embeddings: int, embedding_dim: int):
         super().__init__()
-        ps = get_parallel_state()
+        ps = current_parallel_state()
         self.tp_rank, self.tp_size, self.tp_group = ps.tp_rank, ps.tp_size, ps.tp_group
         self.num_embeddings = num_embeddings
         self.per_rank = (num_embeddings + self.tp_size - 1) // self.tp_size

@@ -1,5 +1,6 @@
-"""Sparse mixture-of-experts MLP: Mixtral (top-2 of 8, renormalised) and Qwen2-MoE / Qwen3-MoE
-(top-k, ``norm_topk_prob``, optional shared expert behind a sigmoid gate).
+"""Sparse mixture-of-experts MLP: Mixtral (top-2 of 8, renormalised), Qwen2-MoE / Qwen3-MoE
+(top-k, ``norm_topk_prob``, optional shared expert behind a sigmoid gate) and DeepSeek-V2 / V3
+(group-limited softmax / sigmoid routers, ``routed_scaling_factor``, ungated shared experts).
 
 Parameters follow transformers 5's module names, which fuse the experts into 3-D tensors::
 
@@ -7,11 +8,13 @@ Parameters follow transformers 5's module names, which fuse the experts into 3-D
     mlp.experts.gate_up_proj        (local_experts, 2 * inter / tp, hidden)
     mlp.experts.down_proj           (local_experts, hidden, inter / tp)
     mlp.shared_expert.{gate_up_proj,down_proj}, mlp.shared_expert_gate.weight   (Qwen2-MoE)
+    mlp.shared_experts.{gate_up_proj,down_proj}, mlp.gate.e_score_correction_bias   (DeepSeek)
 
 Checkpoints on disk (also those written by transformers 5's ``save_pretrained``) keep the older
 per-expert layout (``experts.N.w1/w2/w3`` under ``block_sparse_moe`` for Mixtral,
-``experts.N.gate_proj/up_proj/down_proj`` for Qwen); ``remap_moe`` maps both, and fused 3-D
-tensors, onto the parameters above.
+``experts.N.gate_proj/up_proj/down_proj`` for Qwen); ``remap_moe`` maps both, fused 3-D
+tensors, and one part of every expert as a 3-D tensor (GGUF's ``ffn_{gate,up,down}_exps``) onto
+the parameters above.
 
 Compute is batched over tokens: the (token, expert) pairs are sorted by expert id and each expert
 runs once on its contiguous slice of rows. Parallelism:
@@ -33,11 +36,11 @@ import torch
 from torch import nn
 
 from pagedlm.config import ModelConfig
-from pagedlm.distributed.state import get_parallel_state
 from pagedlm.model.layers.basic import act_fn
 from pagedlm.model.layers.linear import ReplicatedLinear, _copy_checked
 from pagedlm.model.layers.matmul import linear
 from pagedlm.model.layers.quant import QuantizedWeight, current_weight_dtype, quantize_int4, quantize_int8
+from pagedlm.model.parallel import current_parallel_state
 
 
 class FusedExperts(nn.Module):
@@ -46,7 +49,7 @@ class FusedExperts(nn.Module):
 
     def __init__(self, num_experts: int, hidden: int, inter: int, act: str):
         super().__init__()
-        ps = get_parallel_state()
+        ps = current_parallel_state()
         if num_experts % ps.ep_size:
             raise ValueError(f"expert parallel size {ps.ep_size} does not divide num_experts {num_experts}")
         if inter % ps.tp_size:
@@ -139,26 +142,70 @@ class SharedExpert(nn.Module):
 class SparseMoeBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        ps = get_parallel_state()
+        ps = current_parallel_state()
         self.tp_size, self.tp_group = ps.tp_size, ps.tp_group
         self.ep_size, self.ep_group = ps.ep_size, ps.ep_group
         self.num_experts, self.top_k = cfg.num_experts, cfg.num_experts_per_tok
         self.norm_topk_prob = cfg.norm_topk_prob
+        self.router = cfg.router
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.routed_scaling_factor = cfg.routed_scaling_factor
+        if cfg.router not in ("softmax", "softmax_group", "sigmoid_group"):
+            raise ValueError(f"unknown MoE router {cfg.router!r}")
+        if cfg.num_experts % cfg.n_group:
+            raise ValueError(f"n_group {cfg.n_group} does not divide the {cfg.num_experts} experts")
         self.gate = ReplicatedLinear(cfg.hidden_size, cfg.num_experts, bias=False)
+        if cfg.router == "sigmoid_group":  # DeepSeek-V3: a per-expert bias on the choice only (float32)
+            self.gate.e_score_correction_bias = nn.Parameter(torch.empty(cfg.num_experts, dtype=torch.float32),
+                                                             requires_grad=False)
         self.experts = FusedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act)
         self.has_shared = cfg.shared_expert_intermediate_size > 0
-        if self.has_shared:
+        if self.has_shared:  # Qwen2-MoE: one shared expert behind a sigmoid gate
             self.shared_expert = SharedExpert(cfg.hidden_size, cfg.shared_expert_intermediate_size, cfg.hidden_act)
             self.shared_expert_gate = ReplicatedLinear(cfg.hidden_size, 1, bias=False)
+        self.n_shared = cfg.n_shared_experts
+        if self.n_shared:  # DeepSeek: n shared experts as one MLP, added ungated
+            self.shared_experts = SharedExpert(cfg.hidden_size, cfg.moe_intermediate_size * self.n_shared,
+                                               cfg.hidden_act)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(weights, expert ids), each (tokens, top_k): softmax in float32, top-k, renormalised
-        when ``norm_topk_prob`` (always for Mixtral)."""
-        probs = torch.softmax(self.gate(x).float(), dim=-1)  # (tokens, experts)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        """(weights, expert ids), each (tokens, top_k), in float32:
+
+        softmax        top-k of the softmax, renormalised when ``norm_topk_prob`` (Mixtral, Qwen)
+        softmax_group  DeepSeek-V2 group_limited_greedy: only the ``topk_group`` groups with the
+                       highest expert probability compete
+        sigmoid_group  DeepSeek-V3 noaux_tc: sigmoid scores; the choice adds
+                       ``e_score_correction_bias`` and keeps the groups with the best sum of their
+                       top-2; the weights are the uncorrected scores, renormalised
+        then all times ``routed_scaling_factor``."""
+        logits = self.gate(x).float()  # (tokens, experts)
+        if self.router == "sigmoid_group":
+            scores = logits.sigmoid()
+            choice = self._limit_groups(scores + self.gate.e_score_correction_bias,
+                                        lambda g: g.topk(2, dim=-1)[0].sum(-1), float("-inf"))
+            ids = torch.topk(choice, self.top_k, dim=-1)[1]
+            weights = scores.gather(1, ids)
+            eps = 1e-20  # as the reference: a zero sum cannot divide by zero
+        else:
+            scores = torch.softmax(logits, dim=-1)
+            if self.router == "softmax_group":
+                scores = self._limit_groups(scores, lambda g: g.amax(-1), 0.0)
+            weights, ids = torch.topk(scores, self.top_k, dim=-1)
+            eps = 0.0
         if self.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
+        if self.routed_scaling_factor != 1.0:
+            weights = weights * self.routed_scaling_factor
         return weights.to(x.dtype), ids
+
+    def _limit_groups(self, scores: torch.Tensor, group_score, fill: float) -> torch.Tensor:
+        """``scores`` with the experts outside each token's ``topk_group`` best groups set to ``fill``."""
+        if self.n_group == 1:
+            return scores
+        grouped = scores.view(scores.shape[0], self.n_group, -1)  # (tokens, groups, experts per group)
+        best = torch.topk(group_score(grouped), self.topk_group, dim=-1)[1]
+        keep = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=scores.device).scatter_(1, best, True)
+        return grouped.masked_fill(~keep[..., None], fill).view_as(scores)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
@@ -176,6 +223,8 @@ class SparseMoeBlock(nn.Module):
         y = torch.zeros_like(x).index_add_(0, token, out)  # (tokens, hidden)
         if self.has_shared:
             y = y + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.n_shared:
+            y = y + self.shared_experts(x)
         if self.tp_size > 1:
             from pagedlm.distributed.comm import all_reduce
 
@@ -209,7 +258,7 @@ class SparseMoeBlock(nn.Module):
 # ---- checkpoint names ------------------------------------------------------------------------
 
 _PER_EXPERT = re.compile(r"^(.*\.mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight$")
-_FUSED = re.compile(r"^(.*\.mlp)\.experts\.(gate_up_proj|down_proj)$")
+_FUSED = re.compile(r"^(.*\.mlp)\.experts\.(gate_up_proj|gate_proj|up_proj|down_proj)$")
 _PART = {"w1": ("gate_up_proj", 0), "gate_proj": ("gate_up_proj", 0), "w3": ("gate_up_proj", 1),
          "up_proj": ("gate_up_proj", 1), "w2": ("down_proj", 0), "down_proj": ("down_proj", 0)}
 
@@ -239,6 +288,8 @@ def remap_moe(name: str, tensor: torch.Tensor, experts_of) -> Iterator[tuple[str
                 gate, up = tensor[e].chunk(2, dim=0)
                 items += [(f"{prefix}.experts.gate_up_proj", gate, (e, 0)),
                           (f"{prefix}.experts.gate_up_proj", up, (e, 1))]
+            elif pname in ("gate_proj", "up_proj"):  # one part of every expert (GGUF ffn_*_exps)
+                items.append((f"{prefix}.experts.gate_up_proj", tensor[e], (e, _PART[pname][1])))
             else:
                 items.append((f"{prefix}.experts.down_proj", tensor[e], (e, 0)))
         return iter(items)

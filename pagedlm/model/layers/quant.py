@@ -320,7 +320,9 @@ def finalize_quantization(model: torch.nn.Module, compute_dtype: torch.dtype, qc
     counts: dict[str, int] = {}
     by_kind: dict[str, list[QuantizedWeight]] = {}
     with torch.no_grad():
-        for mod in model.modules():
+        # Children before parents: a parent that derives weights from a child's (MLA's absorbed
+        # up-projections from kv_b_proj) sees the child's final, quantized-then-dequantized weight.
+        for mod in reversed(list(model.modules())):
             fn = getattr(mod, "process_weights_after_loading", None)
             if fn is None:
                 continue
