@@ -40,6 +40,7 @@ class StepInputs:
 
 class ModelRunner:
     compiled = None  # CompiledDecode when the decode step is compiled
+    lora = None  # LoRAManager (pagedlm/lora.py) when LoRA adapters are enabled
     quant_counts: dict[str, int] = {}
 
     def __init__(self, model_path: str, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu",
@@ -55,7 +56,6 @@ class ModelRunner:
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = 0
         self.compiled = None
-        self.lora = None  # LoRAManager (pagedlm/lora.py) when LoRA adapters are enabled
         if max_loras:
             from pagedlm.lora import LoRAManager
 
