@@ -152,8 +152,10 @@ def _chosen_lora(eng, args: argparse.Namespace):
 
 
 def stream_request(eng, rid: str, prompt: str | None, params, prompt_ids: list[int] | None = None,
-                   out=sys.stdout, lora_request=None) -> tuple[str, dict]:
-    """Run one request to completion, printing text as it arrives; returns (text, timings)."""
+                   out=None, lora_request=None) -> tuple[str, dict]:
+    """Run one request to completion, printing text as it arrives (to ``out``, default the
+    current sys.stdout); returns (text, timings)."""
+    out = out if out is not None else sys.stdout
     t0 = time.perf_counter()
     eng.add_request(rid, prompt, params, prompt_token_ids=prompt_ids, arrival_time=t0, lora_request=lora_request)
     text, final = "", None

@@ -411,7 +411,7 @@ class LLMEngine:
         """The loaded adapter of a request (loaded now if new); None for the base model."""
         if lora_request is None:
             return None
-        lora = getattr(self.runner, "lora", None)
+        lora = self.runner.lora
         if lora is None:
             raise ValueError(f"LoRA adapter {getattr(lora_request, 'lora_name', lora_request)!r} requested, but "
                              "LoRA is not enabled: start the engine with enable_lora=True or --lora-modules")

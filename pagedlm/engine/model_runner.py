@@ -50,6 +50,7 @@ class ModelRunnerBase(abc.ABC):
     block_size: int = 0
     supports_prefix_caching: bool = True  # False where cached blocks are not visible to every step
     compiled = None  # CompiledDecode when the decode step is compiled
+    lora = None  # LoRAManager (pagedlm/lora.py) when LoRA adapters are enabled
     quant_counts: dict[str, int] = {}  # layers per quantization method
 
     @property
@@ -90,7 +91,6 @@ class ModelRunner(ModelRunnerBase):
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = 0
         self.compiled = None
-        self.lora = None  # LoRAManager (pagedlm/lora.py) when LoRA adapters are enabled
         if max_loras:
             from pagedlm.lora import LoRAManager
 
