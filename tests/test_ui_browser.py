@@ -219,13 +219,13 @@ def test_closing_the_page_mid_stream_frees_the_request(browser, server, api):
 # ---- the engine view -----------------------------------------------------------------------------
 def test_shared_prefix_blocks_counted_as_the_engine_counts(page, api, server):
     prefix = "In the paged cache, one copy of a common prompt prefix serves every request that starts with it. " * 3
-    first = Streams(server, [prefix + "first"], 1500)
+    first = Streams(server, [prefix + "first"], 1900)
     deadline = time.monotonic() + 30
     # The others come once the first one's prompt is computed and cached, so they share its blocks.
     while not any(s["output_tokens"] > 0 for s in state(api)["sequences"]):
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    rest = Streams(server, [prefix + f"request {i}" for i in range(5)], 1500)
+    rest = Streams(server, [prefix + f"request {i}" for i in range(5)], 1900)
     try:
         deadline = time.monotonic() + 30
         while True:
