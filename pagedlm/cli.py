@@ -8,6 +8,7 @@ imports torch, so ``pagedlm inspect`` and ``--help`` are instant.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from pagedlm.errors import USER_ERRORS
@@ -31,17 +32,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record is emitted (callers that run ``main``
+    in-process, such as tests, swap and close it), not the stream of the first call."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def _log_to_stderr() -> None:
+    """pagedlm INFO records (start-up facts: KV cache, quantization, compile progress) to stderr,
+    one handler however many times ``main`` runs in a process."""
+    logger = logging.getLogger("pagedlm")
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "serve":  # serve configures logging from --log-level
-        import logging
-
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger = logging.getLogger("pagedlm")
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)  # start-up facts: KV cache, quantization, compile progress
+        _log_to_stderr()
     try:
         worker = _torchrun(args)
         if worker is not None:
