@@ -430,7 +430,7 @@ def _qwen3(d: dict[str, Any], req) -> dict[str, Any]:
     return {**kw, "o_proj_bias": kw["attention_bias"], "qk_norm": True}
 
 
-def _moe_fields(d: dict[str, Any], req, n_layers: int, inter: int | None = None) -> dict[str, Any]:
+def _moe_fields(d: dict[str, Any], req, inter: int | None = None) -> dict[str, Any]:
     return dict(num_experts=int(req("num_experts", "num_local_experts", "n_routed_experts")),
                 num_experts_per_tok=int(req("num_experts_per_tok")),
                 moe_intermediate_size=inter if inter is not None else int(req("moe_intermediate_size")))
@@ -438,13 +438,13 @@ def _moe_fields(d: dict[str, Any], req, n_layers: int, inter: int | None = None)
 
 def _mixtral(d: dict[str, Any], req) -> dict[str, Any]:
     kw = _mistral(d, req)
-    return {**kw, **_moe_fields(d, req, kw["num_hidden_layers"], kw["intermediate_size"]), "norm_topk_prob": True}
+    return {**kw, **_moe_fields(d, req, kw["intermediate_size"]), "norm_topk_prob": True}
 
 
 def _qwen_moe(d: dict[str, Any], req, base) -> dict[str, Any]:
     kw = base(d, req)
     n = kw["num_hidden_layers"]
-    moe = _moe_fields(d, req, n)
+    moe = _moe_fields(d, req)
     step = int(d.get("decoder_sparse_step", 1) or 1)
     mlp_only = set(d.get("mlp_only_layers") or [])
     return {**kw, **moe,
@@ -529,7 +529,7 @@ def _deepseek(d: dict[str, Any], req, v3: bool) -> dict[str, Any]:
     kw.update(
         head_dim=qk_nope + qk_rope,
         num_key_value_heads=kw["num_attention_heads"],
-        **_moe_fields(d, req, n),
+        **_moe_fields(d, req),
         norm_topk_prob=norm,
         router=router,
         n_group=int(d.get("n_group") or 1),
