@@ -307,7 +307,9 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
             async_engine.start()
         if tokenizer is not None:  # build the grammar tables now rather than in a request's step
             try:
-                await async_engine.call(engine.structured_outputs)
+                # every engine (data-parallel replicas: each its own, on its own thread)
+                for one in getattr(async_engine, "replicas", [async_engine]):
+                    await one.call(one.engine.structured_outputs)
             except Exception as e:  # noqa: BLE001 - structured output is then refused per request
                 log.warning("structured output unavailable: %s", e)
         try:

@@ -34,8 +34,10 @@ class PrefixIndex:
         self.block_size, self.capacity = block_size, capacity
         self.blocks: OrderedDict[int, None] = OrderedDict()
 
-    def chain(self, ids: list[int]) -> list[int]:
-        out, h, bs = [], 0, self.block_size
+    def chain(self, ids: list[int], root: object = 0) -> list[int]:
+        """``root``: what the first block chains from (a LoRA adapter's id: blocks computed with
+        different weights are different prefixes, as in the engine's prefix cache)."""
+        out, h, bs = [], root, self.block_size
         for i in range(len(ids) // bs):
             h = hash((h, tuple(ids[i * bs:(i + 1) * bs])))
             out.append(h)
@@ -109,11 +111,11 @@ class ReplicaRouter:
             r.abort_all(reason)
 
     # ---- requests --------------------------------------------------------------------------
-    def choose(self, prompt_token_ids: list[int] | None) -> tuple[int, list[int], str]:
+    def choose(self, prompt_token_ids: list[int] | None, root: object = 0) -> tuple[int, list[int], str]:
         """(replica, prompt block chain, reason): the longest routed prefix, else the least loaded.
         A dead replica is never chosen while another lives."""
         alive = [i for i, r in enumerate(self.replicas) if r.engine.dead is None] or list(range(len(self.replicas)))
-        chain = self.indexes[0].chain(prompt_token_ids or [])
+        chain = self.indexes[0].chain(prompt_token_ids or [], root)
         load = {i: self.replicas[i].num_in_flight for i in alive}
         best = max(alive, key=lambda i: (self.indexes[i].match(chain), -load[i], -i))
         if self.indexes[best].match(chain) > 0:
@@ -121,9 +123,10 @@ class ReplicaRouter:
         return min(alive, key=lambda i: (load[i], i)), chain, "load"
 
     async def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
-                          prompt_token_ids: list[int] | None = None) -> RequestStream:
-        i, chain, reason = self.choose(prompt_token_ids)
-        stream = await self.replicas[i].add_request(request_id, prompt, params, prompt_token_ids)
+                          prompt_token_ids: list[int] | None = None, lora_request=None) -> RequestStream:
+        root = 0 if lora_request is None else ("lora", lora_request.lora_int_id)
+        i, chain, reason = self.choose(prompt_token_ids, root)
+        stream = await self.replicas[i].add_request(request_id, prompt, params, prompt_token_ids, lora_request)
         self.indexes[i].add(chain)
         self.routed[i][reason] += 1
         return stream
