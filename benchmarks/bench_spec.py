@@ -1,6 +1,7 @@
 """Speculative decoding at batch 1: decode speed-up and acceptance per proposer and workload.
 
-    python benchmarks/bench_spec.py [--max-tokens 128] [--k 3] [--repeats 2] [--json out.json]
+    python benchmarks/bench_spec.py [--max-tokens 128] [--k 3] [--repeats 2] [--proposers ngram,draft_model]
+        [--enforce-eager] [--json out.json]
 
 SmolLM2-135M-Instruct (the default GGUF, quantization auto, compiled decode), one request at a
 time, greedy. Two workloads of chat prompts: "repetitive" (the answer copies text of the prompt:
@@ -75,7 +76,8 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     ap.add_argument("--prompt-lookup-max", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2, help="runs per prompt and configuration (best kept)")
-    ap.add_argument("--no-draft", action="store_true", help="skip the draft-model proposer")
+    ap.add_argument("--proposers", default="ngram,draft_model", help="comma-separated: ngram, draft_model")
+    ap.add_argument("--enforce-eager", action="store_true", help="every engine eager (no compiled decode)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -83,15 +85,19 @@ def main() -> int:
     from pagedlm.engine.engine import default_model_path
 
     model = default_model_path()
-    configs = {"plain": None,
-               "ngram": {"method": "ngram", "num_speculative_tokens": args.k,
-                         "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": 1}}
-    if not args.no_draft:
-        configs["draft_model"] = {"method": "draft_model", "num_speculative_tokens": args.k, "model": model}
+    proposers = {"ngram": {"method": "ngram", "num_speculative_tokens": args.k,
+                           "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": 1},
+                 "draft_model": {"method": "draft_model", "num_speculative_tokens": args.k, "model": model}}
+    configs = {"plain": None}
+    for name in args.proposers.split(","):
+        if name not in proposers:
+            ap.error(f"unknown proposer {name!r}")
+        configs[name] = proposers[name]
     engines = {}
     for name, cfg in configs.items():
         t = time.perf_counter()
-        llm = LLM(model, kv_cache_memory=256 << 20, max_num_seqs=8, speculative_config=cfg)
+        llm = LLM(model, kv_cache_memory=256 << 20, max_num_seqs=8, speculative_config=cfg,
+                  enforce_eager=args.enforce_eager)
         llm.engine.warmup([1])  # with speculation: also the bucket of the 1 + k verification rows
         engines[name] = llm
         print(f"{name}: loaded and compiled in {time.perf_counter() - t:.0f} s", file=sys.stderr)
@@ -124,7 +130,8 @@ def main() -> int:
             t["acceptance"] = t["accepted"] / t["proposed"] if t["proposed"] else None
             t["mean_accepted_per_draft"] = t["accepted"] / t["drafts"] if t["drafts"] else None
         results[workload] = tot
-    print(f"\nbatch-1 greedy decode, SmolLM2-135M-Instruct Q4_1 (quantization auto, compiled), k={args.k}, "
+    mode = "eager" if args.enforce_eager else "compiled"
+    print(f"\nbatch-1 greedy decode, SmolLM2-135M-Instruct Q4_1 (quantization auto, {mode}), k={args.k}, "
           f"{args.max_tokens} tokens, best of {args.repeats}")
     print("| workload | proposer | decode tok/s | speed-up | acceptance | accepted / step | identical greedy |")
     print("|---|---|---:|---:|---:|---:|---|")
