@@ -110,6 +110,9 @@ class Scheduler:
                 out.scheduled.append((seq, num_new))
                 scheduled_ids.add(seq.seq_id)
                 budget -= num_new
+        for seq in self.running:
+            if seq.spec_tokens and seq.seq_id not in scheduled_ids:
+                seq.spec_tokens.clear()  # not scheduled this step (budget spent): nothing to verify
         # Waiting sequences, in arrival order (preempted ones are at the front), if nothing was
         # preempted this step: memory is tight and admitting more would only thrash.
         if not out.preempted:
