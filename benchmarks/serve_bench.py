@@ -164,19 +164,26 @@ def launch_pagedlm(args, extra: list[str] | tuple[str, ...] = ()) -> tuple[subpr
         cmd += ["--model", args.model_path]
     cmd += list(extra)
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    deadline = time.monotonic() + 1800  # a cold inductor cache compiles each bucket (~1 min each)
+    # A cold inductor cache compiles each bucket (~1 min each).
+    return proc, wait_listening(proc, 1800, echo="KV cache:")
+
+
+def wait_listening(proc: subprocess.Popen, timeout_s: float, echo: str | None = None) -> str:
+    """Read a starting ``pagedlm serve``'s stderr until it listens; returns its URL (stderr is
+    drained in the background from then on). ``echo``: print lines containing it."""
+    deadline = time.monotonic() + timeout_s
     while True:
         line = proc.stderr.readline()
         if not line and proc.poll() is not None:
             raise SystemExit(f"pagedlm serve exited during start-up (rc {proc.returncode})")
-        if "KV cache:" in line:
+        if echo and echo in line:
             print(line.strip(), file=sys.stderr)
         if "listening on " in line:
             threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, line.split("listening on ")[1].strip()
+            return line.split("listening on ")[1].strip()
         if time.monotonic() > deadline:
             proc.kill()
-            raise SystemExit("pagedlm serve did not start within 1800 s")
+            raise SystemExit(f"pagedlm serve did not start within {timeout_s:.0f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,6 +35,9 @@ from dataclasses import dataclass, field
 import httpx
 import psutil
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.serve_bench import wait_listening  # noqa: E402
+
 WORDS = ("the quick brown fox jumps over a lazy dog while paged attention keeps keys and values in small "
          "blocks so that many requests share one cache and continuous batching lets new ones join").split()
 KINDS = ("ok", "disconnect", "abort", "bad", "fault")
@@ -278,17 +281,7 @@ def launch(model: str, poison: int, extra: list[str]) -> tuple[subprocess.Popen,
            "--shutdown-timeout", "5", *extra]
     env = {**os.environ, "PAGEDLM_FAULT_INJECT": json.dumps({"token": poison, "stage": "prepare"})}
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
-    deadline = time.monotonic() + 600
-    while True:
-        line = proc.stderr.readline()
-        if not line and proc.poll() is not None:
-            raise SystemExit(f"pagedlm serve exited during start-up ({proc.returncode})")
-        if "listening on " in line:
-            threading.Thread(target=proc.stderr.read, daemon=True).start()
-            return proc, line.split("listening on ")[1].strip()
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("pagedlm serve did not start")
+    return proc, wait_listening(proc, 600)
 
 
 def main() -> int:
@@ -304,7 +297,6 @@ def main() -> int:
     args = ap.parse_args()
     model = args.model
     if args.tiny:
-        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         from tests.helpers import save_tiny
 
         model = save_tiny("llama", tempfile.mkdtemp(prefix="soak-tiny-"), max_position_embeddings=2048)
