@@ -225,10 +225,9 @@ class DistributedModelRunner(ModelRunner):
         groups: list[list] = [[] for _ in range(ep)]
         load = [0] * ep
         for seq, n in out.scheduled:
-            r = seq.state.get("ep_rank")
+            r = seq.ep_rank
             if r is None or seq.num_computed_tokens == 0:
-                r = min(range(ep), key=load.__getitem__)
-                seq.state["ep_rank"] = r
+                r = seq.ep_rank = min(range(ep), key=load.__getitem__)
             groups[r].append((seq, n))
             load[r] += n
         subs = [super(DistributedModelRunner, self).prepare(SchedulerOutput(scheduled=g)) for g in groups]

@@ -1,7 +1,10 @@
 """LLMEngine: add_request / step / abort over the scheduler, the model runner and the sampler.
 
-One ``step()`` = schedule -> pack -> one model call -> sample -> append tokens, check stops,
-detokenize -> RequestOutputs for every request that changed (with text deltas for streaming).
+The engine core: one ``step()`` = schedule -> pack -> one model call -> sample -> append token
+ids (stop token ids, EOS, max_tokens, max_model_len, grammars; KV block accounting). What the
+outputs say (detokenizing, stop strings, holdback, deltas, logprobs, building RequestOutputs) is
+the ``OutputProcessor``'s (engine/output_processor.py, where the seam between the two is
+described); the core calls it per appended token and once per changed request at the end of a step.
 """
 
 from __future__ import annotations
@@ -22,16 +25,18 @@ from pagedlm.engine import state as engine_state
 from pagedlm.engine.block_manager import BlockManager
 from pagedlm.engine.faults import FaultInjector, describe, find_failing
 from pagedlm.engine.model_runner import ModelRunner
+from pagedlm.engine.output_processor import OutputProcessor
+from pagedlm.engine.output_processor import stop_prefix_len as stop_prefix_len  # re-exported: server/app.py
 from pagedlm.engine.scheduler import Scheduler, SchedulerOutput
-from pagedlm.engine.sequence import Sequence, SequenceStatus
+from pagedlm.engine.sequence import Finish, Sequence, SequenceStatus
 from pagedlm.engine.structured import GrammarManager, advance
 from pagedlm.errors import EngineDeadError, ModelLoadError, RequestRejectedError, WorkerError
 from pagedlm.lora import LoRARequest
 from pagedlm.model.layers.sampler import SamplingRow, sample
 from pagedlm.model.registry import resolve_dtype
-from pagedlm.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from pagedlm.outputs import RequestMetrics, RequestOutput
 from pagedlm.sampling_params import SamplingParams
-from pagedlm.tokenizer import IncrementalDetokenizer, load_tokenizer
+from pagedlm.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -81,17 +86,6 @@ def _generation_config_eos(model_path: str) -> set[int]:
     if eos is None:
         return set()
     return {int(e) for e in (eos if isinstance(eos, list) else [eos])}
-
-
-def stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest end of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
 
 
 def check_preemption_mode(mode: str, device: str) -> None:
@@ -214,16 +208,17 @@ class EngineConfig:
 
 
 class Request:
-    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
-                 arrival: float):
+    """The engine core's record of a request: its samples, timings and error. Its text and
+    logprobs are the output processor's (``OutputProcessor.states``)."""
+
+    __slots__ = ("request_id", "prompt_ids", "params", "seqs", "metrics", "error")
+
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams, arrival: float):
         self.request_id = request_id
-        self.prompt = prompt
         self.prompt_ids = prompt_ids
         self.params = params
         self.seqs: list[Sequence] = []
         self.metrics = RequestMetrics(arrival_time=arrival, num_prompt_tokens=len(prompt_ids))
-        self.prompt_logprobs: list[dict[int, Logprob] | None] | None = (
-            [None] if params.prompt_logprobs is not None else None)
         self.error: str | None = None  # set when the request failed inside a step
 
     @property
@@ -293,6 +288,7 @@ class LLMEngine:
         self.generator = torch.Generator().manual_seed(config.seed)
         self.grammars: GrammarManager | None = None  # made at the first structured-output request
         self.requests: dict[str, Request] = {}
+        self.output = OutputProcessor(self.tokenizer)
         self.eos_ids = set(self.model_config.eos_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
@@ -385,24 +381,19 @@ class LLMEngine:
             raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {vocab})")
         grammar = self._grammar_template(params)
         now = time.perf_counter() if arrival_time is None else arrival_time
-        req = Request(request_id, prompt, list(prompt_token_ids), params, now)
+        req = Request(request_id, list(prompt_token_ids), params, now)
         for i in range(params.n):
             seq = Sequence(request_id, req.prompt_ids, params, index=i, arrival_time=now)
             seq.lora = lora
             if params.seed is not None:
-                seq.state["generator"] = torch.Generator().manual_seed(params.seed + i)
-            if self.tokenizer is not None and params.detokenize:
-                seq.state["detok"] = IncrementalDetokenizer(self.tokenizer, req.prompt_ids, params.skip_special_tokens)
-            seq.state["text"] = ""
-            seq.state["sent_text"] = 0
-            seq.state["sent_tokens"] = 0
-            seq.state["logprobs"] = [] if params.logprobs is not None else None
-            seq.state["cum_logprob"] = 0.0
+                seq.generator = torch.Generator().manual_seed(params.seed + i)
             if grammar is not None:
-                seq.state["grammar"] = grammar.deep_copy()
+                seq.grammar = grammar.deep_copy()
             if i > 0:
                 seq.wait_for = req.seqs[0]  # share the first sample's prompt blocks via the prefix cache
             req.seqs.append(seq)
+        self.output.add_request(req, prompt)
+        for seq in req.seqs:
             self.scheduler.add(seq)
         self.requests[request_id] = req
         self.stats["prompt_tokens"] += len(prompt_token_ids)
@@ -438,6 +429,7 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
         req.metrics.finished_time = time.perf_counter()
         del self.requests[request_id]
+        self.output.drop(request_id)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -470,7 +462,7 @@ class LLMEngine:
             return self._fail_everything(e)
         self.stats["steps"] += 1
         if inputs is None:  # every request of the step failed
-            return [self._make_output(req) for req in changed.values()]
+            return self._outputs(changed)
         self.scheduler.on_step_done(sched)
         if inputs.prompt_rows:
             self._record_prompt_logprobs(inputs, logits, changed)
@@ -497,7 +489,16 @@ class LLMEngine:
                 self._fail_request(seq.request_id, f"while verifying speculative tokens: {describe(e)}", changed)
                 continue
             changed[seq.request_id] = self.requests[seq.request_id]
-        return [self._make_output(req) for req in changed.values()]
+        return self._outputs(changed)
+
+    def _outputs(self, changed: dict[str, Request]) -> list[RequestOutput]:
+        """The step's outputs (one per changed request); finished requests leave the engine."""
+        outs = []
+        for req in changed.values():
+            outs.append(self.output.make_output(req))
+            if req.finished:
+                self.requests.pop(req.request_id, None)
+        return outs
 
     def banned_ids(self, seq: Sequence, ahead: int = 0) -> list[int]:
         """Ids min_tokens masks for ``seq``'s next token (``ahead`` tokens later when verifying)."""
@@ -507,7 +508,7 @@ class LLMEngine:
         return []
 
     def generator_of(self, seq: Sequence) -> torch.Generator:
-        return seq.state.get("generator") or self.generator
+        return self.generator if seq.generator is None else seq.generator
 
     def _append_verified(self, seq: Sequence, tokens: tuple[list[int], int], now: float) -> None:
         """Append a verified run (accepted proposals + the target's token) as a plain decode step
@@ -533,18 +534,18 @@ class LLMEngine:
         request whose grammar fails ends with an error. Returns the samples and rows left."""
         if self.grammars is None:
             return samples, rows
-        constrained = [j for j, (seq, _) in enumerate(samples) if "grammar" in seq.state]
+        constrained = [j for j, (seq, _) in enumerate(samples) if seq.grammar is not None]
         if not constrained:
             return samples, rows
         try:
-            masks = self.grammars.fill([samples[j][0].state["grammar"] for j in constrained])
+            masks = self.grammars.fill([samples[j][0].grammar for j in constrained])
         except Exception as e:  # noqa: BLE001 - find the failing grammar, one row at a time
             log.warning("grammar mask fill failed (%s); filling row by row", describe(e))
             masks = []
             for j in constrained:
                 seq = samples[j][0]
                 try:
-                    masks.append(self.grammars.fill([seq.state["grammar"]])[0])
+                    masks.append(self.grammars.fill([seq.grammar])[0])
                 except Exception as e1:  # noqa: BLE001
                     self._fail_request(seq.request_id, f"while applying the grammar: {describe(e1)}", changed)
                     masks.append(None)
@@ -595,8 +596,7 @@ class LLMEngine:
     def _sampling_row(self, seq: Sequence) -> SamplingRow:
         if self.fault_injector is not None:
             self.fault_injector("sample", seq)
-        return SamplingRow(seq.params, seq.token_ids, seq.num_prompt_tokens, seq.state.get("generator"),
-                           self.banned_ids(seq))
+        return SamplingRow(seq.params, seq.token_ids, seq.num_prompt_tokens, seq.generator, self.banned_ids(seq))
 
     def _sample(self, logits: torch.Tensor, samples: list[tuple[Sequence, int]], changed: dict[str, Request]):
         """(seq, (token, (logprob, rank) | None, top)) for each sampling row that does not fail."""
@@ -657,122 +657,57 @@ class LLMEngine:
         changed: dict[str, Request] = {}
         for rid in list(self.requests):
             self._fail_request(rid, str(e), changed)
-        return [self._make_output(req) for req in changed.values()]
+        return self._outputs(changed)
 
     def _record_prompt_logprobs(self, inputs, logits: torch.Tensor, changed: dict[str, Request]) -> None:
         for seq, first, count, start in inputs.prompt_rows:
             if seq.index != 0 or seq.is_finished:
                 continue
             try:
-                self._record_prompt_rows(seq, logits, first, count, start)
+                self.output.record_prompt_logprobs(seq, logits, first, count, start)
             except Exception as e:  # noqa: BLE001
                 self._fail_request(seq.request_id, f"while computing prompt logprobs: {describe(e)}", changed)
 
-    def _record_prompt_rows(self, seq: Sequence, logits: torch.Tensor, first: int, count: int, start: int) -> None:
-        req = self.requests[seq.request_id]
-        if len(req.prompt_logprobs) != start + 1:
-            return  # recomputed after a preemption: already recorded
-        lps = torch.log_softmax(logits[first:first + count], dim=-1)
-        k = seq.params.prompt_logprobs
-        for r in range(count):
-            target = seq.token_ids[start + r + 1]
-            entry = {target: Logprob(lps[r, target].item())}
-            if k:
-                vals, ids = lps[r].topk(k)
-                for rank, (tid, v) in enumerate(zip(ids.tolist(), vals.tolist()), 1):
-                    entry.setdefault(tid, Logprob(v, rank))
-            req.prompt_logprobs.append(entry)
-
     def _append_token(self, seq: Sequence, tok: int, lp: tuple[float, int] | None, top, now: float) -> None:
+        """Append a sampled (or verified) token and end the sequence if it must stop: the core's
+        own reasons (``_ending``) or a stop string its text now contains (the output processor's)."""
         req = self.requests[seq.request_id]
-        p = seq.params
         seq.token_ids.append(tok)
         self.stats["generation_tokens"] += 1
         if req.metrics.first_token_time is None:
             req.metrics.first_token_time = now
-        if lp is not None:
-            seq.state["cum_logprob"] += lp[0]
-            if seq.state["logprobs"] is not None:
-                entry = {tok: Logprob(*lp)}
-                if top is not None:
-                    for rank, (tid, v) in enumerate(zip(*top), 1):
-                        entry.setdefault(tid, Logprob(v, rank))
-                seq.state["logprobs"].append(entry)
-        detok: IncrementalDetokenizer | None = seq.state.get("detok")
-        grammar = seq.state.get("grammar")
-        grammar_state = None if grammar is None else advance(grammar, tok)
-        # Stop tokens.
+        end = self._ending(seq, tok)
+        stop = self.output.add_token(seq, tok, lp, top, end)
+        if stop is not None:
+            end = Finish("stop", stop)
+        if end is not None:
+            if end.detail is not None:
+                log.warning("request %s: %s", seq.request_id, end.detail)
+            self.scheduler.finish(seq, end.reason, end.stop_reason)
+            if req.finished:
+                req.metrics.finished_time = time.perf_counter()
+
+    def _ending(self, seq: Sequence, tok: int) -> Finish | None:
+        """Whether ``seq`` ends after its newest token ``tok``, by token ids alone (advances its
+        grammar): a stop token id or EOS, a grammar that completed or broke, max_tokens,
+        max_model_len, in that order of precedence."""
+        grammar_state = None if seq.grammar is None else advance(seq.grammar, tok)
+        p = seq.params
         if seq.num_output_tokens >= p.min_tokens:
             if tok in p.stop_token_ids:
-                return self._finish(seq, "stop", tok)
+                return Finish("stop", tok, by_token=True)
             if not p.ignore_eos and tok in self.eos_ids:
-                return self._finish(seq, "stop", None)
-        if detok is not None:
-            delta = detok.add(tok)
-            if delta:
-                seq.state["text"] += delta
-                if p.stop_list and seq.num_output_tokens >= p.min_tokens and self._check_stop_strings(seq, len(delta)):
-                    return None
+                return Finish("stop", None, by_token=True)
         if grammar_state is not None:
             # The grammar is complete (only EOS may follow: stop now, a step early) or broken.
-            if grammar_state != "done":
-                log.warning("request %s: grammar error, sequence stopped: %s", seq.request_id, grammar_state)
-            return self._finish(seq, "stop" if grammar_state == "done" else "abort", None, flush=True)
+            if grammar_state == "done":
+                return Finish("stop")
+            return Finish("abort", detail=f"grammar error, sequence stopped: {grammar_state}")
         if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            return self._finish(seq, "length", None)
+            return Finish("length")
         if seq.num_tokens >= self.max_model_len:
-            return self._finish(seq, "length", None)
+            return Finish("length")
         return None
-
-    def _check_stop_strings(self, seq: Sequence, delta_len: int) -> bool:
-        text = seq.state["text"]
-        longest = max(len(s) for s in seq.params.stop_list)
-        window_start = max(0, len(text) - delta_len - longest + 1)
-        best = None
-        for s in seq.params.stop_list:
-            i = text.find(s, window_start)
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, s)
-        if best is None:
-            return False
-        i, s = best
-        seq.state["text"] = text[: i + len(s)] if seq.params.include_stop_str_in_output else text[:i]
-        self._finish(seq, "stop", s)
-        return True
-
-    def _finish(self, seq: Sequence, reason: str, stop_reason, flush: bool = False) -> None:
-        detok = seq.state.get("detok")
-        if detok is not None and (reason == "length" or flush):
-            seq.state["text"] += detok.flush()
-        self.scheduler.finish(seq, reason, stop_reason)
-        req = self.requests[seq.request_id]
-        if req.finished:
-            req.metrics.finished_time = time.perf_counter()
-
-    def _make_output(self, req: Request) -> RequestOutput:
-        outs = []
-        for seq in req.seqs:
-            text = seq.state["text"]
-            toks = seq.output_token_ids
-            # While running, hold back a tail that may be the start of a stop string: a stream must
-            # never show text that the stop string will cut.
-            ready = len(text) if seq.is_finished else len(text) - stop_prefix_len(text, seq.params.stop_list)
-            sent = seq.state["sent_text"]
-            out = CompletionOutput(
-                index=seq.index, text=text, token_ids=list(toks),
-                cumulative_logprob=seq.state["cum_logprob"] if seq.params.logprobs is not None else None,
-                logprobs=seq.state["logprobs"], finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-                text_delta=text[sent:ready] if ready > sent else "",
-                token_ids_delta=list(toks[seq.state["sent_tokens"]:]),
-            )
-            seq.state["sent_text"], seq.state["sent_tokens"] = max(sent, ready), len(toks)
-            outs.append(out)
-        req.metrics.num_generated_tokens = sum(s.num_output_tokens for s in req.seqs)
-        finished = req.finished
-        if finished:
-            self.requests.pop(req.request_id, None)
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, finished,
-                             req.prompt_logprobs, req.metrics, req.error)
 
     def shutdown(self) -> None:
         """Stop the model ranks of a parallel engine (no-op for a single process)."""

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import enum
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pagedlm.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SequenceStatus(enum.Enum):
@@ -18,12 +21,35 @@ class SequenceStatus(enum.Enum):
 _ids = itertools.count()
 
 
+class Finish(NamedTuple):
+    """How the engine core ends a sequence after a token it appended (``LLMEngine._ending``).
+
+    ``by_token``: the token itself is the stop marker (a stop token id or EOS), so it never shows
+    as text; otherwise (max_tokens, max_model_len, a grammar that completed or broke, a stop
+    string) the token's text counts and the detokenizer is flushed. ``detail`` is logged when the
+    ending stands (a grammar error)."""
+
+    reason: str  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string
+    by_token: bool = False
+    detail: str | None = None
+
+
 class Sequence:
     """Plain Python (no torch) so the scheduler and block manager are tested fast.
 
     ``num_computed_tokens`` tokens of ``token_ids`` have their K/V in the cache; the next step
     computes some of the rest (a prefill chunk, or the one newest token when decoding).
+
+    This is the engine core's typed per-sequence state (slots: a misspelt field is an error).
+    What the outputs say (text, deltas sent, logprobs) is not here: the output processor keeps
+    it (``engine/output_processor.py``).
     """
+
+    __slots__ = ("seq_id", "request_id", "index", "token_ids", "num_prompt_tokens", "params", "status",
+                 "block_table", "num_computed_tokens", "num_cached_tokens", "num_hashed_blocks", "prefix_parent",
+                 "num_preemptions", "arrival_time", "finish_reason", "stop_reason", "wait_for", "spec_tokens",
+                 "generator", "grammar", "ep_rank", "lora")
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  index: int = 0, arrival_time: float = 0.0):
@@ -47,7 +73,12 @@ class Sequence:
         # Speculative decoding: tokens proposed after the last one, verified in this step's forward
         # (engine/spec_decode.py). Never part of token_ids until accepted.
         self.spec_tokens: list[int] = []
-        self.state: dict[str, Any] = {}  # owned by the engine: generator, detokenizer, logprobs
+        # Sampling state: a seeded request's own generator (seed + index), so its draws do not
+        # depend on the batch; a structured-output request's llguidance matcher, advanced by every
+        # token kept (engine/structured.py). None: the engine's generator / unconstrained.
+        self.generator: torch.Generator | None = None
+        self.grammar: Any = None
+        self.ep_rank: int | None = None  # expert parallelism: the replica holding its KV (distributed/runner.py)
         self.lora: Any = None  # the LoRAAdapter (pagedlm/lora.py) this sequence runs with; None: the base model
 
     @property

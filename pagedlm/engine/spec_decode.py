@@ -158,6 +158,16 @@ def lookup(token_ids: list[int], min_n: int, max_n: int, k: int) -> list[int]:
     return []
 
 
+class _Shadow(Sequence):
+    """A target sequence's copy in the draft model's block pool."""
+
+    __slots__ = ("synced",)
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.synced = 0  # leading tokens known equal to the target's at the last sync
+
+
 class DraftModelProposer:
     """A smaller model with the target's vocabulary proposes k tokens autoregressively: one
     forward that catches up on the tokens it has not seen (the prompt at first, then the tokens
@@ -190,28 +200,28 @@ class DraftModelProposer:
         self.runner.allocate_kv_cache(num_blocks, bs)
         self.bm = BlockManager(num_blocks, bs, enable_prefix_caching=False)
         self.max_len = min(engine.max_model_len, mcfg.max_position_embeddings)
-        self.shadows: dict[int, Sequence] = {}
+        self.shadows: dict[int, _Shadow] = {}
 
     def release(self, live_ids: set[int]) -> None:
         """Free the shadows of sequences that no longer decode (finished, preempted, aborted)."""
         for sid in [s for s in self.shadows if s not in live_ids]:
             self.bm.free(self.shadows.pop(sid))
 
-    def _sync(self, seq: Sequence) -> Sequence:
+    def _sync(self, seq: Sequence) -> _Shadow:
         """The shadow of ``seq``, its computed K/V cut back to the prefix it shares with ``seq``."""
         shadow = self.shadows.get(seq.seq_id)
         if shadow is None:
-            shadow = self.shadows[seq.seq_id] = Sequence(seq.request_id, seq.token_ids, seq.params)
+            shadow = self.shadows[seq.seq_id] = _Shadow(seq.request_id, seq.token_ids, seq.params)
             shadow.num_prompt_tokens = seq.num_prompt_tokens
         old = shadow.token_ids
         common = min(shadow.num_computed_tokens, len(seq.token_ids))
-        for i in range(shadow.state.get("synced", 0), common):
+        for i in range(shadow.synced, common):
             if old[i] != seq.token_ids[i]:
                 common = i
                 break
         shadow.token_ids = list(seq.token_ids)
         shadow.num_computed_tokens = common
-        shadow.state["synced"] = len(seq.token_ids)
+        shadow.synced = len(seq.token_ids)
         return shadow
 
     def propose(self, seqs: list[tuple[Sequence, int]], engine) -> dict[int, Proposal]:

@@ -15,7 +15,7 @@ token. pagedlm's part:
 * ``apply_bitmask`` masks those rows of the logits inside the sampler, after the compiled or
   eager model step (the compiled decode graph returns plain logits; nothing in it changes).
 
-Each sequence owns its matcher (``seq.state["grammar"]``), advanced by every token it keeps:
+Each sequence owns its matcher (``Sequence.grammar``), advanced by every token it keeps:
 ``n > 1`` samples each have their own, and a preempted sequence keeps its matcher because
 recompute keeps its generated tokens.
 """
