@@ -493,11 +493,10 @@ class LLMEngine:
 
     def _outputs(self, changed: dict[str, Request]) -> list[RequestOutput]:
         """The step's outputs (one per changed request); finished requests leave the engine."""
-        outs = []
-        for req in changed.values():
-            outs.append(self.output.make_output(req))
-            if req.finished:
-                self.requests.pop(req.request_id, None)
+        outs = [self.output.make_output(req) for req in changed.values()]
+        for out in outs:
+            if out.finished:
+                self.requests.pop(out.request_id, None)
         return outs
 
     def banned_ids(self, seq: Sequence, ahead: int = 0) -> list[int]:
