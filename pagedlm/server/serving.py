@@ -229,6 +229,12 @@ class OpenAIServing:
                            code="no_tokenizer")
 
     # ---- sampling parameters --------------------------------------------------------------------
+    def check_request(self, req: P._SamplingFields):
+        """The checks every generating request starts with; returns its LoRARequest (or None)."""
+        lora = self.models.check(req.model)
+        self.check_sampling(req)
+        return lora
+
     def check_sampling(self, req: P._SamplingFields) -> None:
         if req.n > self.max_num_seqs:
             raise APIError(400, f"n={req.n} exceeds the server's --max-num-seqs {self.max_num_seqs}", param="n",
@@ -287,7 +293,7 @@ class OpenAIServing:
         except BaseException as e:
             for s in streams:
                 s.abort()
-            if isinstance(e, Exception):
+            if isinstance(e, Exception) and not isinstance(e, APIError):
                 raise api_error(e, self.prompt_param) from e
             raise
         return streams

@@ -48,8 +48,7 @@ class OpenAIServingChat(OpenAIServing):
     prompt_param = "messages"
 
     async def create(self, req: P.ChatCompletionRequest, request: Request) -> Response:
-        lora = self.models.check(req.model)
-        self.check_sampling(req)
+        lora = self.check_request(req)
         try:
             plan = T.plan_tools(req)
         except T.ToolError as e:

@@ -32,8 +32,7 @@ class OpenAIServingCompletion(OpenAIServing):
     prompt_param = "prompt"
 
     async def create(self, req: P.CompletionRequest, request: Request) -> Response:
-        lora = self.models.check(req.model)
-        self.check_sampling(req)
+        lora = self.check_request(req)
         if req.suffix is not None:
             raise APIError(400, "suffix is not supported (no fill-in-the-middle)", param="suffix", code="unsupported")
         if req.echo and req.logprobs is not None:
