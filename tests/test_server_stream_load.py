@@ -3,7 +3,8 @@ non-streamed answer, for every feature that shapes the stream (stop strings and 
 n > 1, several prompts, echo, logprobs, tool calls in each tool_choice mode).
 
 A slow event loop makes ``RequestStream`` skip outputs (it then concatenates their deltas); the
-test counts those merges so that it cannot pass without exercising them.
+test counts those merges so that it cannot pass without exercising them. Also: the one
+exception -> OpenAI error mapping (``server/errors.py``) that streams and routes share.
 """
 
 from __future__ import annotations
@@ -236,3 +237,29 @@ def test_request_stream_merges_skipped_deltas(model_dir):
         assert ids == [c.token_ids for c in final.outputs]
     slow = results[1::2]  # these skipped outputs: fewer of them than tokens
     assert sum(seen for *_, seen in slow) < sum(len(c.token_ids) for r in slow for c in r[0].outputs) / 2
+
+
+def test_one_error_mapping_before_and_during_generation():
+    from pagedlm.engine.async_engine import EngineOverloadedError, RequestAbortedError
+    from pagedlm.errors import EngineDeadError, RequestFailedError, RequestRejectedError
+    from pagedlm.server.errors import APIError, api_error
+
+    def fields(e, **kw):
+        a = api_error(e, **kw)
+        return a.status, a.type, a.param, a.code, a.message
+
+    # Refusals before the engine took the request: the client's fault names the field.
+    assert fields(RequestRejectedError("prompt is too long"), prompt_param="messages") == (
+        400, "invalid_request_error", "messages", "context_length_exceeded", "prompt is too long")
+    assert fields(ValueError("temperature must be >= 0")) == (
+        400, "invalid_request_error", "temperature", "invalid_value", "temperature must be >= 0")
+    assert fields(EngineOverloadedError("full"))[:4] == (503, "server_overloaded", None, "overloaded")
+    assert fields(EngineDeadError("stopping")) == (503, "service_unavailable", None, "shutting_down", "stopping")
+    # While generating: an abort is "request aborted", a ValueError is the server's bug.
+    assert fields(RequestAbortedError("gone"), generating=True)[::4] == (503, "request aborted: gone")
+    assert fields(RequestFailedError("request failed: x"), generating=True)[:4] == (
+        500, "internal_error", None, "request_failed")
+    assert fields(ValueError("bad"), generating=True) == (500, "internal_error", None, None,
+                                                          "internal error: ValueError: bad")
+    e = APIError(418, "teapot")
+    assert api_error(e) is e

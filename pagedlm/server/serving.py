@@ -406,10 +406,10 @@ class OpenAIServing:
         usage = Usage()
         unfinished = len(ctx.choices)
         include_usage = bool(ctx.req.stream_options and ctx.req.stream_options.include_usage)
+        model = self.models.response_name(ctx.req.model)
 
         def chunk(chs: list, **kw) -> str:
-            return sse(self.chunk_type(id=ctx.rid, created=ctx.created, model=self.models.response_name(ctx.req.model),
-                                       choices=chs, **kw))
+            return sse(self.chunk_type(id=ctx.rid, created=ctx.created, model=model, choices=chs, **kw))
 
         try:
             head = self.head_choices(ctx)
