@@ -193,8 +193,8 @@ def test_streams_under_load_equal_the_non_streamed_answers(server, monkeypatch):
     for (path, body), want, events in zip(reqs, expected, streamed, strict=True):
         got = _reduce_stream(path, events)
         for st in (*want.values(), *got.values()):
-            # The non-streamed reply re-serialises a constrained call's arguments; a stream sends
-            # them as generated: the same JSON value.
+            # A required call's arguments are re-serialised (taken out of the generated list of
+            # calls) in both; a named call's are sent as generated: compare JSON values.
             st["calls"] = {k: (name, json.loads(args)) for k, (name, args) in st["calls"].items()}
         for st in want.values():
             st["values"] = pytest.approx(st["values"], abs=1e-4)

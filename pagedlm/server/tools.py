@@ -232,7 +232,7 @@ def calls_from_constrained(text: str, plan: ToolPlan) -> list[tuple[str, str]] |
     except ValueError:
         return None
     if plan.mode == "named":
-        return [(plan.named, json.dumps(obj, ensure_ascii=False))]
+        return [(plan.named, text)]  # the arguments as generated, as a stream sends them
     return [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in obj]
 
 
