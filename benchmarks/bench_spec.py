@@ -1,12 +1,13 @@
 """Speculative decoding at batch 1: decode speed-up and acceptance per proposer and workload.
 
-    python benchmarks/bench_spec.py [--max-tokens 128] [--k 3] [--repeats 2] [--proposers ngram,draft_model]
-        [--enforce-eager] [--json out.json]
+    python benchmarks/bench_spec.py [--max-tokens 128] [--k 3] [--repeats 2]
+        [--proposers ngram,ngram_fixed,draft_model] [--enforce-eager] [--json out.json]
 
 SmolLM2-135M-Instruct (the default GGUF, quantization auto, compiled decode), one request at a
 time, greedy. Two workloads of chat prompts: "repetitive" (the answer copies text of the prompt:
 code edits, quoting, summarising a list) and "free" (open questions). For each prompt: plain
-decoding, n-gram prompt lookup, and a draft model (the same GGUF: the only model with SmolLM2's
+decoding, n-gram prompt lookup (``ngram``: its adaptive policy verifies up to k proposals, as
+many as pay for their rows; ``ngram_fixed``: always all k, as vLLM), and a draft model (the same GGUF: the only model with SmolLM2's
 tokenizer here, so it shows the cost of a draft as big as the target, at full acceptance).
 Decode tok/s is (generated - 1) / (finish - first token) from the request's metrics; the
 speed-up is the ratio of total decode times over each workload's prompts, all on one engine
@@ -51,12 +52,25 @@ WORKLOADS = {
         "sequence in fixed-size blocks. A block table maps each sequence's positions to its blocks, so "
         "memory is allocated on demand, shared between sequences with a common prefix, and freed as "
         "soon as a sequence finishes. This is what lets a server batch many requests at once.",
+        "Translate this JSON into YAML and print it:\n{\"name\": \"pagedlm\", \"version\": \"0.2\", \"features\": "
+        "[\"paged kv cache\", \"prefix caching\", \"continuous batching\"], \"license\": \"MIT\"}",
+        "Fix the typo in this sentence and repeat it: The quick brown fox jumpps over the lazy dog while the "
+        "farmer watches from the porch of the old red barn.",
+        "Here is a shopping list: milk, eggs, bread, butter, cheese, tomatoes, onions, garlic, rice, beans. "
+        "Write it again sorted alphabetically, one per line.",
+        "Convert these functions to use a list comprehension and print the whole code:\n\n"
+        "def squares(n):\n    result = []\n    for i in range(n):\n        result.append(i * i)\n    return result\n\n\n"
+        "def cubes(n):\n    result = []\n    for i in range(n):\n        result.append(i * i * i)\n    return result\n",
     ],
     "free": [
         "Write a short story about a robot who learns to paint.",
         "What are three good habits for staying healthy? Explain each.",
         "Explain how a rainbow forms.",
         "Give me some advice for my first job interview.",
+        "Why is the sky blue?",
+        "Write a poem about the sea.",
+        "What should I cook for dinner tonight?",
+        "Describe your ideal vacation.",
     ],
 }
 
@@ -76,7 +90,8 @@ def main() -> int:
     ap.add_argument("--k", type=int, default=3, help="num_speculative_tokens")
     ap.add_argument("--prompt-lookup-max", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2, help="runs per prompt and configuration (best kept)")
-    ap.add_argument("--proposers", default="ngram,draft_model", help="comma-separated: ngram, draft_model")
+    ap.add_argument("--proposers", default="ngram,ngram_fixed,draft_model",
+                    help="comma-separated: ngram, ngram_fixed, draft_model")
     ap.add_argument("--enforce-eager", action="store_true", help="every engine eager (no compiled decode)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -85,8 +100,9 @@ def main() -> int:
     from pagedlm.engine.engine import default_model_path
 
     model = default_model_path()
-    proposers = {"ngram": {"method": "ngram", "num_speculative_tokens": args.k,
-                           "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": 1},
+    ngram = {"method": "ngram", "num_speculative_tokens": args.k,
+             "prompt_lookup_max": args.prompt_lookup_max, "prompt_lookup_min": 1}
+    proposers = {"ngram": ngram, "ngram_fixed": {**ngram, "adaptive": False},
                  "draft_model": {"method": "draft_model", "num_speculative_tokens": args.k, "model": model}}
     configs = {"plain": None}
     for name in args.proposers.split(","):
@@ -98,7 +114,7 @@ def main() -> int:
         t = time.perf_counter()
         llm = LLM(model, kv_cache_memory=256 << 20, max_num_seqs=8, speculative_config=cfg,
                   enforce_eager=args.enforce_eager)
-        llm.engine.warmup([1])  # with speculation: also the bucket of the 1 + k verification rows
+        llm.engine.warmup([1])  # with speculation: also the buckets of 1 + j verification rows, j <= k
         engines[name] = llm
         print(f"{name}: loaded and compiled in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     results = {}

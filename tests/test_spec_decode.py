@@ -12,8 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pagedlm import LLM, SamplingParams
+from pagedlm.engine import spec_decode
 from pagedlm.engine.engine import EngineConfig, LLMEngine
-from pagedlm.engine.spec_decode import Proposal, SpeculativeConfig, lookup
+from pagedlm.engine.spec_decode import AdaptivePolicy, Proposal, SpeculativeConfig, lookup, lookup_match
 from tests.helpers import save_tiny
 from tests.server_fixtures import _sharpen_lm_head
 
@@ -71,6 +72,77 @@ def test_lookup_takes_latest_longest_match():
     # longest n first: "1 2" matches at the start (-> 3), while "2" alone matches later (-> 6)
     assert lookup([1, 2, 3, 2, 6, 1, 2], 1, 2, 1) == [3]
     assert lookup([1, 2, 3, 2, 6, 1, 2], 1, 1, 1) == [6]
+    assert lookup_match(toks, 1, 3, 3) == ([7, 8, 5], 2)
+    assert lookup_match(toks, 3, 3, 3) == ([], 0)
+
+
+# ---- how much to verify (AdaptivePolicy) ------------------------------------------------------
+BUCKETS = [1, 2, 4, 8]
+
+
+def _policy(seconds: dict[int, float] | None) -> AdaptivePolicy:
+    return AdaptivePolicy(lambda: None if seconds is None else (BUCKETS, seconds))
+
+
+def test_policy_without_measured_costs_verifies_everything():
+    assert _policy(None).choose(1, [(7, 2, 5)]) == {7: 5}
+    # the bucket that verifying everything needs (8) is not measured yet: verify all, so it will be
+    assert _policy({1: 1.0, 2: 1.0}).choose(1, [(7, 2, 5)]) == {7: 5}
+
+
+def test_policy_weighs_expected_tokens_against_measured_rows():
+    # free rows: any chance of acceptance pays for every proposal
+    assert _policy({b: 1.0 for b in BUCKETS}).choose(1, [(7, 1, 7)]) == {7: 7}
+    # cost proportional to rows: a proposal (accepted with a < 1) never pays for its row
+    assert _policy({b: float(b) for b in BUCKETS}).choose(1, [(7, 1, 7)]) == {7: 0}
+    # a CPU-like cost curve: at the prior acceptance (1/2) one proposal pays in bucket 2 ...
+    cpu = {1: 1.0, 2: 1.2, 4: 1.7, 8: 2.6}
+    assert _policy(cpu).choose(1, [(7, 1, 7)]) == {7: 1}
+    # ... and k is capped by the proposal: 3 rows fall in bucket 4, costed as such
+    p = _policy(cpu)
+    for _ in range(30):  # kind 4 (a 4-token match) always accepted; kind 1 never
+        p.observe(7, 4, 3, 3)
+        p.observe(7, 1, 3, 0)
+    assert p.acceptance(7, 4) > 0.95 and p.acceptance(7, 1) < 0.05
+    assert p.choose(1, [(7, 4, 7)]) == {7: 7}
+    assert p.choose(1, [(7, 1, 7)]) == {7: 0}
+    # engine-wide counts are a new sequence's prior, its own outcomes take over
+    assert p.acceptance(8, 4) > 0.9
+    for _ in range(20):
+        p.observe(8, 4, 3, 0)
+    assert p.acceptance(8, 4) < 0.2
+    p.release({7})
+    assert p.acceptance(8, 4) == p.acceptance(99, 4) > 0.5  # forgotten: back to the engine-wide rate
+
+
+def test_policy_spends_rows_on_the_likeliest_sequences_first():
+    p = _policy({1: 1.0, 2: 1.05, 4: 1.2, 8: 2.4})
+    for _ in range(30):
+        p.observe(1, 3, 2, 2)
+        p.observe(2, 1, 2, 0)
+    # three decoding sequences (3 rows, bucket 4): one more row still fits bucket 4 and pays for
+    # the likely sequence 1; more rows would cross into bucket 8, which costs double.
+    assert p.choose(3, [(1, 3, 4), (2, 1, 4)]) == {1: 1, 2: 0}
+
+
+def test_adaptive_policy_keeps_greedy_output(tiny_target, monkeypatch):
+    """Whatever the policy verifies (here: a cost table that makes it verify 0 to 4 of the
+    proposals, changing with the sequences' outcomes), greedy output is plain decoding's."""
+    kw = dict(dtype="float32", num_kv_blocks=64, block_size=4, max_num_seqs=4)
+    prompts = _mixed_prompts(6, seed=3)
+    params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True) for _ in prompts]
+    want = _run(LLMEngine(model=tiny_target, **kw), prompts, params)
+    monkeypatch.setattr(spec_decode, "step_cost_table",
+                        lambda runner: ([1, 2, 4, 8], {1: 1.0, 2: 1.15, 4: 1.45, 8: 2.2}))
+    spec = LLMEngine(model=tiny_target, speculative_config=NGRAM, **kw)
+    verified = []
+    choose = spec.spec.policy.choose
+    monkeypatch.setattr(spec.spec.policy, "choose", lambda *a: verified.append(choose(*a)) or verified[-1])
+    got = _run(spec, prompts, params)
+    assert _outputs(got) == _outputs(want)
+    counts = {k for step in verified for k in step.values()}
+    assert 0 in counts and len(counts - {0}) >= 1, counts  # it both dropped and kept proposals
+    assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
 
 
 # ---- greedy: token for token ------------------------------------------------------------------
@@ -353,6 +425,7 @@ def test_prometheus_metrics(tiny_target):
     ({"method": "draft_model", "num_speculative_tokens": 2}, None, "needs 'model'"),
     ({"method": "draft_model", "num_speculative_tokens": 2, "model": "/nonexistent/x"}, None, "does not exist"),
     ({"method": "ngram", "k": 2}, None, "unknown speculative_config field"),
+    ({"method": "ngram", "num_speculative_tokens": 2, "adaptive": "yes"}, None, "adaptive must be true or false"),
     ('{"method": "ngram", ', None, "not valid JSON"),
     ("[1, 2]", None, "must be a JSON object"),
 ])
@@ -445,8 +518,10 @@ def test_compiled_verification_rows(tiny_target, monkeypatch):
            SamplingParams(max_tokens=9, temperature=0, ignore_eos=True),
            SamplingParams(max_tokens=20, temperature=0.8, seed=3, ignore_eos=True)]
     want = _run(LLMEngine(model=tiny_target, enforce_eager=True, **kw), prompts[:2], sps[:2])
-    spec = LLMEngine(model=tiny_target, enforce_eager=False, speculative_config=dict(NGRAM, num_speculative_tokens=3),
-                     **kw)
+    # adaptive=False: every proposal is verified (the policy would drop them where the measured
+    # rows do not pay, and this test is about the rows).
+    spec = LLMEngine(model=tiny_target, enforce_eager=False,
+                     speculative_config=dict(NGRAM, num_speculative_tokens=3, adaptive=False), **kw)
     compiled = spec.runner.compiled
     verified = []
     prepare = compiled.prepare

@@ -71,6 +71,9 @@ class CompiledDecode:
         self.max_width = 2
         self.fns: dict[int, object] = {}
         self.direct: dict[int, tuple] = {}  # bucket -> (compiled graph, its arguments, ...)
+        # bucket -> moving average of the wall time of its compiled step (not the compiling call):
+        # what a row costs on this machine, for speculative decoding's AdaptivePolicy.
+        self.step_seconds: dict[int, float] = {}
 
     def _compiled(self, bucket: int):
         """One compiled function per bucket: its inputs' sizes are fixed but for the table width,
@@ -146,6 +149,7 @@ class CompiledDecode:
         self.fns.clear()
         self.direct.clear()
         self.compiled_buckets.clear()
+        self.step_seconds.clear()
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                  lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,7 +234,8 @@ class CompiledDecode:
             buf.tables[: bucket * 2].fill_(self.scratch_block)
             log.info("compiling the decode step for batch bucket %d ...", bucket)
             with torch.no_grad():
-                self.execute(DecodeBatch(None, bucket, 2, None, 0))
+                for _ in range(4):  # compile, then time it a few times (step_seconds)
+                    self.execute(DecodeBatch(None, bucket, 2, None, 0))
 
     def execute(self, batch: DecodeBatch) -> torch.Tensor | None:
         """Logits of the sampled rows, or None when the compiled step failed (run it eagerly)."""
@@ -258,8 +263,12 @@ class CompiledDecode:
             log.warning("compiled decode step failed (%s: %s); running eagerly from now on",
                         type(e).__name__, str(e).splitlines()[0] if str(e) else "")
             return None
+        elapsed = time.perf_counter() - t0
         if first:
             self.compiled_buckets.add(batch.bucket)
-            log.info("compiled the decode step for batch bucket %d in %.1f s", batch.bucket, time.perf_counter() - t0)
+            log.info("compiled the decode step for batch bucket %d in %.1f s", batch.bucket, elapsed)
+        else:
+            prev = self.step_seconds.get(batch.bucket)
+            self.step_seconds[batch.bucket] = elapsed if prev is None else prev + 0.1 * (elapsed - prev)
         logits = logits[: batch.num_rows]
         return logits if batch.rows is None else logits[batch.rows]

@@ -26,7 +26,6 @@ from pagedlm.engine.block_manager import BlockManager
 from pagedlm.engine.faults import FaultInjector, describe, find_failing
 from pagedlm.engine.model_runner import ModelRunner
 from pagedlm.engine.output_processor import OutputProcessor
-from pagedlm.engine.output_processor import stop_prefix_len as stop_prefix_len  # re-exported: server/app.py
 from pagedlm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedlm.engine.sequence import Finish, Sequence, SequenceStatus
 from pagedlm.engine.structured import GrammarManager, advance
@@ -311,15 +310,17 @@ class LLMEngine:
     def warmup(self, buckets: list[int] | None = None) -> None:
         """Compile the decode step's batch buckets now (default: all up to max_num_seqs) rather
         than at the first step of each size; a no-op with enforce_eager. With speculative
-        decoding, a list of buckets also gets the one a sequence's 1 + k verification rows use
-        (and a draft model compiles the same buckets)."""
+        decoding, a list of buckets also gets those a sequence's 1 + j verification rows use,
+        j <= k (its policy verifies fewer than k where that pays; a draft model compiles the
+        same buckets as the target)."""
         compiled = self.runner.compiled
         if self.spec is not None:
             self.spec.warmup(buckets)
         if compiled is not None:
             if buckets is not None and self.spec is not None:
                 rows = 1 + self.spec.k
-                buckets = sorted(set(buckets) | {next((b for b in compiled.sizes if b >= rows), compiled.sizes[-1])})
+                top = next((b for b in compiled.sizes if b >= rows), compiled.sizes[-1])
+                buckets = sorted(set(buckets) | {b for b in compiled.sizes if b <= top})
             compiled.warmup(buckets)
 
     # ---- cache report ----------------------------------------------------------------------

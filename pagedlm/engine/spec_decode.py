@@ -58,6 +58,10 @@ class SpeculativeConfig:
     prompt_lookup_min: int = 1  # n-gram: shortest suffix looked up
     model: str | None = None  # draft_model: HF directory or .gguf file with the target's vocabulary
     quantization: str | None = None  # draft_model: None = the target's setting
+    # Not a vLLM field. n-gram: verify, per sequence and step, only as many of the (up to k)
+    # proposed tokens as pay for their rows in the measured step cost (``AdaptivePolicy``);
+    # False: always verify every proposal, as vLLM does.
+    adaptive: bool = True
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -69,6 +73,8 @@ class SpeculativeConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"adaptive must be true or false, got {self.adaptive!r}")
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ValueError(f"prompt_lookup_min ({self.prompt_lookup_min}) is larger than prompt_lookup_max "
                              f"({self.prompt_lookup_max})")
@@ -112,6 +118,7 @@ class SpeculativeConfig:
 class Proposal:
     tokens: list[int]
     probs: torch.Tensor | None = None  # (len(tokens), vocab) draft distributions; None: point masses
+    key: int = 0  # what predicts its acceptance (n-gram: the length of the matched suffix)
 
 
 # ---- proposers ------------------------------------------------------------------------------
@@ -126,9 +133,9 @@ class NgramProposer:
     def propose(self, seqs: list[tuple[Sequence, int]], engine) -> dict[int, Proposal]:
         out = {}
         for seq, k in seqs:
-            tokens = lookup(seq.token_ids, self.min_n, self.max_n, k)
+            tokens, n = lookup_match(seq.token_ids, self.min_n, self.max_n, k)
             if tokens:
-                out[seq.seq_id] = Proposal(tokens)
+                out[seq.seq_id] = Proposal(tokens, key=n)
         return out
 
     def release(self, live_ids: set[int]) -> None:
@@ -138,14 +145,19 @@ class NgramProposer:
 def lookup(token_ids: list[int], min_n: int, max_n: int, k: int) -> list[int]:
     """Up to ``k`` tokens that followed the latest earlier match of the longest suffix of
     ``token_ids`` of length in [min_n, max_n]."""
+    return lookup_match(token_ids, min_n, max_n, k)[0]
+
+
+def lookup_match(token_ids: list[int], min_n: int, max_n: int, k: int) -> tuple[list[int], int]:
+    """``lookup``'s tokens and the length of the suffix that matched (0: no match)."""
     n_tokens = len(token_ids)
     if n_tokens < min_n + 1:
-        return []
+        return [], 0
     arr = np.asarray(token_ids, dtype=np.int64)
     # Candidate starts: where the last token occurs before the end (the match's last position).
     ends = np.flatnonzero(arr[:-1] == arr[-1])
     if ends.size == 0:
-        return []
+        return [], 0
     for n in range(min(max_n, n_tokens - 1), min_n - 1, -1):
         ok = ends[ends >= n - 1]
         for back in range(1, n):
@@ -154,8 +166,8 @@ def lookup(token_ids: list[int], min_n: int, max_n: int, k: int) -> list[int]:
             ok = ok[arr[ok - back] == arr[n_tokens - 1 - back]]
         if ok.size:
             start = int(ok[-1]) + 1  # the latest match: the nearest context is the likeliest copy
-            return token_ids[start:start + k]
-    return []
+            return token_ids[start:start + k], n
+    return [], 0
 
 
 class _Shadow(Sequence):
@@ -292,6 +304,92 @@ def verify(logits: torch.Tensor, seq: Sequence, proposal: list[int], q: torch.Te
         return proposal[:i] + [draw(residual, gen)], i
     return proposal + [draw(p[k], gen)], k
 
+# ---- how much to verify ---------------------------------------------------------------------
+class AdaptivePolicy:
+    """How many of its proposed tokens each sequence verifies in this step.
+
+    Verifying ``k`` proposals costs ``k`` more rows in the step's forward pass, and on a CPU a
+    row is not free: the weight-only kernels' time grows with the rows (measured on SmolLM2: a
+    4-row step ~1.7x a 1-row step). A proposal pays only when the tokens it is expected to add
+    outweigh that. Per step, the policy maximises the expected tokens per second of the whole
+    step: ``(rows + sum_i E_i(k_i)) / t(rows + sum_i k_i)``, choosing each sequence's ``k_i``
+    greedily, likeliest sequences first, where
+
+    * ``t(r)`` is the measured time of a compiled decode step of ``r`` rows' bucket
+      (``CompiledDecode.step_seconds``, a moving average of this engine's own steps);
+    * ``E(k) = a + a^2 + ... + a^k``: the expected accepted tokens when each proposal is accepted
+      with probability ``a`` once its predecessors are (a run stops at the first rejection);
+    * ``a`` is estimated per proposal *kind* (n-gram: the length of the matched suffix, which
+      separates copies from coincidences): the sequence's own accepted / tested counts for that
+      kind, plus the engine-wide rate of the kind counted as ``STRENGTH`` observations (so a new
+      sequence starts from what the engine has seen, and its own history soon dominates).
+
+    Without a measured step cost for the bucket that verifying everything needs (eager steps,
+    CUDA, a bucket not compiled yet) every proposal is verified, so the cost gets measured.
+    """
+
+    STRENGTH = 2.0  # observations the engine-wide rate is worth to one sequence
+    DECAY = 0.99  # per update of the engine-wide counts: recent traffic counts more
+    PRIOR = (1.0, 2.0)  # engine-wide (accepted, tested) before any observation: a = 1/2
+
+    def __init__(self, cost_table):
+        self.cost_table = cost_table  # () -> (bucket sizes, {bucket: seconds}) or None
+        self.engine_counts: dict[int, list[float]] = {}  # kind -> [accepted, tested]
+        self.seq_counts: dict[int, dict[int, list[float]]] = {}  # seq_id -> kind -> [accepted, tested]
+
+    def acceptance(self, seq_id: int, kind: int) -> float:
+        ga, gt = self.engine_counts.get(kind, self.PRIOR)
+        a, t = self.seq_counts.get(seq_id, {}).get(kind, (0.0, 0.0))
+        return (a + self.STRENGTH * ga / gt) / (t + self.STRENGTH)
+
+    def observe(self, seq_id: int, kind: int, proposed: int, accepted: int) -> None:
+        """A verification: ``accepted`` of ``proposed`` tokens; a rejection (if any) is one more
+        test that failed."""
+        tested = accepted + (accepted < proposed)
+        g = self.engine_counts.setdefault(kind, list(self.PRIOR))
+        g[0] = g[0] * self.DECAY + accepted
+        g[1] = g[1] * self.DECAY + tested
+        c = self.seq_counts.setdefault(seq_id, {}).setdefault(kind, [0.0, 0.0])
+        c[0] += accepted
+        c[1] += tested
+
+    def release(self, live_ids: set[int]) -> None:
+        for sid in [s for s in self.seq_counts if s not in live_ids]:
+            del self.seq_counts[sid]
+
+    def choose(self, num_rows: int, proposals: list[tuple[int, int, int]]) -> dict[int, int]:
+        """``proposals``: (seq_id, kind, tokens proposed) of the decoding sequences that have
+        some; ``num_rows``: the step's rows without any proposal (one per decoding sequence).
+        Returns how many tokens each sequence verifies."""
+        full = {sid: n for sid, _, n in proposals}
+        table = self.cost_table()
+        if table is None:
+            return full
+        sizes, seconds = table
+
+        def cost(rows: int) -> float | None:
+            bucket = next((b for b in sizes if b >= rows), None)
+            return None if bucket is None else seconds.get(bucket)
+
+        if cost(num_rows + sum(full.values())) is None and num_rows + sum(full.values()) <= sizes[-1]:
+            return full  # its bucket is not measured yet: verify everything once, and it will be
+        base = cost(num_rows)
+        if base is None:
+            return full
+        chosen = {}
+        rows, tokens, rate = num_rows, float(num_rows), num_rows / base
+        ranked = sorted(((self.acceptance(sid, kind), sid, n) for sid, kind, n in proposals), reverse=True)
+        for a, sid, n in ranked:
+            best_k, best_rate, expected, gain = 0, rate, 0.0, 0.0
+            for k in range(1, n + 1):
+                expected += a ** k
+                t = cost(rows + k)
+                if t is not None and (tokens + expected) / t > best_rate:
+                    best_k, best_rate, gain = k, (tokens + expected) / t, expected
+            chosen[sid] = best_k
+            rows, tokens, rate = rows + best_k, tokens + gain, best_rate
+        return chosen
+
 
 class SpecDecoder:
     """The engine's seam: ``propose`` before scheduling, ``proposal_of`` when verifying."""
@@ -303,6 +401,10 @@ class SpecDecoder:
         # Engine-wide (per request: RequestMetrics.spec_decode); every position listed from the start.
         self.stats = SpecDecodeStats(num_accepted_tokens_per_pos=[0] * self.k)
         self.proposals: dict[int, Proposal] = {}
+        # A draft model's proposals cost its own forward passes, which the step-cost table does
+        # not see: it verifies every proposal.
+        adaptive = cfg.adaptive and cfg.method == "ngram"
+        self.policy = AdaptivePolicy(lambda: step_cost_table(engine.runner)) if adaptive else None
 
     def warmup(self, buckets: list[int] | None) -> None:
         runner = getattr(self.proposer, "runner", None)
@@ -332,15 +434,32 @@ class SpecDecoder:
                 want.append((seq, k))
         self.proposer.release({seq.seq_id for seq, _ in want})
         self.proposals = self.proposer.propose(want, engine) if want else {}
+        keep = None
+        if self.policy is not None:
+            self.policy.release({seq.seq_id for seq in running})
+            decoding = sum(seq.num_tokens - seq.num_computed_tokens == 1 for seq in running)
+            keep = self.policy.choose(decoding, [(sid, p.key, len(p.tokens)) for sid, p in self.proposals.items()])
         for seq, _ in want:
             prop = self.proposals.get(seq.seq_id)
             if prop is not None:
-                seq.spec_tokens = list(prop.tokens)
+                seq.spec_tokens = list(prop.tokens if keep is None else prop.tokens[:keep[seq.seq_id]])
 
     def verify(self, logits: torch.Tensor, seq: Sequence, engine) -> tuple[list[int], int]:
         """Verify ``seq.spec_tokens`` (possibly cut by the scheduler) against ``logits``."""
         proposal = seq.spec_tokens
-        q = self.proposals[seq.seq_id].probs
-        if q is not None:
-            q = q[: len(proposal)]
-        return verify(logits, seq, proposal, q, engine)
+        prop = self.proposals[seq.seq_id]
+        q = None if prop.probs is None else prop.probs[: len(proposal)]
+        tokens, accepted = verify(logits, seq, proposal, q, engine)
+        if self.policy is not None:
+            self.policy.observe(seq.seq_id, prop.key, len(proposal), accepted)
+        return tokens, accepted
+
+
+def step_cost_table(runner) -> tuple[list[int], dict[int, float]] | None:
+    """(bucket sizes, measured seconds of a compiled decode step per bucket) of a runner that
+    decodes through compiled CPU steps; None otherwise (eager, CUDA: times without a device
+    synchronisation would be launch times)."""
+    compiled = getattr(runner, "compiled", None)
+    if compiled is None or compiled.failed or compiled.device.type != "cpu":
+        return None
+    return compiled.sizes, compiled.step_seconds

@@ -232,7 +232,7 @@ def calls_from_constrained(text: str, plan: ToolPlan) -> list[tuple[str, str]] |
     except ValueError:
         return None
     if plan.mode == "named":
-        return [(plan.named, json.dumps(obj, ensure_ascii=False))]
+        return [(plan.named, text)]  # the arguments as generated, as a stream sends them
     return [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in obj]
 
 
@@ -255,11 +255,15 @@ class ToolStream:
 
     def __init__(self, plan: ToolPlan, parallel: bool = True):
         self.plan, self.parallel = plan, parallel
+        self.text = ""  # the reply so far (the engine's text deltas, joined)
         self.sent = 0
         self.call_id = new_call_id() if plan.mode == "named" else None
         self.has_calls = plan.mode == "named"
 
-    def update(self, text: str, finished: bool) -> tuple[str, list[P.ToolCallDelta]]:
+    def update(self, delta: str, finished: bool) -> tuple[str, list[P.ToolCallDelta]]:
+        """(content, tool-call deltas) to send for the reply's next ``delta`` of text."""
+        self.text += delta
+        text = self.text
         if self.plan.mode == "named":
             deltas = []
             if self.sent == 0 and (text or finished):
