@@ -84,6 +84,23 @@ def run_prompt(llm, prompt: str, max_tokens: int):
     return out.outputs[0].token_ids, m.decode_time, m.num_generated_tokens, m.spec_decode
 
 
+def divergence(plain, prompt: str, max_tokens: int, ref: list[int], toks: list[int]) -> str:
+    """Where an output first differs from plain decoding's, and how close plain decoding's top
+    two candidates were there: a near tie that different row counts in the GEMMs round
+    differently (bf16), or a real disagreement."""
+    from pagedlm import SamplingParams
+
+    i = next((j for j, (a, b) in enumerate(zip(ref, toks)) if a != b), min(len(ref), len(toks)))
+    msgs = [{"role": "user", "content": prompt}]
+    out = plain.chat(msgs, SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=2), use_tqdm=False)
+    lps = out[0].outputs[0].logprobs
+    gap = "?"
+    if i < len(lps) and len(lps[i]) >= 2:
+        top = sorted((v.logprob for v in lps[i].values()), reverse=True)
+        gap = f"{top[0] - top[1]:.4f}"
+    return f"  differs from plain at token {i} of {len(ref)}: plain's top-2 logprob gap there {gap}"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -136,7 +153,9 @@ def main() -> int:
                 t["accepted"] += spec.num_accepted_tokens
                 if ref is None:
                     ref = toks
-                t["identical"] &= toks == ref
+                if toks != ref:
+                    t["identical"] = False
+                    print(divergence(engines["plain"], prompt, args.max_tokens, ref, toks), file=sys.stderr)
                 print(f"{workload:10s} {name:11s} {n - 1} tokens in {best:.2f} s; accepted "
                       f"{spec.num_accepted_tokens}/{spec.num_draft_tokens}", file=sys.stderr)
         base = tot["plain"]["tokens"] / tot["plain"]["time"]

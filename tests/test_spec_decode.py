@@ -133,7 +133,7 @@ def test_adaptive_policy_keeps_greedy_output(tiny_target, monkeypatch):
     params = [SamplingParams(max_tokens=24, temperature=0, ignore_eos=True) for _ in prompts]
     want = _run(LLMEngine(model=tiny_target, **kw), prompts, params)
     monkeypatch.setattr(spec_decode, "step_cost_table",
-                        lambda runner: ([1, 2, 4, 8], {1: 1.0, 2: 1.15, 4: 1.45, 8: 2.2}))
+                        lambda runner, host=0.0: ([1, 2, 4, 8], {1: 1.0, 2: 1.15, 4: 1.45, 8: 2.2}))
     spec = LLMEngine(model=tiny_target, speculative_config=NGRAM, **kw)
     verified = []
     choose = spec.spec.policy.choose

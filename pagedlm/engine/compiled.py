@@ -74,6 +74,8 @@ class CompiledDecode:
         # bucket -> moving average of the wall time of its compiled step (not the compiling call):
         # what a row costs on this machine, for speculative decoding's AdaptivePolicy.
         self.step_seconds: dict[int, float] = {}
+        self.num_steps = 0  # timed (not compiling) calls so far, and the time of the latest
+        self.last_step_seconds = 0.0
 
     def _compiled(self, bucket: int):
         """One compiled function per bucket: its inputs' sizes are fixed but for the table width,
@@ -270,5 +272,7 @@ class CompiledDecode:
         else:
             prev = self.step_seconds.get(batch.bucket)
             self.step_seconds[batch.bucket] = elapsed if prev is None else prev + 0.1 * (elapsed - prev)
+            self.num_steps += 1
+            self.last_step_seconds = elapsed
         logits = logits[: batch.num_rows]
         return logits if batch.rows is None else logits[batch.rows]

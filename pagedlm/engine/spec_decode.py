@@ -30,6 +30,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -404,7 +405,11 @@ class SpecDecoder:
         # A draft model's proposals cost its own forward passes, which the step-cost table does
         # not see: it verifies every proposal.
         adaptive = cfg.adaptive and cfg.method == "ngram"
-        self.policy = AdaptivePolicy(lambda: step_cost_table(engine.runner)) if adaptive else None
+        self.policy = AdaptivePolicy(lambda: step_cost_table(engine.runner, self.host_seconds)) if adaptive else None
+        # What a step costs besides its compiled forward (scheduling, sampling, output
+        # processing): the same for any number of rows, so it makes rows relatively cheaper.
+        self.host_seconds = 0.0
+        self._mark: tuple[float, int] | None = None  # (time, compiled steps) at the last propose
 
     def warmup(self, buckets: list[int] | None) -> None:
         runner = getattr(self.proposer, "runner", None)
@@ -425,7 +430,21 @@ class SpecDecoder:
             k = min(k, p.max_tokens - seq.num_output_tokens - 1)
         return max(0, k)
 
+    def _time_host(self, engine) -> None:
+        """Moving average of a step's time outside its compiled forward: the time between two
+        proposals with exactly one compiled step between them, less that step's forward."""
+        compiled = getattr(engine.runner, "compiled", None)
+        if compiled is None:
+            return
+        now = time.perf_counter()
+        if self._mark is not None and compiled.num_steps == self._mark[1] + 1 and now - self._mark[0] < 1.0:
+            host = max(0.0, now - self._mark[0] - compiled.last_step_seconds)
+            self.host_seconds = host if not self.host_seconds else self.host_seconds + 0.1 * (host - self.host_seconds)
+        self._mark = (now, compiled.num_steps)
+
     def propose(self, running: list[Sequence], engine) -> None:
+        if self.policy is not None:
+            self._time_host(engine)
         want = []
         for seq in running:
             seq.spec_tokens = []
@@ -455,11 +474,11 @@ class SpecDecoder:
         return tokens, accepted
 
 
-def step_cost_table(runner) -> tuple[list[int], dict[int, float]] | None:
-    """(bucket sizes, measured seconds of a compiled decode step per bucket) of a runner that
-    decodes through compiled CPU steps; None otherwise (eager, CUDA: times without a device
-    synchronisation would be launch times)."""
+def step_cost_table(runner, host_seconds: float = 0.0) -> tuple[list[int], dict[int, float]] | None:
+    """(bucket sizes, measured seconds of a decode step per bucket: its compiled forward plus
+    ``host_seconds``) of a runner that decodes through compiled CPU steps; None otherwise
+    (eager, CUDA: times without a device synchronisation would be launch times)."""
     compiled = getattr(runner, "compiled", None)
     if compiled is None or compiled.failed or compiled.device.type != "cpu":
         return None
-    return compiled.sizes, compiled.step_seconds
+    return compiled.sizes, {b: t + host_seconds for b, t in compiled.step_seconds.items()}

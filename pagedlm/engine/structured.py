@@ -11,7 +11,7 @@ token. pagedlm's part:
   llguidance view of the tokenizer (about 2 s to build for a 49k vocabulary, so only engines
   that use grammars pay it), an LRU cache of compiled grammars (each a ready matcher that new
   sequences deep-copy: ~6 us instead of ~0.4 ms), and one bitmask buffer filled for all
-  constrained rows of a step at once (in parallel, off the GIL).
+  constrained rows of a step at once.
 * ``apply_bitmask`` masks those rows of the logits inside the sampler, after the compiled or
   eager model step (the compiled decode graph returns plain logits; nothing in it changes).
 
@@ -51,7 +51,7 @@ class GrammarManager:
     """Compiles grammars against the engine's tokenizer (cached) and fills next-token bitmasks."""
 
     def __init__(self, tokenizer, vocab_size: int, max_rows: int):
-        ll = _ll()
+        _ll()  # a clear error when llguidance is missing
         import llguidance.hf
         import llguidance.torch
 
@@ -63,7 +63,6 @@ class GrammarManager:
             raise ValueError(f"structured output cannot use this model's tokenizer: {e}") from e
         self._llt = llguidance.torch
         self.vocab_size = vocab_size
-        self.executor = ll.LLExecutor()
         self.bitmask = llguidance.torch.allocate_token_bitmask(max_rows, vocab_size)
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._lock = threading.Lock()  # the server validates on its thread while the engine steps
@@ -104,15 +103,17 @@ class GrammarManager:
         return m
 
     def fill(self, matchers: list) -> torch.Tensor:
-        """Bitmasks (len(matchers), words) of the next allowed tokens, computed in parallel."""
+        """Bitmasks (len(matchers), words) of the next allowed tokens, one row after another on
+        this thread. llguidance's parallel fill (its own thread pool) was measured slower here:
+        on 2 cores its threads contend with the model's OpenMP threads, and constrained decoding
+        at batch 8 cost 12-13% of unconstrained tok/s against 5% filled serially
+        (docs/benchmarks.md)."""
         n = len(matchers)
         if n > self.bitmask.shape[0]:
             self.bitmask = self._llt.allocate_token_bitmask(n, self.vocab_size)
         mask = self.bitmask[:n]
-        if n == 1:
-            self._llt.fill_next_token_bitmask(matchers[0], mask, 0)
-        else:
-            self._llt.fill_next_token_bitmask_par(self.executor, [(m, i) for i, m in enumerate(matchers)], mask)
+        for i, m in enumerate(matchers):
+            self._llt.fill_next_token_bitmask(m, mask, i)
         return mask
 
 
