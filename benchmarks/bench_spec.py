@@ -1,7 +1,8 @@
 """Speculative decoding at batch 1: decode speed-up and acceptance per proposer and workload.
 
     python benchmarks/bench_spec.py [--max-tokens 128] [--k 3] [--repeats 2]
-        [--proposers ngram,ngram_fixed,draft_model] [--enforce-eager] [--json out.json]
+        [--proposers ngram,ngram_fixed,draft_model] [--enforce-eager] [--json out.json] [--plot out.png]
+    python benchmarks/bench_spec.py --replot out.json --plot out.png    # the plot of a saved run
 
 SmolLM2-135M-Instruct (the default GGUF, quantization auto, compiled decode), one request at a
 time, greedy. Two workloads of chat prompts: "repetitive" (the answer copies text of the prompt:
@@ -111,7 +112,14 @@ def main() -> int:
                     help="comma-separated: ngram, ngram_fixed, draft_model")
     ap.add_argument("--enforce-eager", action="store_true", help="every engine eager (no compiled decode)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--plot", default=None, help="bar chart of the speed-ups (PNG)")
+    ap.add_argument("--replot", default=None, help="plot a saved --json run instead of running")
     args = ap.parse_args()
+    if args.replot:
+        with open(args.replot, encoding="utf-8") as f:
+            saved = json.load(f)
+        plot(saved["results"], saved["args"], args.plot or args.replot.rsplit(".", 1)[0] + ".png")
+        return 0
 
     from pagedlm import LLM
     from pagedlm.engine.engine import default_model_path
@@ -179,7 +187,37 @@ def main() -> int:
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump({"machine": machine(), "args": vars(args), "results": results}, f, indent=2)
+    if args.plot:
+        plot(results, vars(args), args.plot)
     return 0
+
+
+def plot(results: dict, args: dict, path: str) -> None:
+    """Speed-up over plain decoding per workload (bars per proposer), acceptance on top."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    workloads = list(results)
+    names = [n for n in results[workloads[0]] if n != "plain"]
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    width = 0.8 / max(len(names), 1)
+    for j, name in enumerate(names):
+        xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(workloads))]
+        ys = [results[w][name]["speedup"] for w in workloads]
+        bars = ax.bar(xs, ys, width, label=name)
+        for b, w in zip(bars, workloads):
+            acc = results[w][name]["acceptance"]
+            ax.annotate("-" if acc is None else f"{acc:.0%} acc.", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(workloads)), workloads)
+    ax.set_ylabel("decode speed-up vs plain (batch 1)")
+    ax.set_title(f"SmolLM2-135M Q4_1, greedy, k={args['k']}, {args['max_tokens']} tokens", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
