@@ -540,3 +540,15 @@ def test_compiled_verification_rows(tiny_target, monkeypatch):
     spec_all = _run(spec, prompts, sps)
     assert [len(spec_all[f"r{i}"].outputs[0].token_ids) for i in range(3)] == [16, 9, 20]
     assert spec.block_manager.num_free_blocks == spec.block_manager.num_blocks
+
+
+def test_adaptive_policy_adds_verification_buckets(tiny_target, monkeypatch):
+    """With the adaptive policy, 1 + j verification rows get buckets of 3 and 6 (no padding to
+    4 and 8); without it (and without speculation) the buckets are the powers of two."""
+    monkeypatch.delenv("PAGEDLM_ENFORCE_EAGER", raising=False)
+    kw = dict(dtype="float32", num_kv_blocks=16, block_size=4, max_num_seqs=8, enforce_eager=False)
+    sizes = lambda cfg: LLMEngine(model=tiny_target, speculative_config=cfg, **kw).runner.compiled.sizes  # noqa: E731
+    assert sizes(dict(NGRAM, num_speculative_tokens=7)) == [1, 2, 3, 4, 6, 8]
+    assert sizes(dict(NGRAM, num_speculative_tokens=2)) == [1, 2, 3, 4, 8]
+    assert sizes(dict(NGRAM, num_speculative_tokens=7, adaptive=False)) == [1, 2, 4, 8]
+    assert sizes(None) == [1, 2, 4, 8]

@@ -77,6 +77,11 @@ class CompiledDecode:
         self.num_steps = 0  # timed (not compiling) calls so far, and the time of the latest
         self.last_step_seconds = 0.0
 
+    def add_sizes(self, extra: list[int]) -> None:
+        """More buckets below the largest (speculative decoding's verification rows: 3 rows need
+        not pay for 4)."""
+        self.sizes = sorted(set(self.sizes) | {b for b in extra if 0 < b < self.sizes[-1]})
+
     def _compiled(self, bucket: int):
         """One compiled function per bucket: its inputs' sizes are fixed but for the table width,
         which is symbolic. Dynamo (and its guards, ~1.5 ms a call over every parameter) runs only

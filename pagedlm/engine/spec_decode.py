@@ -406,6 +406,11 @@ class SpecDecoder:
         # not see: it verifies every proposal.
         adaptive = cfg.adaptive and cfg.method == "ngram"
         self.policy = AdaptivePolicy(lambda: step_cost_table(engine.runner, self.host_seconds)) if adaptive else None
+        compiled = getattr(engine.runner, "compiled", None)
+        if adaptive and compiled is not None:
+            # Buckets between the powers of two, so that a verification of 1 + j rows pays for
+            # little padding (3 rows cost ~1.5 plain steps here, not bucket 4's ~1.7).
+            compiled.add_sizes([b for b in (3, 6, 12) if b <= 1 + self.k])
         # What a step costs besides its compiled forward (scheduling, sampling, output
         # processing): the same for any number of rows, so it makes rows relatively cheaper.
         self.host_seconds = 0.0
