@@ -491,21 +491,32 @@ def test_cli_generate_with_speculation(tiny_target):
     assert spec.stdout == plain.stdout and plain.stdout.strip()
 
 
-def test_unspeculated_requests_unaffected_by_logprobs(tiny_target):
-    """Requests asking for logprobs decode plainly next to speculating ones, with equal output."""
+def test_logprobs_of_verified_runs(tiny_target):
+    """Requests asking for logprobs speculate too: every token of a verified run reports the
+    logprob, rank and top logprobs of its own verification row, equal to plain decoding's."""
     kw = dict(dtype="float32", num_kv_blocks=64, block_size=4)
     sps = [SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, logprobs=2),
-           SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)]
-    want = _run(LLMEngine(model=tiny_target, **kw), [REPEAT, REPEAT[3:]], sps)
+           SamplingParams(max_tokens=16, temperature=0, ignore_eos=True),
+           SamplingParams(max_tokens=16, temperature=0.8, seed=5, ignore_eos=True, logprobs=0)]
+    prompts = [REPEAT, REPEAT[3:], REPEAT[1:]]
+    want = _run(LLMEngine(model=tiny_target, **kw), prompts[:2], sps[:2])
     spec = LLMEngine(model=tiny_target, speculative_config=NGRAM, **kw)
-    got = _run(spec, [REPEAT, REPEAT[3:]], sps)
-    assert _outputs(got) == _outputs(want)
-    for g, w in zip(got["r0"].outputs[0].logprobs, want["r0"].outputs[0].logprobs):  # batch shapes differ: float noise
+    got = _run(spec, prompts, sps)
+    assert _outputs({k: got[k] for k in want}) == _outputs(want)
+    g_out, w_out = got["r0"].outputs[0], want["r0"].outputs[0]
+    assert len(g_out.logprobs) == len(g_out.token_ids) == 16
+    for g, w in zip(g_out.logprobs, w_out.logprobs):  # batch shapes differ: float noise
         assert {t: lp.rank for t, lp in g.items()} == {t: lp.rank for t, lp in w.items()}
         assert all(math.isclose(g[t].logprob, w[t].logprob, rel_tol=1e-4, abs_tol=1e-5) for t in g)
-    assert got["r0"].metrics.spec_decode.num_drafts == 0 and got["r1"].metrics.spec_decode.num_drafts > 0
-    assert math.isclose(got["r0"].outputs[0].cumulative_logprob, want["r0"].outputs[0].cumulative_logprob,
-                        rel_tol=1e-4)
+    assert got["r0"].metrics.spec_decode.num_accepted_tokens > 0  # it did speculate
+    assert math.isclose(g_out.cumulative_logprob, w_out.cumulative_logprob, rel_tol=1e-4)
+    # sampled: each kept token has its own entry, and the cumulative logprob is their sum
+    s_out = got["r2"].outputs[0]
+    assert got["r2"].metrics.spec_decode.num_drafts > 0
+    assert len(s_out.logprobs) == len(s_out.token_ids) == 16
+    assert all(t in e and e[t].rank >= 1 for t, e in zip(s_out.token_ids, s_out.logprobs))
+    assert math.isclose(s_out.cumulative_logprob, sum(e[t].logprob for t, e in zip(s_out.token_ids, s_out.logprobs)),
+                        rel_tol=1e-6, abs_tol=1e-6)
 
 
 def test_compiled_verification_rows(tiny_target, monkeypatch):

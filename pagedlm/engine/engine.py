@@ -510,11 +510,11 @@ class LLMEngine:
     def generator_of(self, seq: Sequence) -> torch.Generator:
         return self.generator if seq.generator is None else seq.generator
 
-    def _append_verified(self, seq: Sequence, tokens: tuple[list[int], int], now: float) -> None:
+    def _append_verified(self, seq: Sequence, tokens: tuple[list[int], int, list | None], now: float) -> None:
         """Append a verified run (accepted proposals + the target's token) as a plain decode step
         would append each: register the blocks the computed tokens filled, then append and check
         the stops, which may end the run early. Then release blocks holding only rejected tokens."""
-        run, accepted = tokens
+        run, accepted, logprobs = tokens
         start = seq.num_computed_tokens
         proposed = len(seq.spec_tokens)
         seq.spec_tokens = []
@@ -524,7 +524,8 @@ class LLMEngine:
         for j, tok in enumerate(run):
             seq.num_computed_tokens = start + 1 + j  # the last token and the proposals kept before tok
             self.block_manager.cache_full_blocks(seq)
-            self._append_token(seq, tok, None, None, now)
+            lp, top = logprobs[j] if logprobs is not None else (None, None)
+            self._append_token(seq, tok, lp, top, now)
             if seq.is_finished:
                 return
         self.block_manager.trim(seq)

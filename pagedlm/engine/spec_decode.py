@@ -40,7 +40,7 @@ import torch
 from pagedlm.engine.block_manager import BlockManager
 from pagedlm.engine.scheduler import SchedulerOutput
 from pagedlm.engine.sequence import Sequence
-from pagedlm.model.layers.sampler import SamplingRow, adjust_logits, draw, sampling_probs
+from pagedlm.model.layers.sampler import SamplingRow, adjust_logits, draw, sampling_probs, token_logprobs
 from pagedlm.outputs import SpecDecodeStats
 
 log = logging.getLogger(__name__)
@@ -425,10 +425,9 @@ class SpecDecoder:
         """How many tokens ``seq`` may propose now: k, less near max_tokens / max_model_len
         (the last token of a run is always the target's own)."""
         p = seq.params
-        # Not speculated: logprobs, and structured output (its grammar state advances one accepted
-        # token at a time; verifying would need a mask per proposed position).
-        if (p.logprobs is not None or p.structured_outputs is not None
-                or seq.num_tokens - seq.num_computed_tokens != 1):
+        # Not speculated: structured output (its grammar state advances one accepted token at a
+        # time; verifying would need a mask per proposed position).
+        if p.structured_outputs is not None or seq.num_tokens - seq.num_computed_tokens != 1:
             return 0
         k = min(self.k, max_model_len - seq.num_tokens)
         if p.max_tokens is not None:
@@ -468,15 +467,22 @@ class SpecDecoder:
             if prop is not None:
                 seq.spec_tokens = list(prop.tokens if keep is None else prop.tokens[:keep[seq.seq_id]])
 
-    def verify(self, logits: torch.Tensor, seq: Sequence, engine) -> tuple[list[int], int]:
-        """Verify ``seq.spec_tokens`` (possibly cut by the scheduler) against ``logits``."""
+    def verify(self, logits: torch.Tensor, seq: Sequence, engine) -> tuple[list[int], int, list | None]:
+        """Verify ``seq.spec_tokens`` (possibly cut by the scheduler) against ``logits``: the
+        tokens to append, the proposals accepted, and (when the request asks for logprobs) each
+        token's ((logprob, rank), top logprobs) from its own row, as plain sampling reports them."""
         proposal = seq.spec_tokens
         prop = self.proposals[seq.seq_id]
         q = None if prop.probs is None else prop.probs[: len(proposal)]
         tokens, accepted = verify(logits, seq, proposal, q, engine)
         if self.policy is not None:
             self.policy.observe(seq.seq_id, prop.key, len(proposal), accepted)
-        return tokens, accepted
+        logprobs = None
+        if seq.params.logprobs is not None:
+            raw = torch.log_softmax(logits[: len(tokens)].float(), dim=-1)
+            lp, ranks, top = token_logprobs(raw, torch.tensor(tokens), [seq.params.logprobs] * len(tokens))
+            logprobs = [((lp[j], ranks[j]), top[j]) for j in range(len(tokens))]
+        return tokens, accepted, logprobs
 
 
 def step_cost_table(runner, host_seconds: float = 0.0) -> tuple[list[int], dict[int, float]] | None:

@@ -174,12 +174,21 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow], default_generator: tor
     token_list = tokens.tolist()
     lp, ranks, top = None, None, [None] * n
     if raw_logprobs is not None:
-        chosen = raw_logprobs.gather(1, tokens[:, None])
-        lp = chosen.squeeze(1).tolist()
-        ranks = ((raw_logprobs > chosen).sum(dim=-1) + 1).tolist()
-        for i, r in enumerate(rows):
-            k = r.params.logprobs
-            if k:
-                vals, ids = raw_logprobs[i].topk(k)
-                top[i] = (ids.tolist(), vals.tolist())
+        lp, ranks, top = token_logprobs(raw_logprobs, tokens, [r.params.logprobs for r in rows])
     return SamplerOutput(token_list, lp, ranks, top)
+
+
+def token_logprobs(raw_logprobs: torch.Tensor, tokens: torch.Tensor, ks: list[int | None]
+                   ) -> tuple[list[float], list[int], list[tuple[list[int], list[float]] | None]]:
+    """Per row: the logprob of its token in the raw distribution (before penalties, masks and
+    temperature, as vLLM reports them), its rank (1 = likeliest) and, where ``ks[i]`` asks, the
+    ids and logprobs of the row's ``ks[i]`` likeliest tokens."""
+    chosen = raw_logprobs.gather(1, tokens[:, None])
+    lp = chosen.squeeze(1).tolist()
+    ranks = ((raw_logprobs > chosen).sum(dim=-1) + 1).tolist()
+    top = [None] * len(ks)
+    for i, k in enumerate(ks):
+        if k:
+            vals, ids = raw_logprobs[i].topk(k)
+            top[i] = (ids.tolist(), vals.tolist())
+    return lp, ranks, top
