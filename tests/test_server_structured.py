@@ -5,6 +5,7 @@ random, so only the grammar makes it JSON)."""
 from __future__ import annotations
 
 import json
+import random
 import re
 
 import httpx
@@ -104,6 +105,41 @@ def test_vllm_guided_fields_on_both_endpoints(client):
                                       "name": "x", "schema": SCHEMAS["array_of_enums"]}}})
     for ch in r.choices:
         jsonschema.validate(json.loads(ch.text), SCHEMAS["array_of_enums"])
+
+
+def test_required_calls_stream_as_they_are_generated():
+    """A ``required`` reply's calls come out of its growing text: a call's header once its name
+    is complete, its arguments as they grow, whatever the chunking; joined, they equal the
+    finished reply's calls (arguments as generated)."""
+    text = ('[{"name": "get_weather", "parameters": {"city": "Pa\\"ris", "days": [1, {"a": 2}]}}, '
+            '{"name":"get_time","parameters":{"tz":"CET"}}]')
+    assert T.required_calls(text[:20]) == [(None, "", False)]  # the name is not complete yet
+    assert T.required_calls(text[:30]) == [("get_weather", "", False)]
+    partial = T.required_calls(text[:60])
+    assert partial[0][0] == "get_weather" and not partial[0][2] and text.startswith(partial[0][1], text.index('{"city"'))
+    plan = T.ToolPlan("required", [WEATHER, TIME])
+    want = T.reply_calls(plan, text)
+    assert want == (None, [("get_weather", '{"city": "Pa\\"ris", "days": [1, {"a": 2}]}'), ("get_time", '{"tz":"CET"}')])
+    rng = random.Random(0)
+    for _ in range(20):
+        ts, got, seen, i = T.ToolStream(plan), {}, [], 0
+        while i < len(text):
+            j = min(len(text), i + rng.randint(1, 9))
+            content, deltas = ts.update(text[i:j], j == len(text))
+            assert not content
+            for d in deltas:
+                c = got.setdefault(d.index, ["", "", ""])
+                c[0] += d.id or ""
+                c[1] += (d.function.name or "") if d.function else ""
+                c[2] += (d.function.arguments or "") if d.function else ""
+                seen.append((j, d.index))
+            i = j
+        assert [(n, a) for _, n, a in (got[k] for k in sorted(got))] == want[1]
+        assert all(c[0].startswith("call_") for c in got.values()) and ts.has_calls
+        assert seen[0][0] < len(text)  # the first call went out before the reply ended
+    # cut short before any name: the text is content, as the unstreamed reply gives it
+    ts = T.ToolStream(plan)
+    assert ts.update('[{"na', False) == ("", []) and ts.update("", True) == ('[{"na', [])
 
 
 @pytest.mark.parametrize("stream", [False, True])

@@ -226,14 +226,106 @@ def streamable_prefix(text: str) -> int:
 
 
 def calls_from_constrained(text: str, plan: ToolPlan) -> list[tuple[str, str]] | None:
-    """The calls of a grammar-constrained reply (None when it was cut short, e.g. by max_tokens)."""
+    """The calls of a grammar-constrained reply (None when it was cut short, e.g. by max_tokens).
+    Arguments are the text as generated, as a stream sends them."""
     try:
-        obj = json.loads(text)
+        json.loads(text)
     except ValueError:
         return None
     if plan.mode == "named":
-        return [(plan.named, text)]  # the arguments as generated, as a stream sends them
-    return [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in obj]
+        return [(plan.named, text)]
+    return [(name, args) for name, args, _ in required_calls(text)]
+
+
+def _string_end(text: str, i: int) -> int | None:
+    """Index after the JSON string that starts at ``text[i]`` (a quote); None if unfinished."""
+    j = i + 1
+    while j < len(text):
+        if text[j] == "\\":
+            j += 2
+        elif text[j] == '"':
+            return j + 1
+        else:
+            j += 1
+    return None
+
+
+def _value_end(text: str, i: int) -> int | None:
+    """Index after the JSON value that starts at ``text[i]``; None while it is unfinished."""
+    if text[i] == '"':
+        return _string_end(text, i)
+    if text[i] not in "{[":
+        j = i
+        while j < len(text) and text[j] not in ",}] \t\r\n":
+            j += 1
+        return j if j < len(text) else None  # a number may go on
+    depth, j = 0, i
+    while j < len(text):
+        ch = text[j]
+        if ch == '"':
+            end = _string_end(text, j)
+            if end is None:
+                return None
+            j = end
+            continue
+        if ch in "{[":
+            depth += 1
+        elif ch in "}]":
+            depth -= 1
+            if depth == 0:
+                return j + 1
+        j += 1
+    return None
+
+
+def required_calls(text: str) -> list[tuple[str | None, str, bool]]:
+    """The calls of a ``required`` reply so far, in order: (name or None while unknown, the
+    arguments' text as generated so far, whether they are complete). The grammar makes the reply
+    a JSON array of ``{"name": ..., "parameters": {...}}`` objects."""
+    calls: list[list] = []
+    _scan_items(text, calls)
+    return [tuple(c) for c in calls]
+
+
+def _scan_items(text: str, calls: list[list]) -> None:
+    """``required_calls``'s scan: appends [name, arguments, complete] per item; returns where
+    the text ends (mid-item) or at the array's end."""
+    start = text.find("[")
+    i = start + 1 if start >= 0 else len(text)
+    while i < len(text):
+        ch = text[i]
+        if ch != "{":
+            i += 1  # whitespace and commas between items
+            if ch == "]":
+                return
+            continue
+        call = [None, "", False]
+        calls.append(call)
+        i += 1
+        while i < len(text):  # the item's members: "key": value, ...
+            while i < len(text) and text[i] in " \t\r\n,":
+                i += 1
+            if i >= len(text) or text[i] == "}":
+                i += 1
+                break
+            key_end = _string_end(text, i) if text[i] == '"' else None
+            colon = text.find(":", key_end) if key_end is not None else -1
+            if colon < 0:
+                return
+            v = colon + 1
+            while v < len(text) and text[v] in " \t\r\n":
+                v += 1
+            if v >= len(text):
+                return
+            end = _value_end(text, v)
+            key = json.loads(text[i:key_end])
+            if key == "name" and end is not None:
+                call[0] = json.loads(text[v:end])
+            elif key == "parameters":
+                call[1], call[2] = text[v:end if end is not None else len(text)], end is not None
+            if end is None:
+                return
+            i = end
 
 
 def reply_calls(plan: ToolPlan, text: str, parallel: bool = True) -> tuple[str | None, list[tuple[str, str]]]:
@@ -249,8 +341,9 @@ def reply_calls(plan: ToolPlan, text: str, parallel: bool = True) -> tuple[str |
 class ToolStream:
     """One streamed choice: which content and tool-call deltas to send as its text grows.
 
-    Named choice streams the arguments as they are generated; auto streams content up to a
-    possible tool call and sends the calls when the reply ends; required sends them at the end.
+    Named and required choices stream each call's arguments as they are generated (a call's
+    header, with its id and name, as soon as the name is complete); auto streams content up to a
+    possible tool call and sends the calls when the reply ends.
     """
 
     def __init__(self, plan: ToolPlan, parallel: bool = True):
@@ -259,6 +352,23 @@ class ToolStream:
         self.sent = 0
         self.call_id = new_call_id() if plan.mode == "named" else None
         self.has_calls = plan.mode == "named"
+        self.streamed: list[list] = []  # required: per call sent, [id, arguments characters sent]
+
+    def _required_deltas(self) -> list[P.ToolCallDelta]:
+        deltas = []
+        for k, (name, args, _) in enumerate(required_calls(self.text)):
+            if name is None:
+                break  # calls go out in order, each once its name is known
+            if k == len(self.streamed):
+                self.streamed.append([new_call_id(), 0])
+                deltas.append(P.ToolCallDelta(index=k, id=self.streamed[k][0], type="function",
+                                              function=P.FunctionCallDelta(name=name, arguments="")))
+            if len(args) > self.streamed[k][1]:
+                deltas.append(P.ToolCallDelta(index=k, function=P.FunctionCallDelta(
+                    arguments=args[self.streamed[k][1]:])))
+                self.streamed[k][1] = len(args)
+        self.has_calls = bool(self.streamed)
+        return deltas
 
     def update(self, delta: str, finished: bool) -> tuple[str, list[P.ToolCallDelta]]:
         """(content, tool-call deltas) to send for the reply's next ``delta`` of text."""
@@ -273,6 +383,9 @@ class ToolStream:
                 deltas.append(P.ToolCallDelta(index=0, function=P.FunctionCallDelta(arguments=text[self.sent:])))
                 self.sent = len(text)
             return "", deltas
+        if self.plan.mode == "required" and (not finished or self.streamed or calls_from_constrained(text, self.plan)):
+            # (a reply cut short before any call had its name is sent as content, as unstreamed)
+            return "", self._required_deltas()
         if not finished:
             ready = {"none": len(text), "auto": streamable_prefix(text)}.get(self.plan.mode, 0)
             delta = text[self.sent:ready] if ready > self.sent else ""
