@@ -372,11 +372,10 @@ class AdaptivePolicy:
             bucket = next((b for b in sizes if b >= rows), None)
             return None if bucket is None else seconds.get(bucket)
 
-        if cost(num_rows + sum(full.values())) is None and num_rows + sum(full.values()) <= sizes[-1]:
-            return full  # its bucket is not measured yet: verify everything once, and it will be
+        all_rows = num_rows + sum(full.values())
         base = cost(num_rows)
-        if base is None:
-            return full
+        if base is None or (cost(all_rows) is None and all_rows <= sizes[-1]):
+            return full  # a bucket it needs is not measured yet: verify everything, and it will be
         chosen = {}
         rows, tokens, rate = num_rows, float(num_rows), num_rows / base
         ranked = sorted(((self.acceptance(sid, kind), sid, n) for sid, kind, n in proposals), reverse=True)

@@ -237,95 +237,78 @@ def calls_from_constrained(text: str, plan: ToolPlan) -> list[tuple[str, str]] |
     return [(name, args) for name, args, _ in required_calls(text)]
 
 
-def _string_end(text: str, i: int) -> int | None:
-    """Index after the JSON string that starts at ``text[i]`` (a quote); None if unfinished."""
-    j = i + 1
-    while j < len(text):
-        if text[j] == "\\":
-            j += 2
-        elif text[j] == '"':
-            return j + 1
-        else:
-            j += 1
-    return None
+class RequiredCallScanner:
+    """Reads a ``required`` reply as it grows, each character once: the grammar makes it a JSON
+    array of ``{"name": ..., "parameters": {...}}`` objects. ``calls``: per item so far, [name
+    (None until complete), start of its "parameters" value, end of that value (None until
+    complete)]."""
 
+    def __init__(self) -> None:
+        self.text = ""
+        self.calls: list[list] = []
+        self._i = 0  # next character to read
+        self._depth = 0  # open brackets: 1 inside the array, 2 inside an item
+        self._in_str = self._esc = False
+        self._str_start = 0
+        self._key: str | None = None  # the item member being read
+        self._value: int | None = None  # where its value starts
 
-def _value_end(text: str, i: int) -> int | None:
-    """Index after the JSON value that starts at ``text[i]``; None while it is unfinished."""
-    if text[i] == '"':
-        return _string_end(text, i)
-    if text[i] not in "{[":
-        j = i
-        while j < len(text) and text[j] not in ",}] \t\r\n":
-            j += 1
-        return j if j < len(text) else None  # a number may go on
-    depth, j = 0, i
-    while j < len(text):
-        ch = text[j]
-        if ch == '"':
-            end = _string_end(text, j)
-            if end is None:
-                return None
-            j = end
-            continue
-        if ch in "{[":
-            depth += 1
-        elif ch in "}]":
-            depth -= 1
-            if depth == 0:
-                return j + 1
-        j += 1
-    return None
+    def feed(self, delta: str) -> None:
+        self.text += delta
+        t = self.text
+        while self._i < len(t):
+            i, ch = self._i, t[self._i]
+            self._i += 1
+            if self._in_str:
+                if self._esc:
+                    self._esc = False
+                elif ch == "\\":
+                    self._esc = True
+                elif ch == '"':
+                    self._in_str = False
+                    if self._depth == 2 and self._value is None:
+                        self._key = json.loads(t[self._str_start:i + 1])
+                    elif self._depth == 2:
+                        self._end_value(i + 1)  # a string value
+                continue
+            if self._depth == 2 and self._key is not None and self._value is None:
+                if ch in " \t\r\n:":
+                    continue
+                self._value = i
+                if self._key == "parameters":
+                    self.calls[-1][1] = i
+            elif self._depth == 2 and self._value is not None and t[self._value] not in '"{[' and ch in ",} \t\r\n":
+                self._end_value(i)  # a number, true, false or null
+            if ch == '"':
+                self._in_str, self._str_start = True, i
+            elif ch in "{[":
+                self._depth += 1
+                if self._depth == 2 and ch == "{":
+                    self.calls.append([None, None, None])
+            elif ch in "}]":
+                self._depth -= 1
+                if self._depth == 2 and self._value is not None:
+                    self._end_value(i + 1)  # an object or array value
+
+    def _end_value(self, end: int) -> None:
+        call = self.calls[-1]
+        if self._key == "name":
+            call[0] = json.loads(self.text[self._value:end])
+        elif self._key == "parameters":
+            call[2] = end
+        self._key = self._value = None
+
+    def current(self) -> list[tuple[str | None, str, bool]]:
+        """(name or None, the arguments' text so far, whether they are complete) per call."""
+        return [(name, "" if a is None else self.text[a:len(self.text) if b is None else b], b is not None)
+                for name, a, b in self.calls]
 
 
 def required_calls(text: str) -> list[tuple[str | None, str, bool]]:
-    """The calls of a ``required`` reply so far, in order: (name or None while unknown, the
-    arguments' text as generated so far, whether they are complete). The grammar makes the reply
-    a JSON array of ``{"name": ..., "parameters": {...}}`` objects."""
-    calls: list[list] = []
-    _scan_items(text, calls)
-    return [tuple(c) for c in calls]
-
-
-def _scan_items(text: str, calls: list[list]) -> None:
-    """``required_calls``'s scan: appends [name, arguments, complete] per item; returns where
-    the text ends (mid-item) or at the array's end."""
-    start = text.find("[")
-    i = start + 1 if start >= 0 else len(text)
-    while i < len(text):
-        ch = text[i]
-        if ch != "{":
-            i += 1  # whitespace and commas between items
-            if ch == "]":
-                return
-            continue
-        call = [None, "", False]
-        calls.append(call)
-        i += 1
-        while i < len(text):  # the item's members: "key": value, ...
-            while i < len(text) and text[i] in " \t\r\n,":
-                i += 1
-            if i >= len(text) or text[i] == "}":
-                i += 1
-                break
-            key_end = _string_end(text, i) if text[i] == '"' else None
-            colon = text.find(":", key_end) if key_end is not None else -1
-            if colon < 0:
-                return
-            v = colon + 1
-            while v < len(text) and text[v] in " \t\r\n":
-                v += 1
-            if v >= len(text):
-                return
-            end = _value_end(text, v)
-            key = json.loads(text[i:key_end])
-            if key == "name" and end is not None:
-                call[0] = json.loads(text[v:end])
-            elif key == "parameters":
-                call[1], call[2] = text[v:end if end is not None else len(text)], end is not None
-            if end is None:
-                return
-            i = end
+    """The calls of a ``required`` reply so far (``RequiredCallScanner.current``)."""
+    scanner = RequiredCallScanner()
+    scanner.feed(text)
+    return scanner.current()
 
 
 def reply_calls(plan: ToolPlan, text: str, parallel: bool = True) -> tuple[str | None, list[tuple[str, str]]]:
@@ -353,10 +336,11 @@ class ToolStream:
         self.call_id = new_call_id() if plan.mode == "named" else None
         self.has_calls = plan.mode == "named"
         self.streamed: list[list] = []  # required: per call sent, [id, arguments characters sent]
+        self.scanner = RequiredCallScanner() if plan.mode == "required" else None
 
     def _required_deltas(self) -> list[P.ToolCallDelta]:
         deltas = []
-        for k, (name, args, _) in enumerate(required_calls(self.text)):
+        for k, (name, args, _) in enumerate(self.scanner.current()):
             if name is None:
                 break  # calls go out in order, each once its name is known
             if k == len(self.streamed):
@@ -374,6 +358,8 @@ class ToolStream:
         """(content, tool-call deltas) to send for the reply's next ``delta`` of text."""
         self.text += delta
         text = self.text
+        if self.scanner is not None:
+            self.scanner.feed(delta)
         if self.plan.mode == "named":
             deltas = []
             if self.sent == 0 and (text or finished):
