@@ -10,8 +10,8 @@ the decode steps are timed: tokens decoded / seconds, best of ``--repeats``.
 
 Rows: LoRA off (the baseline); LoRA on with no adapter in the batch (must equal the baseline:
 the compiled decode step is kept); every request on one adapter; requests spread over four
-adapters. Steps with an adapter run eagerly, so an eager baseline (``--enforce-eager``, no
-adapter) is also shown: the difference between it and the adapter rows is the LoRA math itself.
+adapters. Decode steps with an adapter run the compiled LoRA graph of their bucket (every slot
+computed); an eager baseline (``--enforce-eager``, no adapter) is also shown.
 """
 
 from __future__ import annotations

@@ -53,7 +53,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile-at-startup", action="store_true",
                    help="compile the decode step for every batch bucket (1, 2, 4, ... max-num-seqs) at "
                         "start-up instead of at the first step of each size (servers: no compile stall "
-                        "under the first load)")
+                        "under the first load; with LoRA adapters, each bucket's LoRA graph too)")
     g.add_argument("--kv-cache-memory", type=parse_bytes, default=1 << 30,
                    help="memory for the paged KV cache, e.g. 512M, 2G (default: 1G)")
     g.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default: 16)")

@@ -309,21 +309,20 @@ class LoRAManager:
         return layer
 
     # ---- per step -----------------------------------------------------------------------------
-    def set_batch(self, scheduled) -> bool:
-        """Map this step's tokens (``(seq, tokens)`` in batch order) to slots; False (and the
-        LoRA layers off) when no sequence of the step has an adapter."""
-        import torch
-
+    def set_batch(self, scheduled) -> list[int] | None:
+        """Map this step's tokens (``(seq, tokens)`` in batch order) to slots and set the eager
+        batch; returns each token's slot (-1: the base model), or None (and the LoRA layers off)
+        when no sequence of the step has an adapter."""
         needed = {seq.lora.uid: seq.lora for seq, _ in scheduled if seq.lora is not None}
         if not needed:
             self.batch.clear()
-            return False
+            return None
         slots = {uid: self._slot_for(a, needed) for uid, a in needed.items()}
         token_slots = []
         for seq, n in scheduled:
             token_slots += [slots[seq.lora.uid] if seq.lora is not None else -1] * n
-        self.batch.set(torch.tensor(token_slots, dtype=torch.long, device=self.device), self.dtype)
-        return True
+        self.batch.set(token_slots, self.device, self.dtype)
+        return token_slots
 
     def _slot_for(self, adapter: LoRAAdapter, needed: dict[int, LoRAAdapter]) -> int:
         slot = self.slot_of.get(adapter.uid)

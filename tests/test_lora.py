@@ -183,28 +183,105 @@ def test_int8_base_layer_adds_the_same_delta(tiny_llama_dir, adapters):
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_decode_step_kept_for_base_only_steps(tiny_llama_dir, adapters, monkeypatch):
-    """Decode steps without an adapter still go to the compiled step; steps with one do not
-    (checked at the choice; the graph itself is not compiled here)."""
+def _phases(llm: LLM, paths: dict[str, str]) -> list:
+    """Four batches of four requests each (one decode bucket): b and base; a, b, base, a (a is
+    loaded now and wraps more layers than b); c, base, c, a with two slots (c enters b's slot);
+    base only. Greedy tokens and their logprobs per request."""
+    lb = llm.engine.lora_requests["b"]  # loaded at start-up (id 1)
+    la, lc = LoRARequest("a", 2, paths["a"]), LoRARequest("c", 3, str(paths["c"]))
+    params = SamplingParams(max_tokens=6, temperature=0, logprobs=0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": p} for p in (PROMPT, PROMPT[::-1], PROMPT[3:], PROMPT[:9])]
+    outs = []
+    for loras in ([lb, None, lb, None], [la, lb, None, la], [lc, None, lc, la], [None] * 4):
+        outs += [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False, lora_request=loras)]
+    return outs
+
+
+def test_compiled_lora_decode_step_equals_eager(tiny_llama_dir, adapters, tmp_path):
+    """Decode steps with adapters run the bucket's LoRA graph, base-only steps the base graph,
+    and both give the eager tokens and logprobs (float32), through a LoRA graph traced again when
+    a new adapter wraps more layers and an adapter written into a slot after the graph was
+    captured (the captured graph reads the slot tensors in place)."""
     paths, _ = adapters
-    llm = LLM(tiny_llama_dir, dtype="float32", enforce_eager=False, lora_modules={"a": paths["a"]},
-              max_lora_rank=8, num_kv_blocks=64, block_size=4)
-    runner = llm.engine.runner
-    chosen: list[tuple[bool, bool]] = []  # (adapter in step, compiled step chosen)
-    prepare = runner.compiled.prepare
+    paths = dict(paths, c=tmp_path / "c")
+    make_adapter(tiny_llama_dir, str(paths["c"]), seed=3, r=8, targets=("k_proj", "o_proj", "up_proj"))
+    kw = dict(dtype="float32", lora_modules={"b": paths["b"]}, max_loras=2, max_lora_rank=8, num_kv_blocks=64,
+              block_size=4, max_num_seqs=4, enable_prefix_caching=False)
+    want = _phases(LLM(tiny_llama_dir, enforce_eager=True, **kw), paths)
 
-    def spy(out):
-        step = prepare(out)
-        chosen.append((any(s.lora is not None for s, _ in out.scheduled), step is not None))
-        return None  # run it eagerly: no compile in this test
+    llm = LLM(tiny_llama_dir, enforce_eager=False, **kw)
+    compiled = llm.engine.runner.compiled
+    steps: list[tuple[bool, bool]] = []  # per compiled step: (adapter in the step, LoRA graph ran it)
+    execute = compiled.execute
 
-    monkeypatch.setattr(runner.compiled, "prepare", spy)
-    la = llm.engine.lora_requests["a"]
-    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
-    llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False)
-    llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False, lora_request=la)
-    assert (False, True) in chosen  # base decode steps: compiled
-    assert all(not with_lora for with_lora, _ in chosen)  # LoRA steps never reach the compiled step
+    def spy(batch):
+        steps.append((any(s.lora is not None for s, _ in batch.sched.scheduled), batch.lora))
+        return execute(batch)
+
+    compiled.execute = spy
+    layers = []
+    generate = llm.generate
+
+    def generate_and_count(*args, **kwargs):  # LoRA layers the bucket's LoRA graph was traced over
+        out = generate(*args, **kwargs)
+        layers.append(compiled.lora_layers.get(4))
+        return out
+
+    llm.generate = generate_and_count
+    got = _phases(llm, paths)
+    assert not compiled.failed and not compiled.lora_failed
+    assert compiled.compiled_buckets == {4} and compiled.lora_buckets == {4}
+    assert {(4, False), (4, True)} <= set(compiled.direct)  # both called directly
+    assert steps.count((True, True)) >= 15 and steps.count((False, False)) >= 5
+    assert all(with_lora == lora_graph for with_lora, lora_graph in steps)
+    assert layers[0] < layers[1] == layers[2] == layers[3]  # a wrapped more layers: traced again
+    assert [g.token_ids for g in got] == [w.token_ids for w in want]
+    for g, w in zip(got, want):
+        for lg, lw in zip(g.logprobs, w.logprobs):
+            tok = next(iter(lw))
+            assert lg[tok].logprob == pytest.approx(lw[tok].logprob, abs=1e-4)
+    # Every adapter changes its requests' tokens (else the comparison would prove little).
+    base = [w.token_ids for w in want[12:]]
+    assert want[0].token_ids != base[0] and want[4].token_ids != base[0] and want[8].token_ids != base[0]
+
+
+def test_lora_graph_failure_falls_back_to_eager_for_lora_steps_only(tiny_llama_dir, adapters, monkeypatch,
+                                                                    caplog):
+    """A LoRA graph that fails to compile: one warning, steps with adapters run eagerly from then
+    on (same tokens), base-only steps keep their compiled graph."""
+    import logging
+
+    from pagedlm.model.layers import lora as lora_layers
+
+    add_delta = lora_layers.LoRALayer.add_delta
+
+    def broken_in_graphs(self, x, y):
+        if self.batch.graph:
+            raise RuntimeError("no LoRA graph here")
+        return add_delta(self, x, y)
+
+    paths, _ = adapters
+    kw = dict(dtype="float32", lora_modules={"a": paths["a"]}, max_lora_rank=8, num_kv_blocks=64, block_size=4,
+              max_num_seqs=2)
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": PROMPT}, {"prompt_token_ids": PROMPT[::-1]}]
+
+    def run(llm):
+        a = llm.engine.lora_requests["a"]
+        return [[o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False, lora_request=loras)]
+                for loras in ([a, None], [a, a], [None, None])]
+
+    want = run(LLM(tiny_llama_dir, enforce_eager=True, **kw))
+    monkeypatch.setattr(lora_layers.LoRALayer, "add_delta", broken_in_graphs)
+    llm = LLM(tiny_llama_dir, enforce_eager=False, **kw)
+    with caplog.at_level(logging.WARNING, logger="pagedlm"):
+        got = run(llm)
+    assert got == want
+    compiled = llm.engine.runner.compiled
+    assert compiled.lora_failed and not compiled.failed and compiled.lora_buckets == set()
+    assert compiled.compiled_buckets == {2}  # the base-only batch still ran its graph
+    warnings = [r for r in caplog.records if "compiled LoRA decode step failed" in r.getMessage()]
+    assert len(warnings) == 1
 
 
 # ---- bad input -------------------------------------------------------------------------------

@@ -16,6 +16,15 @@ logits for every row of the bucket.
 A bucket compiles the first time a batch of its size decodes (one log line with the time it
 took). If compilation or a compiled call fails, the step runs eagerly, one warning is logged,
 and the engine stays eager from then on: a compile problem never fails a request.
+
+**LoRA.** A step with a LoRA adapter in it runs a second graph of its bucket, the LoRA graph,
+so the base graph stays exactly what steps without adapters need. The LoRA layers trace in graph
+mode (``layers/lora.py``): every slot of every wrapped layer takes part, and each row's adapter
+slot comes in as a one-hot ``(bucket, max_loras)`` in the bucket's persistent buffers (padding
+and base rows all zero: no delta). Adapters are written into their slots in place, so the graph
+serves whichever adapters hold the slots. A LoRA graph is traced over the layers wrapped at the
+time; when a new adapter wraps more layers, that bucket's LoRA graph is traced again. If a LoRA
+graph fails, steps with adapters run eagerly from then on (one warning); base steps keep theirs.
 """
 
 from __future__ import annotations
@@ -49,28 +58,36 @@ class DecodeBatch:
     width: int  # block-table width of this step
     rows: torch.Tensor | None  # rows whose logits are returned (None: all real rows)
     num_rows: int
+    lora: bool = False  # the bucket's LoRA graph runs it (an adapter is in the step)
 
 
 class _Buffers:
-    def __init__(self, bucket: int, max_width: int, device: torch.device):
+    def __init__(self, bucket: int, max_width: int, device: torch.device, lora=None):
         z = lambda n: torch.zeros(n, dtype=torch.long, device=device)  # noqa: E731
         self.ids, self.pos, self.slots, self.lens = z(bucket), z(bucket), z(bucket), z(bucket)
         self.tables = z(bucket * max_width)  # viewed as (bucket, width) contiguous each step
+        # The LoRA graph's input: 1.0 at (row, its adapter's slot); base and padding rows all zero.
+        self.onehot = None if lora is None else torch.zeros(bucket, lora.max_loras, dtype=lora.dtype, device=device)
 
 
 class CompiledDecode:
-    def __init__(self, model: torch.nn.Module, device: torch.device, max_num_seqs: int):
+    def __init__(self, model: torch.nn.Module, device: torch.device, max_num_seqs: int, lora=None):
         self.model = model
         self.device = device
         self.sizes = bucket_sizes(max_num_seqs)
         self.buffers: dict[int, _Buffers] = {}
         self.compiled_buckets: set[int] = set()
         self.failed = False
+        self.lora = lora  # LoRAManager (pagedlm/lora.py) when LoRA is enabled
+        self.lora_buckets: set[int] = set()  # buckets whose LoRA graph has run
+        self.lora_failed = False  # a LoRA graph failed: steps with adapters run eagerly
+        self.lora_layers: dict[int, int] = {}  # bucket -> LoRA layers its LoRA graph was traced over
         self.scratch_block = 0
         self.block_size = 16
         self.max_width = 2
-        self.fns: dict[int, object] = {}
-        self.direct: dict[int, tuple] = {}  # bucket -> (compiled graph, its arguments, ...)
+        # (bucket, LoRA graph?) -> the compiled function / (compiled graph, its arguments, ...)
+        self.fns: dict[tuple[int, bool], object] = {}
+        self.direct: dict[tuple[int, bool], tuple] = {}
         # bucket -> moving average of the wall time of its compiled step (not the compiling call):
         # what a row costs on this machine, for speculative decoding's AdaptivePolicy.
         self.step_seconds: dict[int, float] = {}
@@ -82,16 +99,22 @@ class CompiledDecode:
         not pay for 4)."""
         self.sizes = sorted(set(self.sizes) | {b for b in extra if 0 < b < self.sizes[-1]})
 
-    def _compiled(self, bucket: int):
-        """One compiled function per bucket: its inputs' sizes are fixed but for the table width,
-        which is symbolic. Dynamo (and its guards, ~1.5 ms a call over every parameter) runs only
-        until ``_capture`` has recorded the graph; later steps call it directly."""
-        fn = self.fns.get(bucket)
+    def _compiled(self, key: tuple[int, bool]):
+        """One compiled function per bucket (and one more per bucket for steps with LoRA
+        adapters): its inputs' sizes are fixed but for the table width, which is symbolic. Dynamo
+        (and its guards, ~1.5 ms a call over every parameter) runs only until ``_capture`` has
+        recorded the graph; later steps call it directly."""
+        fn = self.fns.get(key)
         if fn is None:
-            # Dynamo caches graphs per code object: each bucket gets its own copy of _forward's
-            # code, so that each bucket's cache holds exactly its own graph.
+            bucket, lora = key
+            name = f"decode_bucket_{bucket}"
+            if lora:  # traced over the LoRA layers there are now (a new code object when they change)
+                self.lora_layers[bucket] = len(self.lora.layers)
+                name += f"_lora_{len(self.lora.layers)}"
+            # Dynamo caches graphs per code object: each graph gets its own copy of _forward's
+            # code, so that each one's cache holds exactly its own graph.
             f = type(self)._forward
-            code = f.__code__.replace(co_name=f"decode_bucket_{bucket}")
+            code = f.__code__.replace(co_name=name)
             forward = types.MethodType(types.FunctionType(code, f.__globals__, code.co_name), self)
             options = {
                 # A C++ wrapper saves ~0.7 ms of Python per call: worth its longer compile only
@@ -107,20 +130,21 @@ class CompiledDecode:
 
                 compiled = compile_fx(gm, example_inputs, config_patches=options)
                 try:
-                    self._capture(bucket, gm, compiled)
+                    self._capture(key, gm, compiled)
                 except Exception as e:  # Dynamo's internals moved: keep its (slower) call path
-                    log.debug("decode bucket %d: no direct call (%s)", bucket, e)
+                    log.debug("%s: no direct call (%s)", name, e)
                 return compiled
 
-            fn = self.fns[bucket] = torch.compile(forward, backend=backend, fullgraph=True, dynamic=False)
+            fn = self.fns[key] = torch.compile(forward, backend=backend, fullgraph=True, dynamic=False)
         return fn
 
-    def _capture(self, bucket: int, gm: torch.fx.GraphModule, compiled) -> None:
+    def _capture(self, key: tuple[int, bool], gm: torch.fx.GraphModule, compiled) -> None:
         """Record how to call a bucket's compiled graph directly. Dynamo's prologue fetches every
         parameter through the module tree on each call (~0.4 ms for SmolLM2's ~300 tensors); here
         every graph input but the block table and its width is the same object at every step
         (parameters, the KV caches, the bucket's persistent buffers), so the argument list is
-        built once. Any input of another kind leaves the bucket on Dynamo's path."""
+        built once (a LoRA graph's too: the LoRA weights are written in place, and its one-hot is
+        the bucket's buffer). Any input of another kind leaves the bucket on Dynamo's path."""
         args, table_at, width_at = [], None, None
         for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
             arg = node.meta.get("grapharg")
@@ -138,12 +162,12 @@ class CompiledDecode:
             args.append(value)
         if table_at is None:
             return
-        self.direct[bucket] = (compiled, args, table_at, width_at)
+        self.direct[key] = (compiled, args, table_at, width_at)
 
     def _buffers(self, bucket: int) -> _Buffers:
         buf = self.buffers.get(bucket)
         if buf is None:
-            buf = self.buffers[bucket] = _Buffers(bucket, self.max_width, self.device)
+            buf = self.buffers[bucket] = _Buffers(bucket, self.max_width, self.device, self.lora)
         return buf
 
     def set_cache(self, num_blocks: int, block_size: int) -> None:
@@ -156,6 +180,8 @@ class CompiledDecode:
         self.fns.clear()
         self.direct.clear()
         self.compiled_buckets.clear()
+        self.lora_buckets.clear()
+        self.lora_layers.clear()
         self.step_seconds.clear()
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
@@ -167,11 +193,14 @@ class CompiledDecode:
         return self.model.compute_logits(hidden).float(), hidden
 
     # ---- per step ----------------------------------------------------------------------------
-    def prepare(self, out: SchedulerOutput):
-        """StepInputs for a decode-only step that fits a bucket, else None (run it eagerly)."""
+    def prepare(self, out: SchedulerOutput, token_slots: list[int] | None = None):
+        """StepInputs for a decode-only step that fits a bucket, else None (run it eagerly).
+        ``token_slots``: each row's LoRA slot (-1: base) when an adapter is in the step
+        (``LoRAManager.set_batch``): the bucket's LoRA graph runs it."""
         from pagedlm.engine.model_runner import StepInputs
 
-        if self.failed:
+        lora = token_slots is not None
+        if self.failed or (lora and (self.lora_failed or self.lora is None)):
             return None
         sched = out.scheduled
         n = out.num_tokens
@@ -221,15 +250,36 @@ class CompiledDecode:
         buf.slots.copy_(torch.tensor(slots))
         buf.lens.copy_(torch.tensor(lens))
         buf.tables[: bucket * width].copy_(torch.tensor(flat))
+        if lora:
+            self._use_lora_graph(bucket, token_slots + [-1] * pad)
         sel = None if len(rows) == n else torch.tensor(rows, dtype=torch.long)
-        batch = DecodeBatch(out, bucket, width, sel, n)
+        batch = DecodeBatch(out, bucket, width, sel, n, lora)
         return StepInputs(buf.ids, buf.pos, None, rows, samples, [], compiled=batch)
 
-    def warmup(self, buckets: list[int] | None = None) -> None:
+    def _use_lora_graph(self, bucket: int, token_slots: list[int]) -> None:
+        """Fill the bucket's one-hot in place and put the LoRA layers in graph mode over it."""
+        buf = self.buffers[bucket]
+        slots = torch.tensor(token_slots, device=self.device)
+        buf.onehot.copy_(slots[:, None] == torch.arange(self.lora.max_loras, device=self.device))
+        if self.lora_layers.get(bucket, len(self.lora.layers)) != len(self.lora.layers):
+            # A new adapter wrapped layers this graph lacks: trace the bucket's LoRA graph again.
+            log.info("LoRA adapters now reach more layers: the LoRA decode step of bucket %d compiles again",
+                     bucket)
+            for d in (self.fns, self.direct):
+                d.pop((bucket, True), None)
+            self.lora_buckets.discard(bucket)
+            del self.lora_layers[bucket]
+        self.lora.batch.use_graph(buf.onehot)
+
+    def warmup(self, buckets: list[int] | None = None, lora: bool = False) -> None:
         """Compile buckets now (default: all) on a batch of padding rows, which touch only the
-        scratch block, instead of at their first real step."""
+        scratch block, instead of at their first real step. ``lora``: their LoRA graphs (only
+        once an adapter is loaded: the graph covers the layers adapters wrap)."""
+        if lora and (self.lora is None or not self.lora.layers):
+            return
+        done = self.lora_buckets if lora else self.compiled_buckets
         for bucket in self.sizes if buckets is None else buckets:
-            if self.failed or bucket in self.compiled_buckets:
+            if self.failed or (lora and self.lora_failed) or bucket in done:
                 continue
             if bucket not in self.sizes:
                 raise ValueError(f"no decode bucket {bucket}; buckets: {self.sizes}")
@@ -239,23 +289,29 @@ class CompiledDecode:
             buf.slots.fill_(self.scratch_block * self.block_size)
             buf.lens.fill_(1)
             buf.tables[: bucket * 2].fill_(self.scratch_block)
-            log.info("compiling the decode step for batch bucket %d ...", bucket)
+            if lora:
+                self._use_lora_graph(bucket, [-1] * bucket)
+            log.info("compiling the %s for batch bucket %d ...", _what(lora), bucket)
             with torch.no_grad():
                 for _ in range(4):  # compile, then time it a few times (step_seconds)
-                    self.execute(DecodeBatch(None, bucket, 2, None, 0))
+                    self.execute(DecodeBatch(None, bucket, 2, None, 0, lora))
+            if lora:
+                self.lora.batch.clear()
 
     def execute(self, batch: DecodeBatch) -> torch.Tensor | None:
         """Logits of the sampled rows, or None when the compiled step failed (run it eagerly)."""
+        key = (batch.bucket, batch.lora)
         buf = self.buffers[batch.bucket]
         tables = buf.tables[: batch.bucket * batch.width].view(batch.bucket, batch.width)
         torch._dynamo.maybe_mark_dynamic(tables, 1)
-        first = batch.bucket not in self.compiled_buckets
+        done = self.lora_buckets if batch.lora else self.compiled_buckets
+        first = batch.bucket not in done
         if first and batch.sched is not None:
-            log.info("compiling the decode step for batch bucket %d (the first time ~1 min on 2 cores; "
-                     "inductor caches it on disk) ...", batch.bucket)
+            log.info("compiling the %s for batch bucket %d (the first time ~1 min on 2 cores; "
+                     "inductor caches it on disk) ...", _what(batch.lora), batch.bucket)
         t0 = time.perf_counter()
         try:
-            direct = self.direct.get(batch.bucket)
+            direct = self.direct.get(key)
             if direct is not None:
                 compiled, args, table_at, width_at = direct
                 args = list(args)
@@ -264,20 +320,30 @@ class CompiledDecode:
                     args[width_at] = batch.width
                 logits = compiled(*args)[0]
             else:
-                logits = self._compiled(batch.bucket)(buf.ids, buf.pos, buf.slots, tables, buf.lens)[0]
+                logits = self._compiled(key)(buf.ids, buf.pos, buf.slots, tables, buf.lens)[0]
         except Exception as e:  # compile or run failure: never fail the request
-            self.failed = True
-            log.warning("compiled decode step failed (%s: %s); running eagerly from now on",
-                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if batch.lora:  # base steps keep their graphs
+                self.lora_failed = True
+                log.warning("compiled LoRA decode step failed (%s); steps with LoRA adapters run eagerly "
+                            "from now on", reason)
+            else:
+                self.failed = True
+                log.warning("compiled decode step failed (%s); running eagerly from now on", reason)
             return None
         elapsed = time.perf_counter() - t0
         if first:
-            self.compiled_buckets.add(batch.bucket)
-            log.info("compiled the decode step for batch bucket %d in %.1f s", batch.bucket, elapsed)
+            done.add(batch.bucket)
+            log.info("compiled the %s for batch bucket %d in %.1f s", _what(batch.lora), batch.bucket, elapsed)
         else:
-            prev = self.step_seconds.get(batch.bucket)
-            self.step_seconds[batch.bucket] = elapsed if prev is None else prev + 0.1 * (elapsed - prev)
+            if not batch.lora:  # what a base row costs (speculative decoding's policy)
+                prev = self.step_seconds.get(batch.bucket)
+                self.step_seconds[batch.bucket] = elapsed if prev is None else prev + 0.1 * (elapsed - prev)
             self.num_steps += 1
             self.last_step_seconds = elapsed
         logits = logits[: batch.num_rows]
         return logits if batch.rows is None else logits[batch.rows]
+
+
+def _what(lora: bool) -> str:
+    return "LoRA decode step" if lora else "decode step"

@@ -309,7 +309,8 @@ class LLMEngine:
 
     def warmup(self, buckets: list[int] | None = None) -> None:
         """Compile the decode step's batch buckets now (default: all up to max_num_seqs) rather
-        than at the first step of each size; a no-op with enforce_eager. With speculative
+        than at the first step of each size; a no-op with enforce_eager. With LoRA adapters
+        loaded, the buckets' LoRA graphs too (steps with an adapter run those). With speculative
         decoding, a list of buckets also gets those a sequence's 1 + j verification rows use,
         j <= k (its policy verifies fewer than k where that pays; a draft model compiles the
         same buckets as the target)."""
@@ -322,6 +323,7 @@ class LLMEngine:
                 top = next((b for b in compiled.sizes if b >= rows), compiled.sizes[-1])
                 buckets = sorted(set(buckets) | {b for b in compiled.sizes if b <= top})
             compiled.warmup(buckets)
+            compiled.warmup(buckets, lora=True)
 
     # ---- cache report ----------------------------------------------------------------------
     @property

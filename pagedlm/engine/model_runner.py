@@ -6,9 +6,9 @@ only at rows that are sampled (the last token of each sequence whose prompt is c
 for ``prompt_logprobs``, at every prompt row.
 
 Steps made only of decodes go to the compiled decode step (``engine/compiled.py``) when it is
-on: fixed batch buckets, inputs in persistent buffers, attention reading the cache in place.
-Everything else (prefill chunks, mixed steps, prompt logprobs, steps with a LoRA adapter) runs
-eagerly.
+on: fixed batch buckets, inputs in persistent buffers, attention reading the cache in place
+(steps with a LoRA adapter in them run each bucket's LoRA graph). Everything else (prefill
+chunks, mixed steps, prompt logprobs) runs eagerly.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ class ModelRunner(ModelRunnerBase):
         if not enforce_eager:
             from pagedlm.engine.compiled import CompiledDecode
 
-            self.compiled = CompiledDecode(self.model, self.device, max_num_seqs)
+            self.compiled = CompiledDecode(self.model, self.device, max_num_seqs, self.lora)
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:
@@ -120,10 +120,10 @@ class ModelRunner(ModelRunnerBase):
 
     # ---- one step ------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> StepInputs:
-        # A step with a LoRA adapter runs eagerly: the compiled graph is the base model's.
-        with_lora = self.lora is not None and self.lora.set_batch(out.scheduled)
-        if self.compiled is not None and not with_lora:
-            step = self.compiled.prepare(out)
+        # Each token's adapter slot, or None when no adapter is in the step (or LoRA is off).
+        token_slots = self.lora.set_batch(out.scheduled) if self.lora is not None else None
+        if self.compiled is not None:
+            step = self.compiled.prepare(out, token_slots)
             if step is not None:
                 return step
         bs = self.block_size

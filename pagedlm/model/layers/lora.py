@@ -6,23 +6,32 @@ before (dense, int8 or int4: the delta does not care) and adds the adapters' del
 
     y += scale * (x @ A^T) @ B^T        per token, with that token's adapter
 
-A ``LoRALayer`` holds every adapter slot's A and B stacked, so the whole batch takes two
-matmuls, whatever mix of adapters it has (a "shrink" to the slots' ranks and an "expand" back):
+A ``LoRALayer`` holds every adapter slot's A and B stacked, so the whole batch takes one shrink
+matmul (to the slots' ranks) and one expand matmul per fused projection, whatever mix of
+adapters it has:
 
     A: (slots, parts, R, in)      R = max_lora_rank (an adapter of lower rank is zero-padded)
-    B: (slots, parts, R, out)     part p's rows of B are zero outside that part's output rows
+    B[p]: (slots, R, rows of p)   one per part
 
 ``parts`` are the projections fused into this layer (q, k, v for ``qkv_proj``; gate, up for
-``gate_up_proj``; one for ``o_proj`` and ``down_proj``): part p's delta lands in its slice of
-the fused output because its B is zero elsewhere (block-diagonal expand, one matmul). Each
-token's shrink output is masked to its own slot's columns (``LoRABatch``), so a token of one
-adapter never sees another's weights and a base-model token gets exactly zero. The scale
-(alpha / r, or alpha / sqrt(r) with rsLoRA) is folded into B when an adapter enters a slot.
+``gate_up_proj``; one for ``o_proj`` and ``down_proj``): part p's expand gives its slice of the
+fused output (the slices are concatenated; a block-diagonal B over the whole output would read
+and multiply zeros: a third of q/k/v's and half of gate/up's). Each token's shrink output is
+masked to its own slot's columns (``LoRABatch``), so a token of one adapter never sees another's
+weights and a base-model token gets exactly zero. The scale (alpha / r, or alpha / sqrt(r) with
+rsLoRA) is folded into B when an adapter enters a slot.
 
-Cost: only the slots up to the highest one in use this step take part, and a layer that no
-adapter of the step targets is skipped. When no token of a step has an adapter,
+Cost: eagerly, only the slots up to the highest one in use this step take part, and a layer
+that no adapter of the step targets is skipped. When no token of a step has an adapter,
 ``LoRABatch.active`` is False and the layer is the base layer (that is also how the compiled
-decode step, which runs only such steps, traced it).
+decode step's base graph traced it).
+
+Graph mode (``LoRABatch.use_graph``, the compiled decode step's LoRA graph, ``engine/compiled.py``):
+no Python check that depends on the step's adapters, so one graph serves every mix. Every slot
+of every wrapped layer takes part, and the token -> slot one-hot is a persistent buffer of the
+batch bucket, filled in place each step (padding rows: all zero, no delta). Adapters enter their
+slots in place (``set_slot``), so a captured graph reads the weights of the adapters in its slots
+now, not of those it was compiled with.
 """
 
 from __future__ import annotations
@@ -37,36 +46,35 @@ class LoRABatch:
 
     def __init__(self) -> None:
         self.active = False
+        self.graph = False  # graph mode: every slot, one-hot from a persistent buffer (see above)
         self.slots: frozenset[int] = frozenset()  # slots in use this step
         self.num_slots = 0  # slots [0, num_slots) take part in the matmuls (highest in use + 1)
-        self._onehot: torch.Tensor | None = None  # (tokens, num_slots) 1.0 where a token uses a slot
-        self._masks: dict[int, torch.Tensor] = {}  # columns per slot -> (tokens, num_slots * columns)
+        self.onehot: torch.Tensor | None = None  # (tokens, num_slots) 1.0 where a token uses a slot
 
-    def set(self, token_slots: torch.Tensor, dtype: torch.dtype) -> None:
-        """``token_slots``: (tokens,) long, the slot of each token's adapter or -1 for the base."""
-        used = sorted({int(s) for s in token_slots.unique().tolist() if s >= 0})
+    def set(self, token_slots: list[int], device: torch.device, dtype: torch.dtype) -> None:
+        """``token_slots``: the slot of each token's adapter, or -1 for the base model."""
+        used = sorted({s for s in token_slots if s >= 0})
         self.clear()
         if not used:
             return
         self.active = True
         self.slots = frozenset(used)
         self.num_slots = used[-1] + 1
-        arange = torch.arange(self.num_slots, device=token_slots.device)
-        self._onehot = (token_slots[:, None] == arange).to(dtype)
+        arange = torch.arange(self.num_slots, device=device)
+        self.onehot = (torch.tensor(token_slots, device=device)[:, None] == arange).to(dtype)
+
+    def use_graph(self, onehot: torch.Tensor) -> None:
+        """Graph mode over ``onehot`` (tokens, all slots), filled in place by the caller."""
+        self.clear()
+        self.active = self.graph = True
+        self.num_slots = onehot.shape[1]
+        self.onehot = onehot
 
     def clear(self) -> None:
-        self.active = False
+        self.active = self.graph = False
         self.slots = frozenset()
         self.num_slots = 0
-        self._onehot = None
-        self._masks = {}
-
-    def mask(self, columns: int) -> torch.Tensor:
-        """(tokens, num_slots * columns): each token's own slot's shrink columns set to 1."""
-        m = self._masks.get(columns)
-        if m is None:
-            m = self._masks[columns] = self._onehot.repeat_interleave(columns, dim=1)
-        return m
+        self.onehot = None
 
 
 class LoRALayer:
@@ -74,28 +82,31 @@ class LoRALayer:
 
     def __init__(self, in_features: int, parts: list[tuple[int, int]], out_features: int, max_loras: int,
                  max_rank: int, batch: LoRABatch, dtype: torch.dtype, device: torch.device):
-        self.parts = parts  # (first output row, rows) of each fused projection
+        # (first output row, rows) of each fused projection: contiguous, in order (their deltas
+        # are concatenated)
+        self.parts = parts
         self.in_features, self.out_features = in_features, out_features
         self.max_rank = max_rank
         self.batch = batch
         self.A = torch.zeros(max_loras, len(parts), max_rank, in_features, dtype=dtype, device=device)
-        self.B = torch.zeros(max_loras, len(parts), max_rank, out_features, dtype=dtype, device=device)
+        self.B = [torch.zeros(max_loras, max_rank, rows, dtype=dtype, device=device) for _, rows in parts]
         self.columns = len(parts) * max_rank  # shrink columns per slot
         self.A_rows = self.A.view(-1, in_features)  # (slots * columns, in)
-        self.B_rows = self.B.view(-1, out_features)  # (slots * columns, out)
+        self.B_rows = [b.view(-1, b.shape[-1]) for b in self.B]  # (slots * R, rows of the part)
         self.filled: set[int] = set()  # slots whose adapter targets this layer
 
     @torch.no_grad()
     def set_slot(self, slot: int, weights: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         """Put an adapter in ``slot``: part index -> (A (r, in), scaled B (part rows, r));
         an empty dict clears the slot (the adapter does not target this layer)."""
+        # In place: a compiled LoRA graph holds these tensors (engine/compiled.py).
         self.A[slot].zero_()
-        self.B[slot].zero_()
+        for b in self.B:
+            b[slot].zero_()
         for p, (a, b) in weights.items():
             r = a.shape[0]
-            first, rows = self.parts[p]
             self.A[slot, p, :r].copy_(a)
-            self.B[slot, p, :r, first:first + rows].copy_(b.t())
+            self.B[p][slot, :r].copy_(b.t())
         if weights:
             self.filled.add(slot)
         else:
@@ -103,12 +114,16 @@ class LoRALayer:
 
     def add_delta(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         batch = self.batch
-        if self.filled.isdisjoint(batch.slots):
-            return y  # no adapter of this step targets this layer
-        k = batch.num_slots * self.columns
+        if not batch.graph and self.filled.isdisjoint(batch.slots):
+            return y  # no adapter of this step targets this layer (eager only: a graph has no such check)
+        n = batch.num_slots
         x2 = x.reshape(-1, self.in_features).to(self.A.dtype)
-        shrink = (x2 @ self.A_rows[:k].t()) * batch.mask(self.columns)  # (tokens, k)
-        delta = shrink @ self.B_rows[:k]  # (tokens, out)
+        shrink = (x2 @ self.A_rows[: n * self.columns].t()).view(-1, n, len(self.parts), self.max_rank)
+        # Each token keeps its own slot's shrink columns: others' (and a base token's) are zeroed.
+        shrink = shrink * batch.onehot[:, :, None, None]
+        deltas = [shrink[:, :, p].reshape(-1, n * self.max_rank) @ b[: n * self.max_rank]
+                  for p, b in enumerate(self.B_rows)]
+        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, dim=1)  # (tokens, out)
         return y + delta.reshape(y.shape).to(y.dtype)
 
 
