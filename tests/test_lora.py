@@ -245,6 +245,31 @@ def test_compiled_lora_decode_step_equals_eager(tiny_llama_dir, adapters, tmp_pa
     assert want[0].token_ids != base[0] and want[4].token_ids != base[0] and want[8].token_ids != base[0]
 
 
+def test_warmup_compiles_the_lora_graph_too(tiny_llama_dir, adapters):
+    """compile_at_startup with an adapter loaded compiles each bucket's base and LoRA graphs
+    (the base graph traced with the LoRA layers off); requests then compile nothing and give the
+    eager tokens, with the adapter and without."""
+    paths, _ = adapters
+    kw = dict(dtype="float32", lora_modules={"a": paths["a"]}, max_lora_rank=8, num_kv_blocks=64, block_size=4,
+              max_num_seqs=1)
+    params = SamplingParams(max_tokens=5, temperature=0, ignore_eos=True)
+
+    def run(llm):
+        a = llm.engine.lora_requests["a"]
+        return [llm.generate({"prompt_token_ids": PROMPT}, params, use_tqdm=False, lora_request=lo)[0]
+                .outputs[0].token_ids for lo in (a, None, a)]
+
+    want = run(LLM(tiny_llama_dir, enforce_eager=True, **kw))
+    llm = LLM(tiny_llama_dir, enforce_eager=False, compile_at_startup=True, **kw)
+    compiled = llm.engine.runner.compiled
+    assert compiled.compiled_buckets == {1} and compiled.lora_buckets == {1}
+    assert not llm.engine.runner.lora.batch.active  # warm-up left the LoRA layers off
+    compiled._compiled = None  # a compile from here on would fail (and fall back): none may happen
+    assert run(llm) == want
+    assert not compiled.failed and not compiled.lora_failed
+    assert want[0] != want[1]
+
+
 def test_lora_graph_failure_falls_back_to_eager_for_lora_steps_only(tiny_llama_dir, adapters, monkeypatch,
                                                                     caplog):
     """A LoRA graph that fails to compile: one warning, steps with adapters run eagerly from then

@@ -261,15 +261,18 @@ class CompiledDecode:
         buf = self.buffers[bucket]
         slots = torch.tensor(token_slots, device=self.device)
         buf.onehot.copy_(slots[:, None] == torch.arange(self.lora.max_loras, device=self.device))
+        self._drop_stale_lora_graph(bucket)
+        self.lora.batch.use_graph(buf.onehot)
+
+    def _drop_stale_lora_graph(self, bucket: int) -> None:
+        """A new adapter wrapped layers the bucket's LoRA graph lacks: trace it again."""
         if self.lora_layers.get(bucket, len(self.lora.layers)) != len(self.lora.layers):
-            # A new adapter wrapped layers this graph lacks: trace the bucket's LoRA graph again.
             log.info("LoRA adapters now reach more layers: the LoRA decode step of bucket %d compiles again",
                      bucket)
             for d in (self.fns, self.direct):
                 d.pop((bucket, True), None)
             self.lora_buckets.discard(bucket)
             del self.lora_layers[bucket]
-        self.lora.batch.use_graph(buf.onehot)
 
     def warmup(self, buckets: list[int] | None = None, lora: bool = False) -> None:
         """Compile buckets now (default: all) on a batch of padding rows, which touch only the
@@ -279,6 +282,8 @@ class CompiledDecode:
             return
         done = self.lora_buckets if lora else self.compiled_buckets
         for bucket in self.sizes if buckets is None else buckets:
+            if lora:
+                self._drop_stale_lora_graph(bucket)
             if self.failed or (lora and self.lora_failed) or bucket in done:
                 continue
             if bucket not in self.sizes:
@@ -291,12 +296,14 @@ class CompiledDecode:
             buf.tables[: bucket * 2].fill_(self.scratch_block)
             if lora:
                 self._use_lora_graph(bucket, [-1] * bucket)
+            elif self.lora is not None:  # the base graph is traced with the LoRA layers off
+                self.lora.batch.clear()
             log.info("compiling the %s for batch bucket %d ...", _what(lora), bucket)
             with torch.no_grad():
                 for _ in range(4):  # compile, then time it a few times (step_seconds)
                     self.execute(DecodeBatch(None, bucket, 2, None, 0, lora))
-            if lora:
-                self.lora.batch.clear()
+        if self.lora is not None:
+            self.lora.batch.clear()
 
     def execute(self, batch: DecodeBatch) -> torch.Tensor | None:
         """Logits of the sampled rows, or None when the compiled step failed (run it eagerly)."""
