@@ -537,8 +537,8 @@ def test_compiled_verification_rows(tiny_target, monkeypatch):
     verified = []
     prepare = compiled.prepare
 
-    def counting_prepare(out):
-        step = prepare(out)
+    def counting_prepare(out, *lora):
+        step = prepare(out, *lora)
         if step is not None:
             verified.extend(len(s.spec_tokens) for s, _ in out.scheduled if s.spec_tokens)
         return step
