@@ -14,9 +14,10 @@ GGUF block of 32 is one group; see ``pagedlm.loader.gguf_quant``). The dense wei
 replaced by the exact dequantization of the quantized weight, so both kernels multiply the
 *same* weights:
 
-* few rows (decode): torch's weight-only CPU kernels, ``_weight_int4pack_mm_for_cpu`` and
-  ``_weight_int8pack_mm`` (layout packed for this CPU at load), which stream 4 or 8 bits per
-  weight instead of 16 or 32;
+* few rows (decode): weight-only kernels that stream 4 or 8 bits per weight instead of 16 or
+  32: torch's ``_weight_int4pack_mm_for_cpu`` (layout packed for this CPU at load) for int4, and
+  for int8 pagedlm's own ``int8_mm`` (``pagedlm/kernels``: each weight row read once for all rows,
+  every row computed identically whatever their number), else torch's ``_weight_int8pack_mm``;
 * many rows (prefill, large decode batches): the dense GEMM, which beats them there.
 
 The row count where the dense GEMM starts to win is measured on this machine at start-up over
@@ -35,6 +36,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+from pagedlm import kernels
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,10 @@ class QuantizedWeight:
     # int8, one row, compiled: multiply as a broadcast-sum (see ``mm``). Set for the output head,
     # whose input the compiled decode step computes into memory first.
     one_row_gemv: bool = False
+    # int8: pagedlm's few-rows kernel (``pagedlm.kernels``) and the float32 scales it takes; None
+    # where the kernels could not be built (torch's kernel then multiplies).
+    kernel: object = None
+    kernel_scales: torch.Tensor | None = None
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (rows, in) -> (rows, out), in x's dtype."""
@@ -71,6 +78,10 @@ class QuantizedWeight:
             return linear(x, self.dense)
         if self.kind == "int4":
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales)
+        if self.kernel is not None:
+            # Reads each weight row once for all of x's rows, and computes every row the same way
+            # whatever their number: 1-row decode and k-row verification logits agree bit for bit.
+            return self.kernel(x, self.packed, self.kernel_scales)
         if self.one_row_gemv and x.shape[0] == 1 and torch.compiler.is_compiling():
             # One row, compiled: a broadcast-multiply-sum that inductor turns into a fused,
             # vectorised GEMV streaming the int8 weights (measured 1.3 ms vs 2.4 ms for
@@ -117,7 +128,11 @@ def quantize_int8(dense: torch.Tensor, compute_dtype: torch.dtype) -> QuantizedW
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
     deq = (q.float() * scale[:, None]).to(dense.dtype)
-    return QuantizedWeight("int8", q, scale.to(compute_dtype), deq)
+    qw = QuantizedWeight("int8", q, scale.to(compute_dtype), deq)
+    ops = kernels.ops() if q.device.type == "cpu" and q.shape[1] % 16 == 0 else None
+    if ops is not None:
+        qw.kernel, qw.kernel_scales = ops.int8_mm, qw.scales.float()
+    return qw
 
 
 def int4_supported(out_features: int, in_features: int) -> bool:

@@ -1,0 +1,104 @@
+"""pagedlm's own CPU kernels (pagedlm/kernels): built for this machine, exact up to float32
+rounding, and every row computed identically whatever the number of rows."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pagedlm import kernels
+from pagedlm.model.layers.quant import quantize_int8
+
+ops = kernels.ops()
+needs_kernels = pytest.mark.skipif(ops is None, reason="no C++ compiler: pagedlm's kernels are not built here")
+
+
+def _weights(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    scale = torch.rand(n, generator=g) * 0.01 + 1e-4
+    return w, scale
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17])
+def test_int8_mm_equals_float64_reference(rows):
+    w, scale = _weights(203, 96, seed=rows)  # 203 output rows: blocks of 4 / 2 and a tail of 1
+    x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(1))
+    y = ops.int8_mm(x, w, scale)
+    ref = (x.double() @ w.double().t()) * scale.double()
+    assert y.dtype == torch.float32 and y.shape == (rows, 203)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_mm_rows_are_independent_bit_for_bit(dtype):
+    """A row's result must not depend on which other rows share the call: a 1-row decode step and
+    a k-row speculative verification then produce the same logits, so greedy speculation is
+    exactly plain greedy decoding."""
+    w, scale = _weights(1000, 576)
+    x = torch.randn(11, 576, generator=torch.Generator().manual_seed(2)).to(dtype)
+    alone = torch.cat([ops.int8_mm(x[i:i + 1], w, scale) for i in range(11)])
+    for rows in range(1, 12):
+        together = ops.int8_mm(x[:rows], w, scale)
+        assert together.dtype == dtype
+        assert torch.equal(together, alone[:rows]), rows
+
+
+@needs_kernels
+def test_int8_mm_rejects_bad_shapes():
+    w, scale = _weights(32, 40)  # 40: not a multiple of 16
+    with pytest.raises(RuntimeError, match="multiple of 16"):
+        ops.int8_mm(torch.randn(2, 40), w, scale)
+    w, scale = _weights(32, 48)
+    with pytest.raises(RuntimeError, match="shapes"):
+        ops.int8_mm(torch.randn(2, 32), w, scale)
+
+
+@needs_kernels
+def test_quantized_int8_layer_uses_the_kernel_and_falls_back_where_it_cannot():
+    dense = torch.randn(64, 96) * 0.05
+    qw = quantize_int8(dense, torch.float32)
+    assert qw.kernel is not None
+    x = torch.randn(3, 96)
+    expected = torch.ops.aten._weight_int8pack_mm(x, qw.packed, qw.scales)
+    torch.testing.assert_close(qw.mm(x), expected, rtol=1e-5, atol=1e-5)
+    assert quantize_int8(torch.randn(64, 40), torch.float32).kernel is None  # input size 40
+
+
+@needs_kernels
+def test_int8_mm_traces_under_torch_compile():
+    qw = quantize_int8(torch.randn(48, 64) * 0.05, torch.float32)
+    x = torch.randn(2, 64)
+    compiled = torch.compile(lambda t: qw.mm(t) * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), qw.mm(x) * 2)
+
+
+def test_library_is_keyed_by_the_cpu(monkeypatch):
+    """A cached library built for another CPU (AVX-512 vs AVX2) must never be loaded."""
+    first = kernels.library_path()
+    monkeypatch.setattr(kernels, "_cpu_flags", lambda: "fpu sse2 avx2")
+    assert kernels.library_path() != first
+
+
+def test_disabled_kernels_fall_back_to_torch():
+    code = ("from pagedlm import kernels; from pagedlm.model.layers.quant import quantize_int8; import torch;"
+            "assert kernels.ops() is None; assert quantize_int8(torch.randn(8, 32), torch.float32).kernel is None;"
+            "print('ok')")
+    env = {**os.environ, "PAGEDLM_KERNELS": "0"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_failed_build_is_logged_not_raised(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setenv("PAGEDLM_KERNEL_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with caplog.at_level("WARNING", logger="pagedlm.kernels"):
+        assert kernels.ops() is None
+    assert "not available" in caplog.text
