@@ -1,12 +1,14 @@
 """Speculative decoding at batch 1: decode speed-up and acceptance per proposer and workload.
 
     python benchmarks/bench_spec.py [--max-tokens 128] [--k 3] [--repeats 2]
-        [--proposers ngram,ngram_fixed,draft_model] [--enforce-eager] [--json out.json] [--plot out.png]
+        [--proposers ngram,ngram_fixed,draft_model] [--workloads repetitive,free,json] [--enforce-eager]
+        [--json out.json] [--plot out.png]
     python benchmarks/bench_spec.py --replot out.json --plot out.png    # the plot of a saved run
 
 SmolLM2-135M-Instruct (the default GGUF, quantization auto, compiled decode), one request at a
-time, greedy. Two workloads of chat prompts: "repetitive" (the answer copies text of the prompt:
-code edits, quoting, summarising a list) and "free" (open questions). For each prompt: plain
+time, greedy. Three workloads of chat prompts: "repetitive" (the answer copies text of the prompt:
+code edits, quoting, summarising a list), "free" (open questions) and "json" (structured
+output: a JSON schema constrains the answer, a list of objects whose keys repeat). For each prompt: plain
 decoding, n-gram prompt lookup (``ngram``: its adaptive policy verifies up to k proposals, as
 many as pay for their rows; ``ngram_fixed``: always all k, as vLLM), and a draft model (the same GGUF: the only model with SmolLM2's
 tokenizer here, so it shows the cost of a draft as big as the target, at full acceptance).
@@ -73,19 +75,33 @@ WORKLOADS = {
         "What should I cook for dinner tonight?",
         "Describe your ideal vacation.",
     ],
+    # Structured output (constrained by JSON_SCHEMA): the keys of every item repeat.
+    "json": [
+        "List people with their name, age and city as JSON.",
+        "Make up a guest list for a dinner party as JSON: each guest's name, age and city.",
+        "Give the names, ages and home cities of ten characters of a novel, as JSON.",
+    ],
 }
+JSON_SCHEMA = {"type": "array", "minItems": 10, "items": {
+    "type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                     "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                     "city": {"enum": ["Paris", "London", "Rome"]}},
+    "required": ["name", "age", "city"], "additionalProperties": False}}
+CONSTRAINTS = {"json": {"json": JSON_SCHEMA}}
 
 
-def run_prompt(llm, prompt: str, max_tokens: int):
+def run_prompt(llm, prompt: str, max_tokens: int, constraint: dict | None = None):
     from pagedlm import SamplingParams
 
     msgs = [{"role": "user", "content": prompt}]
-    out = llm.chat(msgs, SamplingParams(max_tokens=max_tokens, temperature=0), use_tqdm=False)[0]
+    out = llm.chat(msgs, SamplingParams(max_tokens=max_tokens, temperature=0, structured_outputs=constraint),
+                   use_tqdm=False)[0]
     m = out.metrics
     return out.outputs[0].token_ids, m.decode_time, m.num_generated_tokens, m.spec_decode
 
 
-def divergence(plain, prompt: str, max_tokens: int, ref: list[int], toks: list[int]) -> str:
+def divergence(plain, prompt: str, max_tokens: int, ref: list[int], toks: list[int],
+               constraint: dict | None = None) -> str:
     """Where an output first differs from plain decoding's, and how close plain decoding's top
     two candidates were there: a near tie that different row counts in the GEMMs round
     differently (bf16), or a real disagreement."""
@@ -93,7 +109,8 @@ def divergence(plain, prompt: str, max_tokens: int, ref: list[int], toks: list[i
 
     i = next((j for j, (a, b) in enumerate(zip(ref, toks)) if a != b), min(len(ref), len(toks)))
     msgs = [{"role": "user", "content": prompt}]
-    out = plain.chat(msgs, SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=2), use_tqdm=False)
+    out = plain.chat(msgs, SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=2,
+                                          structured_outputs=constraint), use_tqdm=False)
     lps = out[0].outputs[0].logprobs
     gap = "?"
     if i < len(lps) and len(lps[i]) >= 2:
@@ -111,6 +128,7 @@ def main() -> int:
     ap.add_argument("--proposers", default="ngram,ngram_fixed,draft_model",
                     help="comma-separated: ngram, ngram_fixed, draft_model")
     ap.add_argument("--enforce-eager", action="store_true", help="every engine eager (no compiled decode)")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma-separated: {', '.join(WORKLOADS)}")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="bar chart of the speed-ups (PNG)")
     ap.add_argument("--replot", default=None, help="plot a saved --json run instead of running")
@@ -143,7 +161,10 @@ def main() -> int:
         engines[name] = llm
         print(f"{name}: loaded and compiled in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     results = {}
-    for workload, prompts in WORKLOADS.items():
+    for workload in args.workloads.split(","):
+        if workload not in WORKLOADS:
+            ap.error(f"unknown workload {workload!r}")
+        prompts = WORKLOADS[workload]
         tot = {name: {"time": 0.0, "tokens": 0, "drafts": 0, "proposed": 0, "accepted": 0, "identical": True}
                for name in configs}
         for prompt in prompts:
@@ -151,7 +172,7 @@ def main() -> int:
             for name, llm in engines.items():
                 best = None
                 for _ in range(args.repeats):
-                    toks, dt, n, spec = run_prompt(llm, prompt, args.max_tokens)
+                    toks, dt, n, spec = run_prompt(llm, prompt, args.max_tokens, CONSTRAINTS.get(workload))
                     best = dt if best is None else min(best, dt)
                 t = tot[name]
                 t["time"] += best
@@ -163,7 +184,7 @@ def main() -> int:
                     ref = toks
                 if toks != ref:
                     t["identical"] = False
-                    print(divergence(engines["plain"], prompt, args.max_tokens, ref, toks), file=sys.stderr)
+                    print(divergence(engines["plain"], prompt, args.max_tokens, ref, toks, CONSTRAINTS.get(workload)), file=sys.stderr)
                 print(f"{workload:10s} {name:11s} {n - 1} tokens in {best:.2f} s; accepted "
                       f"{spec.num_accepted_tokens}/{spec.num_draft_tokens}", file=sys.stderr)
         base = tot["plain"]["tokens"] / tot["plain"]["time"]

@@ -34,6 +34,7 @@ TIME = {"type": "function", "function": {"name": "get_time", "parameters": {
     "type": "object", "properties": {"tz": {"enum": ["UTC", "CET"]}}, "required": ["tz"],
     "additionalProperties": False}}}
 HERMES = 'Sure. <tool_call>{"name": "get_time", "arguments": {"tz": "CET"}}</tool_call>'
+BARE = '[{"name": "get_time", "arguments": {"tz": "CET"}}, {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}]'
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +156,9 @@ def _requests(full: list[str]) -> list[tuple[str, dict]]:
                 "n": 2, "seed": 1, "temperature": 0.7}),
         (chat, {**base, "messages": MSGS, "max_tokens": 60, "tools": [WEATHER, TIME],
                 "guided_regex": re.escape(HERMES)}),
+        # auto, bare JSON calls: whole, and cut by max_tokens inside the second call's arguments
+        (chat, {**base, "messages": MSGS, "max_tokens": 160, "tools": [WEATHER, TIME], "guided_regex": re.escape(BARE)}),
+        (chat, {**base, "messages": MSGS, "max_tokens": 85, "tools": [WEATHER, TIME], "guided_regex": re.escape(BARE)}),
     ]
     return reqs
 
@@ -189,20 +193,21 @@ def test_streams_under_load_equal_the_non_streamed_answers(server, monkeypatch):
 
     reqs, expected, streamed = asyncio.run(main())
     assert merges > 0, "the consumers never fell behind: the test did not exercise merged deltas"
-    stops = calls = 0
+    stops = calls = cut_calls = 0
     for (path, body), want, events in zip(reqs, expected, streamed, strict=True):
         got = _reduce_stream(path, events)
-        # Tool call arguments: the same text (named and required: as generated, streamed as they
-        # grow; auto: re-serialised from the parsed call, in both).
+        # Tool call arguments: the same text (as generated, streamed as they grow), also when cut.
         for st in want.values():
             st["values"] = pytest.approx(st["values"], abs=1e-4)
         assert got == want, repr((path, body, got, want))
         stops += sum(isinstance(st["stop"], str) for st in got.values())
         calls += sum(len(st["calls"]) for st in got.values())
+        cut_calls += sum(st["finish"] == "length" and len(st["calls"]) == 2 for st in got.values())
         if body.get("echo"):  # the prompts come first, in a chunk of their own
             assert [c["text"] for c in events[0]["choices"]] == [p for p in body["prompt"] for _ in range(2)]
     assert stops >= 8  # stop strings did cut texts
-    assert calls >= 8  # and tool calls were streamed (named, required n=2, auto: twice each)
+    assert calls >= 14  # and tool calls were streamed (named, required n=2, auto x3: twice each)
+    assert cut_calls == 2  # the cut bare reply: its second call with the arguments generated so far
     assert not server.engine.requests
 
 

@@ -202,10 +202,75 @@ def test_parse_auto_formats():
     assert T.parse_auto(two, names, parallel=False)[1] == [("f", "{}")]
     assert T.parse_auto('{"name": "h", "arguments": {}}', names) == ('{"name": "h", "arguments": {}}', [])
     assert T.parse_auto("<tool_call>{broken</tool_call>", names) == ("<tool_call>{broken</tool_call>", [])
-    assert T.streamable_prefix("Hello <tool") == len("Hello ")
-    assert T.streamable_prefix("Hello <tool_call>{") == len("Hello ")
-    assert T.streamable_prefix('  {"name"') == 0
-    assert T.streamable_prefix("plain text") == len("plain text")
+    # recognised by its start: from there a call, its arguments the text as generated
+    assert T.parse_auto('<tool_call>{"name": "f", "arguments": {"a": "</tool_call>"}}</tool_call> ok',
+                        names) == (" ok", [("f", '{"a": "</tool_call>"}')])
+    assert T.parse_auto('<tool_call>{"name": "f", "arguments": {"a": 1</tool_call>', names) == (None, [("f", '{"a": 1')])
+    assert T.parse_auto('{"name": "f", "arguments": {"a": 1}} then', names) == (" then", [("f", '{"a": 1}')])
+    # another key order is read whole; JSON that is not a call is content
+    assert T.parse_auto('<tool_call>{"arguments": {"a": 1}, "name": "g"}</tool_call>', names) == (None, [("g", '{"a": 1}')])
+    assert T.parse_auto('{"answer": 4}', names) == ('{"answer": 4}', [])
+    assert T.parse_auto("  ", names) == (None, [])
+
+
+AUTO_PIECES = ["Sure, ", "let me check. ", "<", "tool", "<tool_call>", "</tool_call>", "\n", " ",
+               '<tool_call>{"name": "f", "arguments": {"city": "Pa\\"ris", "d": [1, {"x": "}"}]}}</tool_call>',
+               '<tool_call>\n{"name":"g","parameters":{}}\n</tool_call>',
+               '<tool_call>{"arguments": {"a": 1}, "name": "g"}</tool_call>',  # read whole
+               '<tool_call>{"name": "nope", "arguments": {}}</tool_call>',  # content
+               '<tool_call>{"name": "f", "arguments": {"a": 1</tool_call>',  # unclosed arguments
+               '<tool_call>{broken</tool_call>', "{", '"name"', "}"]
+AUTO_STARTS = ["", '{"name": "f", "arguments": {"q": "a b"}}', '  [{"name": "f", "arguments": {}}, '
+               '{"name": "g", "arguments": "{\\"b\\": 2}"}]', '{"name": "g", "arguments": {"x": {"y": [1]}}',
+               '[1, 2]', '{"result": 3}']
+
+
+def _stream_auto(text: str, names: set[str], parallel: bool, rng: random.Random):
+    """Feed ``text`` to a ToolStream in random chunks: (content, calls, when the first call went out)."""
+    ts = T.ToolStream(T.ToolPlan("auto", [{"function": {"name": n}} for n in sorted(names)]), parallel)
+    content, got, first, i = "", {}, None, 0
+    while True:
+        j = min(len(text), i + rng.randint(1, 7))
+        c, deltas = ts.update(text[i:j], j == len(text))
+        content += c
+        for d in deltas:
+            call = got.setdefault(d.index, ["", "", ""])
+            call[0] += d.id or ""
+            call[1] += d.function.name or ""
+            call[2] += d.function.arguments or ""
+            first = j if first is None else first
+        i = j
+        if i == len(text):
+            break
+    assert all(c[0].startswith("call_") for c in got.values()) and ts.has_calls == bool(got)
+    return content or None, [(n, a) for _, n, a in (got[k] for k in sorted(got))], first
+
+
+def test_auto_calls_stream_as_they_are_generated():
+    """Auto replies (random mixes of content, Hermes blocks, bare JSON, malformed and unclosed
+    calls, tag fragments, cut anywhere): in random chunks, the joined stream equals the finished
+    reply's content and calls, exactly; a call goes out before the reply ends."""
+    names, rng = {"f", "g"}, random.Random(0)
+    streamed_early = 0
+    for trial in range(400):
+        text = rng.choice(AUTO_STARTS) + "".join(rng.choice(AUTO_PIECES) for _ in range(rng.randint(0, 6)))
+        if trial % 3 == 0:
+            text = text[:rng.randint(0, len(text))]  # cut, as max_tokens does
+        parallel = trial % 5 != 0
+        want = T.parse_auto(text, names, parallel)
+        for _ in range(3):
+            content, calls, first = _stream_auto(text, names, parallel, rng)
+            assert (content, calls) == want, (text, parallel)
+        streamed_early += first is not None and first < len(text)
+    assert streamed_early > 100
+    # A call's header goes out once its name is complete, its arguments as they grow.
+    ts = T.ToolStream(T.ToolPlan("auto", [WEATHER, TIME]))
+    assert ts.update("Let me look. <tool_call>{", False) == ("Let me look. ", [])
+    assert ts.update('"name": "get_time"', False) == ("", [])  # not yet: is it followed by arguments?
+    _, deltas = ts.update(', "arguments": {"tz": "C', False)
+    assert [(d.function.name, d.function.arguments) for d in deltas] == [("get_time", ""), (None, '{"tz": "C')]
+    _, deltas = ts.update('ET"}}</tool_call>', True)
+    assert [d.function.arguments for d in deltas] == ['ET"}'] and ts.has_calls
 
 
 def test_template_tool_format_or_hermes_fallback():

@@ -563,3 +563,27 @@ def test_adaptive_policy_adds_verification_buckets(tiny_target, monkeypatch):
     assert sizes(dict(NGRAM, num_speculative_tokens=2)) == [1, 2, 3, 4, 8]
     assert sizes(dict(NGRAM, num_speculative_tokens=7, adaptive=False)) == [1, 2, 4, 8]
     assert sizes(None) == [1, 2, 4, 8]
+
+
+def test_draft_steps_put_decode_rows_first(tiny_target, tiny_draft, monkeypatch):
+    """The draft model's forwards order one-token rows before longer ones, as the scheduler does:
+    the attention backend computes a step's first rows as its decodes (mixed in any order, a
+    draft's rows read the wrong queries and came out wrong, even NaN)."""
+    kw = dict(dtype="float32", num_kv_blocks=512, block_size=4, max_num_seqs=16)
+    prompts = _mixed_prompts(16, seed=4)
+    params = [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True) for _ in prompts]
+    spec = LLMEngine(model=tiny_target, speculative_config={"method": "draft_model", "num_speculative_tokens": 3,
+                                                            "model": tiny_draft}, **kw)
+    runner = spec.spec.proposer.runner
+    prepare, mixed = runner.prepare, []
+
+    def checked(sched):
+        counts = [n for _, n in sched.scheduled]
+        mixed.append(min(counts) == 1 < max(counts))
+        assert counts == sorted(counts, key=lambda n: n > 1), counts
+        return prepare(sched)
+
+    monkeypatch.setattr(runner, "prepare", checked)
+    got = _run(spec, prompts, params)
+    assert _outputs(got) == _outputs(_run(LLMEngine(model=tiny_target, **kw), prompts, params))
+    assert sum(mixed) > 0  # steps did mix one-token and longer rows

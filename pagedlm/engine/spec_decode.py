@@ -120,6 +120,8 @@ class Proposal:
     tokens: list[int]
     probs: torch.Tensor | None = None  # (len(tokens), vocab) draft distributions; None: point masses
     key: int = 0  # what predicts its acceptance (n-gram: the length of the matched suffix)
+    # Structured output: the grammar's mask at each verification row (row i: after tokens[:i]).
+    masks: torch.Tensor | None = None
 
 
 # ---- proposers ------------------------------------------------------------------------------
@@ -250,39 +252,62 @@ class DraftModelProposer:
             active.append((seq, shadow, k))
         tokens: dict[int, list[int]] = {seq.seq_id: [] for seq, _, _ in active}
         probs: dict[int, list[torch.Tensor]] = {seq.seq_id: [] for seq, _, _ in active}
-        for step in range(max((k for _, _, k in active), default=0)):
-            batch = [(seq, shadow) for seq, shadow, k in active if k > step]
-            sched = SchedulerOutput([(sh, sh.num_tokens - sh.num_computed_tokens) for _, sh in batch])
-            inputs = self.runner.prepare(sched)
-            logits = self.runner.execute(inputs)[[i for _, i in inputs.samples]]
-            for _, sh in batch:
-                sh.num_computed_tokens = sh.num_tokens
-            rows = [SamplingRow(seq.params, sh.token_ids, sh.num_prompt_tokens, None,
-                                engine.banned_ids(seq, sh.num_tokens - seq.num_tokens)) for seq, sh in batch]
-            logits = adjust_logits(logits, rows)
-            sampled = [i for i, (seq, _) in enumerate(batch) if not seq.params.greedy]
-            dist = sampling_probs(logits[sampled], [batch[i][0].params for i in sampled]) if sampled else None
-            choice = logits.argmax(dim=-1).tolist()
-            for j, i in enumerate(sampled):
-                seq = batch[i][0]
-                choice[i] = draw(dist[j], engine.generator_of(seq))
-                probs[seq.seq_id].append(dist[j])
-            for i, (seq, sh) in enumerate(batch):
-                sh.token_ids.append(choice[i])
-                tokens[seq.seq_id].append(choice[i])
-        return {sid: Proposal(t, torch.stack(probs[sid]) if probs[sid] else None) for sid, t in tokens.items()}
+        limit = {seq.seq_id: k for seq, _, k in active}
+        # Constrained sequences draft under their grammar (q is the masked draft distribution, so
+        # every proposal is one the grammar allows); the masks are verification's too.
+        walks = {seq.seq_id: engine.grammars.walk(seq.grammar, k) for seq, _, k in active if seq.grammar is not None}
+        try:
+            for step in range(max(limit.values(), default=0)):
+                batch = [(seq, shadow) for seq, shadow, _ in active if limit[seq.seq_id] > step]
+                if not batch:
+                    break
+                # One-token rows first, as the scheduler orders a step: the attention backend
+                # takes a step's first rows as its decodes (out of order, they read wrong rows).
+                batch.sort(key=lambda b: b[1].num_tokens - b[1].num_computed_tokens > 1)
+                choices = self._draft_step(batch, walks, probs, engine)
+                for (seq, sh), tok in zip(batch, choices, strict=True):
+                    sh.token_ids.append(tok)
+                    tokens[seq.seq_id].append(tok)
+                    walk = walks.get(seq.seq_id)
+                    if walk is not None and not walk.push(tok):
+                        limit[seq.seq_id] = step + 1  # the grammar is complete: the sequence ends there
+        finally:
+            masks = {sid: walk.close() for sid, walk in walks.items()}
+        return {sid: Proposal(t, torch.stack(probs[sid]) if probs[sid] else None, masks=masks.get(sid))
+                for sid, t in tokens.items()}
+
+    def _draft_step(self, batch: list[tuple[Sequence, Sequence]], walks: dict, probs: dict, engine) -> list[int]:
+        """One draft forward over ``batch`` (target, shadow): the next draft token of each."""
+        sched = SchedulerOutput([(sh, sh.num_tokens - sh.num_computed_tokens) for _, sh in batch])
+        inputs = self.runner.prepare(sched)
+        logits = self.runner.execute(inputs)[[i for _, i in inputs.samples]]
+        for _, sh in batch:
+            sh.num_computed_tokens = sh.num_tokens
+        rows = [SamplingRow(seq.params, sh.token_ids, sh.num_prompt_tokens, None,
+                            engine.banned_ids(seq, sh.num_tokens - seq.num_tokens),
+                            walks[seq.seq_id].mask if seq.seq_id in walks else None) for seq, sh in batch]
+        logits = adjust_logits(logits, rows)
+        sampled = [i for i, (seq, _) in enumerate(batch) if not seq.params.greedy]
+        dist = sampling_probs(logits[sampled], [batch[i][0].params for i in sampled]) if sampled else None
+        choice = logits.argmax(dim=-1).tolist()
+        for j, i in enumerate(sampled):
+            seq = batch[i][0]
+            choice[i] = draw(dist[j], engine.generator_of(seq))
+            probs[seq.seq_id].append(dist[j])
+        return choice
 
 
 # ---- verification ---------------------------------------------------------------------------
-def verify(logits: torch.Tensor, seq: Sequence, proposal: list[int], q: torch.Tensor | None, engine
-           ) -> tuple[list[int], int]:
+def verify(logits: torch.Tensor, seq: Sequence, proposal: list[int], q: torch.Tensor | None, engine,
+           masks: torch.Tensor | None = None) -> tuple[list[int], int]:
     """(tokens to append, proposals accepted) for one sequence. ``logits``: the target's raw
-    logits at its last token and at each proposal (``1 + len(proposal)`` rows)."""
+    logits at its last token and at each proposal (``1 + len(proposal)`` rows); ``masks``: a
+    constrained request's grammar mask per row (row i: the grammar after ``proposal[:i]``)."""
     k = len(proposal)
     # Each row's adjusted distribution sees the context as if the proposals before it were kept.
     context = seq.token_ids + proposal
     rows = [SamplingRow(seq.params, context[:seq.num_tokens + i], seq.num_prompt_tokens, None,
-                        engine.banned_ids(seq, i)) for i in range(k + 1)]
+                        engine.banned_ids(seq, i), None if masks is None else masks[i]) for i in range(k + 1)]
     logits = adjust_logits(logits, rows)
     if seq.params.greedy:
         target = logits.argmax(dim=-1).tolist()
@@ -424,9 +449,7 @@ class SpecDecoder:
         """How many tokens ``seq`` may propose now: k, less near max_tokens / max_model_len
         (the last token of a run is always the target's own)."""
         p = seq.params
-        # Not speculated: structured output (its grammar state advances one accepted token at a
-        # time; verifying would need a mask per proposed position).
-        if p.structured_outputs is not None or seq.num_tokens - seq.num_computed_tokens != 1:
+        if seq.num_tokens - seq.num_computed_tokens != 1:
             return 0
         k = min(self.k, max_model_len - seq.num_tokens)
         if p.max_tokens is not None:
@@ -456,6 +479,7 @@ class SpecDecoder:
                 want.append((seq, k))
         self.proposer.release({seq.seq_id for seq, _ in want})
         self.proposals = self.proposer.propose(want, engine) if want else {}
+        self._grammar_cut(want)
         keep = None
         if self.policy is not None:
             self.policy.release({seq.seq_id for seq in running})
@@ -465,6 +489,20 @@ class SpecDecoder:
             prop = self.proposals.get(seq.seq_id)
             if prop is not None:
                 seq.spec_tokens = list(prop.tokens if keep is None else prop.tokens[:keep[seq.seq_id]])
+                if seq.grammar is not None and seq.spec_tokens and prop.masks is None:
+                    prop.masks = engine.grammars.masks_along(seq.grammar, seq.spec_tokens)
+
+    def _grammar_cut(self, want: list[tuple[Sequence, int]]) -> None:
+        """Cut each constrained sequence's point-mass proposal (n-gram) before the first token its
+        grammar rejects, and after one that completes it. Exact: verification would reject that
+        token for sure (its masked probability is 0) and draw from p, as it now draws the bonus
+        token from p; and nothing after a completing token is appended."""
+        for seq, _ in want:
+            prop = self.proposals.get(seq.seq_id)
+            if prop is not None and seq.grammar is not None and prop.masks is None and prop.probs is None:
+                prop.tokens = prop.tokens[: seq.grammar.validate_tokens(prop.tokens)]
+                if not prop.tokens:
+                    del self.proposals[seq.seq_id]
 
     def verify(self, logits: torch.Tensor, seq: Sequence, engine) -> tuple[list[int], int, list | None]:
         """Verify ``seq.spec_tokens`` (possibly cut by the scheduler) against ``logits``: the
@@ -473,7 +511,8 @@ class SpecDecoder:
         proposal = seq.spec_tokens
         prop = self.proposals[seq.seq_id]
         q = None if prop.probs is None else prop.probs[: len(proposal)]
-        tokens, accepted = verify(logits, seq, proposal, q, engine)
+        masks = None if prop.masks is None else prop.masks[: len(proposal) + 1]
+        tokens, accepted = verify(logits, seq, proposal, q, engine, masks)
         if self.policy is not None:
             self.policy.observe(seq.seq_id, prop.key, len(proposal), accepted)
         logprobs = None

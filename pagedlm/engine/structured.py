@@ -17,7 +17,8 @@ token. pagedlm's part:
 
 Each sequence owns its matcher (``Sequence.grammar``), advanced by every token it keeps:
 ``n > 1`` samples each have their own, and a preempted sequence keeps its matcher because
-recompute keeps its generated tokens.
+recompute keeps its generated tokens. Speculative decoding walks the matcher along the
+proposed tokens to get each verification row's mask, then rolls it back (``GrammarWalk``).
 """
 
 from __future__ import annotations
@@ -115,6 +116,54 @@ class GrammarManager:
         for i, m in enumerate(matchers):
             self._llt.fill_next_token_bitmask(m, mask, i)
         return mask
+
+    def walk(self, matcher, k: int) -> GrammarWalk:
+        """A walk of ``matcher`` along up to ``k`` speculated tokens (``GrammarWalk``)."""
+        return GrammarWalk(self, matcher, k)
+
+    def masks_along(self, matcher, tokens: list[int]) -> torch.Tensor:
+        """The masks plain decoding would apply at each position of a speculated run: row i
+        after ``tokens[:i]`` (``len(tokens) + 1`` rows). The grammar must accept every token
+        (``matcher.validate_tokens``); the matcher is left where it was."""
+        walk = self.walk(matcher, len(tokens))
+        try:
+            for tok in tokens:
+                walk.push(tok)
+        finally:
+            masks = walk.close()
+        return masks
+
+
+class GrammarWalk:
+    """Advances a sequence's matcher along speculated tokens, recording the next-token mask at
+    each position (row i: after the first i tokens), then rolls it back (``close``), so that the
+    tokens verification keeps advance it again through the ordinary append path."""
+
+    def __init__(self, manager: GrammarManager, matcher, k: int):
+        self._llt, self.matcher = manager._llt, matcher
+        self.masks = manager._llt.allocate_token_bitmask(k + 1, manager.vocab_size)
+        self.n = 0  # tokens consumed
+        self._llt.fill_next_token_bitmask(matcher, self.masks, 0)
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The mask of the next token."""
+        return self.masks[self.n]
+
+    def push(self, token: int) -> bool:
+        """Consume ``token`` (one the grammar allows); False when the grammar is then complete
+        (plain decoding ends the sequence there: nothing after it is worth proposing)."""
+        if self.matcher.validate_tokens([token]) != 1 or not self.matcher.consume_token(token):
+            raise ValueError(f"speculated token {token} is not allowed by the grammar")
+        self.n += 1
+        self._llt.fill_next_token_bitmask(self.matcher, self.masks, self.n)
+        return not self.matcher.is_stopped()
+
+    def close(self) -> torch.Tensor:
+        """Roll the matcher back; the masks recorded (``n + 1`` rows)."""
+        if self.n:
+            self.matcher.rollback(self.n)
+        return self.masks[: self.n + 1]
 
 
 def advance(matcher, token: int) -> str | None:
