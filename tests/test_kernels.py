@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pagedlm import kernels
-from pagedlm.model.layers.quant import quantize_int8
+from pagedlm.model.layers.quant import quantize_int4, quantize_int8
 
 ops = kernels.ops()
 needs_kernels = pytest.mark.skipif(ops is None, reason="no C++ compiler: pagedlm's kernels are not built here")
@@ -87,7 +87,7 @@ def test_library_is_keyed_by_the_cpu(monkeypatch):
 
 
 def test_disabled_kernels_fall_back_to_torch():
-    code = ("from pagedlm import kernels; from pagedlm.model.layers.quant import quantize_int8; import torch;"
+    code = ("from pagedlm import kernels; from pagedlm.model.layers.quant import quantize_int4, quantize_int8; import torch;"
             "assert kernels.ops() is None; assert quantize_int8(torch.randn(8, 32), torch.float32).kernel is None;"
             "print('ok')")
     env = {**os.environ, "PAGEDLM_KERNELS": "0"}
@@ -102,3 +102,12 @@ def test_a_failed_build_is_logged_not_raised(monkeypatch, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="pagedlm.kernels"):
         assert kernels.ops() is None
     assert "not available" in caplog.text
+
+
+def test_torch_int4_kernel_rows_are_independent_too():
+    """The other half of decode == verification logits: the int4 layers (torch's kernel)."""
+    qw = quantize_int4(torch.randn(256, 576) * 0.05, torch.bfloat16)
+    x = torch.randn(9, 576).bfloat16()
+    alone = torch.cat([qw.mm(x[i:i + 1]) for i in range(9)])
+    for rows in (2, 3, 4, 6, 8, 9):
+        assert torch.equal(qw.mm(x[:rows]), alone[:rows]), rows
