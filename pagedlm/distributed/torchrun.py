@@ -198,6 +198,11 @@ class TorchrunModelRunner(DistributedModelRunner):
         self._guarded(lambda: (self._call("kv_cache", (num_blocks, block_size)),
                                self.node.runner.allocate_kv_cache(num_blocks, block_size)))
 
+    def clear_blocks(self, block_ids: list[int]) -> None:
+        if block_ids:
+            self._guarded(lambda: (self._call("clear_blocks", list(block_ids)),
+                                   self.node.runner.clear_blocks(block_ids)))
+
     def execute(self, inputs):
         return self._guarded(lambda: self._execute(inputs))
 
@@ -284,6 +289,8 @@ def run_worker(engine_kwargs: dict, env: TorchrunEnv) -> int:
                 break
             if cmd == "kv_cache":
                 node.runner.allocate_kv_cache(*arg)
+            elif cmd == "clear_blocks":
+                node.runner.clear_blocks(arg)
             elif cmd == "step":
                 logits = node.executor.step(arg)
                 if output and logits is not None:

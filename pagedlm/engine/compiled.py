@@ -17,6 +17,16 @@ A bucket compiles the first time a batch of its size decodes (one log line with 
 took). If compilation or a compiled call fails, the step runs eagerly, one warning is logged,
 and the engine stays eager from then on: a compile problem never fails a request.
 
+**Trust, per bucket.** A compiled bucket is trusted only once it agrees with the eager step on
+this machine: the first time a bucket runs real rows in this process, the same inputs also run
+eagerly (the torch attention backend, no compiler) and the two are compared (``SelfCheck``: every
+row finite, logits within tolerance, each compiled greedy token the eager one or an exact-enough
+tie). A bucket that disagrees runs eagerly from then on, with one warning naming the bucket and
+the difference, and that step returns the eager logits. Every later compiled step checks its
+rows' logits are finite (one sum); a non-finite step sends its bucket back to eager and the whole
+step is recomputed eagerly, so no row of it keeps the bad values (the eager run rewrites the same
+K/V slots). Other buckets keep their graphs.
+
 **LoRA.** A step with a LoRA adapter in it runs a second graph of its bucket, the LoRA graph,
 so the base graph stays exactly what steps without adapters need. The LoRA layers trace in graph
 mode (``layers/lora.py``): every slot of every wrapped layer takes part, and each row's adapter
@@ -37,7 +47,7 @@ from dataclasses import dataclass
 import torch
 
 from pagedlm.engine.scheduler import SchedulerOutput
-from pagedlm.model.layers.attention import PagedDecodeMetadata
+from pagedlm.model.layers.attention import AttentionMetadata, PagedDecodeMetadata
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,47 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 def bucket_sizes(max_num_seqs: int) -> list[int]:
     sizes = [b for b in BUCKETS if b < max_num_seqs]
     return sizes + [next((b for b in BUCKETS if b >= max_num_seqs), max_num_seqs)]
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """How close a compiled step must come to the eager step on the same inputs to be trusted.
+
+    ``rtol``: the largest logit difference allowed, relative to the row's largest eager logit
+    (at least 1). ``tie``: how far below the eager maximum the compiled greedy token's eager logit
+    may be (a near-tie that rounding may order either way). Measured on this project's models:
+    float32 differences are ~1e-5 of the logit scale; bf16 ones up to ~2e-2 (activations rounded
+    to bf16 in a different order), while a broken kernel gives NaN or differences of order 1."""
+
+    rtol: float
+    tie: float
+
+    @staticmethod
+    def for_dtype(dtype: torch.dtype) -> SelfCheck:
+        if dtype == torch.float32:
+            return SelfCheck(rtol=1e-3, tie=1e-3)
+        return SelfCheck(rtol=0.1, tie=0.15)
+
+    def compare(self, compiled: torch.Tensor, eager: torch.Tensor) -> str | None:
+        """None when ``compiled`` (rows x vocab, float32) agrees with ``eager``, else what differs."""
+        finite = torch.isfinite(compiled).all(dim=-1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            return f"non-finite logits in rows {bad[:8]}{' ...' if len(bad) > 8 else ''}"
+        if not bool(torch.isfinite(eager).all()):
+            return None  # the eager step itself is not finite here: nothing to hold the graph to
+        scale = eager.abs().amax(dim=-1).clamp_min(1.0)
+        diff = ((compiled - eager).abs().amax(dim=-1) / scale)
+        worst = int(diff.argmax())
+        if float(diff[worst]) > self.rtol:
+            return f"logits differ by {float(diff[worst]):.3g} of their scale in row {worst} (allowed {self.rtol})"
+        pick = compiled.argmax(dim=-1)
+        gap = (eager.amax(dim=-1) - eager.gather(1, pick[:, None])[:, 0]) / scale
+        worst = int(gap.argmax())
+        if float(gap[worst]) > self.tie:
+            return (f"greedy token of row {worst} differs: compiled {int(pick[worst])}, eager "
+                    f"{int(eager[worst].argmax())} ({float(gap[worst]):.3g} of the logit scale apart)")
+        return None
 
 
 @dataclass
@@ -71,13 +122,19 @@ class _Buffers:
 
 
 class CompiledDecode:
-    def __init__(self, model: torch.nn.Module, device: torch.device, max_num_seqs: int, lora=None):
+    def __init__(self, model: torch.nn.Module, device: torch.device, max_num_seqs: int, lora=None,
+                 dtype: torch.dtype = torch.float32):
         self.model = model
         self.device = device
         self.sizes = bucket_sizes(max_num_seqs)
         self.buffers: dict[int, _Buffers] = {}
         self.compiled_buckets: set[int] = set()
         self.failed = False
+        # (bucket, LoRA graph?) -> why that graph runs eagerly now (it disagreed with the eager
+        # step, or computed non-finite logits); ``checked``: graphs trusted on real rows.
+        self.eager_graphs: dict[tuple[int, bool], str] = {}
+        self.checked: set[tuple[int, bool]] = set()
+        self.check = SelfCheck.for_dtype(dtype)  # the compute dtype: activations and KV cache
         self.lora = lora  # LoRAManager (pagedlm/lora.py) when LoRA is enabled
         self.lora_buckets: set[int] = set()  # buckets whose LoRA graph has run
         self.lora_failed = False  # a LoRA graph failed: steps with adapters run eagerly
@@ -183,6 +240,8 @@ class CompiledDecode:
         self.lora_buckets.clear()
         self.lora_layers.clear()
         self.step_seconds.clear()
+        self.eager_graphs.clear()
+        self.checked.clear()
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                  lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +270,8 @@ class CompiledDecode:
                     seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens):
                 return None
         bucket = next(b for b in self.sizes if b >= n)
+        if (bucket, lora) in self.eager_graphs:
+            return None
         bs = self.block_size
         ids, pos, slots, lens, tables = [], [], [], [], []
         samples, rows = [], []
@@ -284,7 +345,7 @@ class CompiledDecode:
         for bucket in self.sizes if buckets is None else buckets:
             if lora:
                 self._drop_stale_lora_graph(bucket)
-            if self.failed or (lora and self.lora_failed) or bucket in done:
+            if self.failed or (lora and self.lora_failed) or bucket in done or (bucket, lora) in self.eager_graphs:
                 continue
             if bucket not in self.sizes:
                 raise ValueError(f"no decode bucket {bucket}; buckets: {self.sizes}")
@@ -305,9 +366,27 @@ class CompiledDecode:
         if self.lora is not None:
             self.lora.batch.clear()
 
+    def _eager_logits(self, batch: DecodeBatch, tables: torch.Tensor) -> torch.Tensor:
+        """float32 logits of every row of the bucket, computed eagerly from the bucket's inputs
+        through the reference attention backend (which writes the same K/V slots again)."""
+        buf = self.buffers[batch.bucket]
+        meta = AttentionMetadata(slot_mapping=buf.slots, num_decodes=batch.bucket, decode_block_tables=tables,
+                                 decode_context_lens=buf.lens, decode_max_context=int(buf.lens.max()),
+                                 block_size=self.block_size)
+        with torch.inference_mode():
+            return self.model.compute_logits(self.model(buf.ids, buf.pos, meta)).float()
+
+    def _to_eager(self, key: tuple[int, bool], why: str) -> None:
+        bucket, lora = key
+        self.eager_graphs[key] = why
+        self.checked.discard(key)
+        log.warning("the compiled %s for batch bucket %d runs eagerly from now on: %s", _what(lora), bucket, why)
+
     def execute(self, batch: DecodeBatch) -> torch.Tensor | None:
         """Logits of the sampled rows, or None when the compiled step failed (run it eagerly)."""
         key = (batch.bucket, batch.lora)
+        if key in self.eager_graphs:
+            return None
         buf = self.buffers[batch.bucket]
         tables = buf.tables[: batch.bucket * batch.width].view(batch.bucket, batch.width)
         torch._dynamo.maybe_mark_dynamic(tables, 1)
@@ -342,7 +421,22 @@ class CompiledDecode:
         if first:
             done.add(batch.bucket)
             log.info("compiled the %s for batch bucket %d in %.1f s", _what(batch.lora), batch.bucket, elapsed)
-        else:
+        n = max(batch.num_rows, 1) if batch.sched is not None else batch.bucket
+        if key not in self.checked and (batch.sched is not None or first):
+            # Trust a graph only once it agrees with the eager step on real rows (warm-up's
+            # padding rows are checked too, and a failure there already sends the bucket eager).
+            eager = self._eager_logits(batch, tables)
+            problem = self.check.compare(logits[:n].float(), eager[:n])
+            if problem is not None:
+                self._to_eager(key, f"it disagrees with the eager step: {problem}")
+                logits = eager
+            elif batch.sched is not None:
+                self.checked.add(key)
+        elif not bool(torch.isfinite(logits[:n].sum())):
+            # One sum per step: NaN or inf in any real row makes it non-finite.
+            self._to_eager(key, "it computed non-finite logits")
+            return None  # the runner recomputes the whole step eagerly (same K/V slots)
+        if not first:
             if not batch.lora:  # what a base row costs (speculative decoding's policy)
                 prev = self.step_seconds.get(batch.bucket)
                 self.step_seconds[batch.bucket] = elapsed if prev is None else prev + 0.1 * (elapsed - prev)

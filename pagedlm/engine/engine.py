@@ -40,6 +40,7 @@ from pagedlm.tokenizer import load_tokenizer
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+NONFINITE = "the model produced NaN or inf logits"
 
 
 def default_model_path() -> str:
@@ -485,6 +486,9 @@ class LLMEngine:
                     continue
                 changed[seq.request_id] = self.requests[seq.request_id]
         for seq, i in verified:
+            if not torch.isfinite(logits[i:i + 1 + len(seq.spec_tokens)].sum()):
+                self._fail_request(seq.request_id, NONFINITE, changed, clear_kv=True)
+                continue
             try:
                 tokens = self.spec.verify(logits[i:i + 1 + len(seq.spec_tokens)], seq, self)
                 self._append_verified(seq, tokens, time.perf_counter())
@@ -617,13 +621,13 @@ class LLMEngine:
             return []
         idx = [i for _, i in kept]
         sel = logits if idx == list(range(logits.shape[0])) else logits[torch.tensor(idx)]
-        # One sum per step (~30x cheaper than isnan().any() over batch x vocab): NaN anywhere
-        # makes it NaN; then, on the fault path only, find the rows.
-        if torch.isnan(sel.sum()):
-            bad = sel.isnan().any(dim=-1).tolist()
+        # One sum per step (~30x cheaper than isfinite().all() over batch x vocab): NaN or inf
+        # anywhere makes it non-finite; then, on the fault path only, find the rows.
+        if not torch.isfinite(sel.sum()):
+            bad = (~torch.isfinite(sel)).any(dim=-1).tolist()
             for (seq, _), b in zip(kept, bad):
                 if b:
-                    self._fail_request(seq.request_id, "the model produced NaN logits", changed)
+                    self._fail_request(seq.request_id, NONFINITE, changed, clear_kv=True)
             ok = [j for j, b in enumerate(bad) if not b]
             kept, rows, sel = [kept[j] for j in ok], [rows[j] for j in ok], sel[ok]
             if not kept:
@@ -640,14 +644,19 @@ class LLMEngine:
                 self._fail_request(seq.request_id, f"while sampling: {describe(e)}", changed)
         return out
 
-    def _fail_request(self, request_id: str, message: str, changed: dict[str, Request]) -> None:
-        """End every sequence of a request with finish_reason "error" (its blocks are freed)."""
+    def _fail_request(self, request_id: str, message: str, changed: dict[str, Request],
+                      clear_kv: bool = False) -> None:
+        """End every sequence of a request with finish_reason "error" (its blocks are freed).
+        ``clear_kv``: its K/V may hold non-finite values: the blocks only it holds leave the
+        prefix cache and are zeroed before anyone reuses them."""
         req = self.requests.get(request_id)
         if req is None or req.error is not None:
             return
         log.warning("request %s failed: %s", request_id, message)
         req.error = message
         for seq in req.seqs:
+            if clear_kv and not seq.is_finished:
+                self.runner.clear_blocks(self.block_manager.forget(seq))
             self.scheduler.finish(seq, "error")
         req.metrics.finished_time = time.perf_counter()
         self.stats["failed_requests"] += 1

@@ -66,6 +66,11 @@ class ModelRunnerBase(abc.ABC):
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None: ...
 
     @abc.abstractmethod
+    def clear_blocks(self, block_ids: list[int]) -> None:
+        """Zero these KV blocks in every layer's cache (blocks of a request that failed on
+        non-finite values, before anyone reuses them)."""
+
+    @abc.abstractmethod
     def prepare(self, out: SchedulerOutput) -> StepInputs: ...
 
     @abc.abstractmethod
@@ -98,7 +103,7 @@ class ModelRunner(ModelRunnerBase):
         if not enforce_eager:
             from pagedlm.engine.compiled import CompiledDecode
 
-            self.compiled = CompiledDecode(self.model, self.device, max_num_seqs, self.lora)
+            self.compiled = CompiledDecode(self.model, self.device, max_num_seqs, self.lora, self.compute_dtype)
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:
@@ -117,6 +122,13 @@ class ModelRunner(ModelRunnerBase):
             self.kv_caches.append(cache)
         if self.compiled is not None:
             self.compiled.set_cache(num_blocks, block_size)
+
+    def clear_blocks(self, block_ids: list[int]) -> None:
+        if not block_ids or not self.kv_caches:
+            return
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        for cache in self.kv_caches:  # (K|V or latent, blocks, block_size, heads, dim)
+            cache.index_fill_(1, idx, 0)
 
     # ---- one step ------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> StepInputs:
