@@ -232,7 +232,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pagedlm.bench import BenchConfig, format_report, run_bench
+    from pagedlm.bench import BenchConfig, BenchFailure, check_report, format_report, run_bench
 
     eng = _make_engine(args)
     cfg = BenchConfig(num_requests=args.num_requests, input_len=args.input_len, output_len=args.output_len,
@@ -244,6 +244,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
+    try:
+        check_report(report)
+    except BenchFailure as e:
+        print(f"pagedlm bench: FAILED: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -238,3 +238,26 @@ def test_self_check_tolerances():
     top = ref.argmax(dim=-1)
     swapped[0, top[0]] = -100  # the compiled top token is far from the eager one: not a tie
     assert "greedy token of row 0" in SelfCheck(rtol=100.0, tie=1e-3).compare(swapped, ref)
+
+
+# ---- benchmarks count what was produced --------------------------------------------------------
+
+def test_bench_with_a_failed_request_exits_non_zero(tiny_dir, monkeypatch, capsys):
+    """`pagedlm bench` counts produced tokens, reports the failed request and exits 1."""
+    import json
+
+    from pagedlm.bench import BenchConfig, make_workload
+    from pagedlm.cli import main
+
+    args = ["bench", "--model", tiny_dir, "--dtype", "float32", "--num-requests", "6", "--input-len", "8:16",
+            "--output-len", "4:8", "--warmup", "0", "--enforce-eager"]
+    assert main(args) == 0
+    work = make_workload(BenchConfig(num_requests=6, input_len=(8, 16), output_len=(4, 8)), 384)
+    victim = next(t for t in work[2][0] if all(t not in p for i, (p, _) in enumerate(work) if i != 2))
+    monkeypatch.setenv("PAGEDLM_FAULT_INJECT", json.dumps({"token": victim, "stage": "sample"}))
+    capsys.readouterr()
+    assert main(args) == 1
+    out = capsys.readouterr()
+    assert "(1 failed)" in out.out and "FAILED: 1 of 6 requests failed" in out.err
+    produced = int(out.out.split("output tokens produced: ")[1].split()[0])
+    assert produced == sum(n for i, (_, n) in enumerate(work) if i != 2)

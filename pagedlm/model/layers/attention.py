@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 # The score of a masked key: finite, so that no softmax over keys can meet -inf - -inf (NaN),
 # yet exp(MASKED_SCORE - any real score) is exactly 0 in float32.
 MASKED_SCORE = -1e30
