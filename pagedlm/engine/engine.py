@@ -93,7 +93,13 @@ class EngineConfig:
     # PAGEDLM_ENFORCE_EAGER=1 changes the default (the test suite sets it: compiling every
     # tiny engine would dominate its time; the compiled step has tests of its own).
     enforce_eager: bool = field(default_factory=lambda: os.environ.get("PAGEDLM_ENFORCE_EAGER", "") == "1")
-    # Compile every decode bucket when the engine starts (default: each at its first step).
+    # Where compiled decode steps come from (engine/compiled.py): "background" (CPU default:
+    # AOTInductor packages from the cache, built by a builder process while steps run eagerly;
+    # no request waits for a compiler) or "inline" (torch.compile in this process at a bucket's
+    # first step, as CUDA and LoRA graphs always do). PAGEDLM_COMPILE_MODE changes the default.
+    compile_mode: str = field(default_factory=lambda: os.environ.get("PAGEDLM_COMPILE_MODE", "background"))
+    # Start every decode bucket compiling when the engine starts (default: each at its first
+    # step). In background mode this does not delay readiness; inline, it compiles them now.
     compile_at_startup: bool = False
     # Parallelism: world size = tp x pp x ep ranks, spawned by the engine (pagedlm.distributed).
     tensor_parallel_size: int = 1
@@ -138,6 +144,8 @@ class EngineConfig:
         self.quantization = validate_quantization(self.quantization)
         if not isinstance(self.enforce_eager, bool):
             raise TypeError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
+        if self.compile_mode not in ("background", "inline"):
+            raise ValueError(f"compile_mode must be 'background' or 'inline', got {self.compile_mode!r}")
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -228,7 +236,7 @@ class LLMEngine:
                                       max_num_seqs=config.max_num_seqs,
                                       dense_min_rows=config.extra.get("dense_min_rows"),
                                       max_loras=config.max_loras if config.enable_lora else 0,
-                                      max_lora_rank=config.max_lora_rank)
+                                      max_lora_rank=config.max_lora_rank, compile_mode=config.compile_mode)
         self.tokenizer = source.tokenizer()
         self.load_time = time.perf_counter() - t0
         per_token = self.runner.kv_bytes_per_token()
@@ -278,7 +286,11 @@ class LLMEngine:
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token)", num_blocks,
                  config.block_size, cache_tokens, num_blocks * per_block / 2**20, per_token)
         if config.compile_at_startup:
-            self.warmup()
+            compiled = self.runner.compiled
+            if compiled is not None and compiled.aot is not None:
+                compiled.request(list(compiled.sizes))  # built in the background: ready at once
+            else:
+                self.warmup()
 
     def warmup(self, buckets: list[int] | None = None) -> None:
         """Compile the decode step's batch buckets now (default: all up to max_num_seqs) rather

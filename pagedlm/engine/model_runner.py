@@ -85,7 +85,7 @@ class ModelRunner(ModelRunnerBase):
     def __init__(self, model_path: str, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu",
                  quantization: str = "none", enforce_eager: bool = True, dense_min_rows: int | None = None,
                  max_num_seqs: int = 64, max_loras: int = 0, max_lora_rank: int = 16, parallel=None,
-                 **stage):
+                 compile_mode: str = "inline", **stage):
         from pagedlm.model.layers.matmul import split_dtype
 
         self.cfg = cfg
@@ -103,7 +103,24 @@ class ModelRunner(ModelRunnerBase):
         if not enforce_eager:
             from pagedlm.engine.compiled import CompiledDecode
 
-            self.compiled = CompiledDecode(self.model, self.device, max_num_seqs, self.lora, self.compute_dtype)
+            aot = None
+            if compile_mode == "background" and self.device.type == "cpu" and self.lora is None and parallel is None:
+                aot = self._step_spec(model_path, dtype, quantization)
+            # The self-check's tolerance follows the lower of the weights' and activations' precisions.
+            precision = self.weight_dtype if self.weight_dtype.itemsize < self.compute_dtype.itemsize else self.compute_dtype
+            self.compiled = CompiledDecode(self.model, self.device, max_num_seqs, self.lora, precision, aot)
+
+    def _step_spec(self, model_path, dtype: torch.dtype, quantization: str):
+        """What a builder process needs to make this model's decode-step packages (engine/aot.py)."""
+        from pagedlm.engine.aot import StepSpec, config_key
+
+        crossover = next((getattr(o, "dense_min_rows") for m in self.model.modules()
+                          for o in [getattr(getattr(m, "quant_method", None), "qweight", None)]
+                          if hasattr(o, "dense_min_rows")), None)
+        path = getattr(model_path, "weights_path", model_path)
+        return StepSpec(model_path=str(path), model_key=config_key(self.cfg), dtype=str(dtype).removeprefix("torch."),
+                        cache_dtype=str(self.compute_dtype).removeprefix("torch."), quantization=quantization,
+                        dense_min_rows=crossover, device=str(self.device), block_size=0)
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:
@@ -121,7 +138,7 @@ class ModelRunner(ModelRunnerBase):
             a.kv_cache = cache
             self.kv_caches.append(cache)
         if self.compiled is not None:
-            self.compiled.set_cache(num_blocks, block_size)
+            self.compiled.set_cache(num_blocks, block_size, self.kv_caches)
 
     def clear_blocks(self, block_ids: list[int]) -> None:
         if not block_ids or not self.kv_caches:
