@@ -114,7 +114,7 @@ class ModelRunner(ModelRunnerBase):
         """What a builder process needs to make this model's decode-step packages (engine/aot.py)."""
         from pagedlm.engine.aot import StepSpec, config_key
 
-        crossover = next((getattr(o, "dense_min_rows") for m in self.model.modules()
+        crossover = next((o.dense_min_rows for m in self.model.modules()
                           for o in [getattr(getattr(m, "quant_method", None), "qweight", None)]
                           if hasattr(o, "dense_min_rows")), None)
         path = getattr(model_path, "weights_path", model_path)
