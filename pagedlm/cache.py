@@ -29,6 +29,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -340,10 +341,52 @@ def cmd_cache(args: argparse.Namespace) -> int:
             print(f"{e.kind:<12} {_human_size(e.size):>10} {_human_age(e.age_s):>7}  {e.name}")
         print(f"{len(found)} entries, {_human_size(sum(e.size for e in found))}")
         return 0
+    if args.cache_command == "warm":
+        return _warm(args)
     removed, freed = clear(args.kind)
     what = f" of kind {args.kind!r}" if args.kind else ""
     print(f"removed {removed} entries{what} ({_human_size(freed)}) from {root}")
     return 0
+
+
+def _warm(args: argparse.Namespace) -> int:
+    """Build (or find) the compiled decode steps of a model's batch buckets now, in the builder
+    process, so that engines started later load them at once."""
+    from pagedlm.engine.engine import EngineConfig, LLMEngine
+
+    eng = LLMEngine(EngineConfig(model=args.model, dtype=args.dtype, quantization=args.quantization,
+                                 max_num_seqs=args.max_num_seqs, block_size=args.block_size, enforce_eager=False,
+                                 compile_mode="background", num_kv_blocks=8))
+    compiled = eng.runner.compiled
+    if compiled is None or compiled.aot is None:
+        print("pagedlm cache warm: this engine does not use cached compiled steps (CUDA, LoRA or parallel)",
+              file=sys.stderr)
+        return 2
+    buckets = compiled.sizes if args.buckets is None else args.buckets
+    bad = [b for b in buckets if b not in compiled.sizes]
+    if bad:
+        print(f"pagedlm cache warm: no decode bucket {bad[0]} with --max-num-seqs {args.max_num_seqs}; "
+              f"buckets: {compiled.sizes}", file=sys.stderr)
+        return 2
+    t0 = time.perf_counter()
+    compiled.request(list(buckets))
+    compiled.wait(list(buckets))
+    for b in buckets:
+        state = compiled.states()[b]
+        why = f" ({compiled.aot_failed[b]})" if b in compiled.aot_failed else ""
+        print(f"bucket {b:>4}: {state}{why}  {compiled.entry(b).name}")
+    print(f"done in {time.perf_counter() - t0:.1f} s; cache: {cache_dir('compiled')}")
+    return 0 if all(b not in compiled.aot_failed for b in buckets) else 1
+
+
+def _buckets_arg(text: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--buckets takes sizes like 1,2,4; got {text!r}") from None
+    if not out or any(b < 1 for b in out):
+        raise argparse.ArgumentTypeError(f"--buckets takes positive sizes like 1,2,4; got {text!r}")
+    return out
 
 
 def _kind_arg(text: str) -> str:
@@ -361,6 +404,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     csub.required = True
     lp = csub.add_parser("list", help="each entry: kind, size, age, name")
     lp.add_argument("--kind", type=_kind_arg, default=None, help="only this kind (e.g. tokenizers, kernels)")
+    wp = csub.add_parser("warm", help="build a model's compiled decode steps now (later engines load them at once)")
+    wp.add_argument("--model", default=None, help="HF directory or .gguf file (default: the default model)")
+    wp.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32", "float16"])
+    wp.add_argument("--quantization", default="auto", choices=["auto", "none", "int8", "int4"])
+    wp.add_argument("--max-num-seqs", type=int, default=64, help="largest batch bucket (default: 64)")
+    wp.add_argument("--block-size", type=int, default=16, help="KV block size the engines use (default: 16)")
+    wp.add_argument("--buckets", type=_buckets_arg, default=None, help="only these buckets, e.g. 1,2,4")
     cp = csub.add_parser("clear", help="remove cached entries")
     cp.add_argument("--kind", type=_kind_arg, default=None, help="only this kind (default: everything)")
     p.set_defaults(func=cmd_cache)

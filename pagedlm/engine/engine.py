@@ -325,7 +325,10 @@ class LLMEngine:
         if quant:
             dt += "; quantized layers: " + ", ".join(f"{v} {k}" for k, v in sorted(quant.items()))
         if r.compiled is not None:
-            dt += "; compiled decode"
+            states = r.compiled.states()
+            ready = [b for b, st in states.items() if st == "compiled"]
+            dt += (f"; compiled decode: buckets {ready or 'none'} ready of {list(states)}"
+                   + ("" if r.compiled.aot is None else " (the rest run eagerly until built in the background)"))
         return (f"{dt}; KV cache: {bm.num_blocks} blocks x {bm.block_size} tokens = {bm.num_blocks * bm.block_size} "
                 f"tokens ({mib:.1f} MiB, {self.kv_bytes_per_token} bytes/token); max_model_len {self.max_model_len}")
 

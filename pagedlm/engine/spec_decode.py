@@ -208,7 +208,8 @@ class DraftModelProposer:
         ec = engine.config
         self.runner = ModelRunner(source, mcfg, engine.dtype, ec.device,
                                   quantization=cfg.quantization or ec.quantization,
-                                  enforce_eager=ec.enforce_eager, max_num_seqs=ec.max_num_seqs)
+                                  enforce_eager=ec.enforce_eager, max_num_seqs=ec.max_num_seqs,
+                                  compile_mode=ec.compile_mode)
         # As many tokens as the target's cache, plus room for every sequence's proposals.
         bs = ec.block_size
         num_blocks = engine.block_manager.num_blocks + ec.max_num_seqs * (-(-cfg.num_speculative_tokens // bs) + 1)
