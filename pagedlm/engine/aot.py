@@ -179,6 +179,17 @@ def config_key(cfg) -> list:
 
 # ---- the step as a function of its inputs -------------------------------------------------
 
+def _set(owner: object, attr: str, value: torch.Tensor) -> None:
+    """Point one place at ``value``: a module's parameter or buffer slot (no Parameter check),
+    or a plain object's attribute."""
+    if isinstance(owner, nn.Module) and attr in owner._parameters:
+        owner._parameters[attr] = value
+    elif isinstance(owner, nn.Module) and attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:
+        object.__setattr__(owner, attr, value)
+
+
 class StepFunction(nn.Module):
     """The decode step with every tensor it reads as an argument. It owns no parameters (the
     model is held outside the module tree), so export lifts nothing into constants: while it
@@ -198,21 +209,13 @@ class StepFunction(nn.Module):
         try:
             for places, w in zip(self.places, weights):
                 for owner, attr in places:
-                    if isinstance(owner, nn.Module) and (attr in owner._parameters or attr in owner._buffers):
-                        d = owner._parameters if attr in owner._parameters else owner._buffers
-                        d[attr] = w
-                    else:
-                        object.__setattr__(owner, attr, w)
+                    _set(owner, attr, w)
             for a, c in zip(self.attn, caches):
                 a.kv_cache = c
             yield
         finally:
             for owner, attr, value in saved:
-                if isinstance(owner, nn.Module) and (attr in owner._parameters or attr in owner._buffers):
-                    d = owner._parameters if attr in owner._parameters else owner._buffers
-                    d[attr] = value
-                else:
-                    object.__setattr__(owner, attr, value)
+                _set(owner, attr, value)
             for a, c in zip(self.attn, saved_caches):
                 a.kv_cache = c
 
