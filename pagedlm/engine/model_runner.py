@@ -178,8 +178,9 @@ class ModelRunner(ModelRunnerBase):
             else:  # a prefill chunk, or a speculating sequence's 1 + k verification rows
                 prefill_specs.append((q_start, n, start + n, table))
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
-                # logits at position p score token p + 1: rows for p in [start, min(end, prompt) - 1)
-                last = min(start + n, seq.num_prompt_tokens) - 1
+                # logits at position p score token p + 1: rows for p in [start, min(end, prompt - 1)).
+                # A chunk's last row scores the next chunk's first token: it is kept.
+                last = min(start + n, seq.num_prompt_tokens - 1)
                 if last > start:
                     prompt_rows.append((seq, len(logit_rows), last - start, start))
                     logit_rows.extend(range(q_start, q_start + last - start))
