@@ -154,14 +154,15 @@ class StepSpec:
     dense_min_rows: int | None
     device: str
     block_size: int
+    kernels: bool = True  # pagedlm's CPU kernels were available to the engine (the builder matches it)
 
     def key(self, model: nn.Module, bucket: int) -> str:
-        from pagedlm import cache, kernels
+        from pagedlm import cache
 
         names, tensors, _ = step_tensors(model)
         return cache.key(
             "decode-step-v1", source_digest(), torch.__version__, cpu_flags(), sys.version, self.model_key,
-            self.dtype, self.cache_dtype, self.block_size, bucket, self.device, kernels.ops() is not None,
+            self.dtype, self.cache_dtype, self.block_size, bucket, self.device, self.kernels,
             [(n, list(t.shape), str(t.dtype)) for n, t in zip(names, tensors)], _settings(model, bucket))
 
     def path(self, model: nn.Module, bucket: int) -> Path:
@@ -293,6 +294,8 @@ def builder_main(spec: StepSpec, buckets: list[int], expected: dict[int, str], t
     with contextlib.suppress(OSError):
         os.nice(10)
     torch.set_num_threads(threads)
+    if not spec.kernels:  # the engine multiplies with torch's kernels: so must the graph built for it
+        os.environ["PAGEDLM_KERNELS"] = "0"
     try:
         import torch._inductor.config as inductor_config
 

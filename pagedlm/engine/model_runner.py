@@ -112,6 +112,7 @@ class ModelRunner(ModelRunnerBase):
 
     def _step_spec(self, model_path, dtype: torch.dtype, quantization: str):
         """What a builder process needs to make this model's decode-step packages (engine/aot.py)."""
+        from pagedlm import kernels
         from pagedlm.engine.aot import StepSpec, config_key
 
         crossover = next((o.dense_min_rows for m in self.model.modules()
@@ -120,7 +121,8 @@ class ModelRunner(ModelRunnerBase):
         path = getattr(model_path, "weights_path", model_path)
         return StepSpec(model_path=str(path), model_key=config_key(self.cfg), dtype=str(dtype).removeprefix("torch."),
                         cache_dtype=str(self.compute_dtype).removeprefix("torch."), quantization=quantization,
-                        dense_min_rows=crossover, device=str(self.device), block_size=0)
+                        dense_min_rows=crossover, device=str(self.device), block_size=0,
+                        kernels=self.device.type == "cpu" and kernels.ops() is not None)
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:
