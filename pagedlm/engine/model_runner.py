@@ -112,17 +112,18 @@ class ModelRunner(ModelRunnerBase):
 
     def _step_spec(self, model_path, dtype: torch.dtype, quantization: str):
         """What a builder process needs to make this model's decode-step packages (engine/aot.py)."""
-        from pagedlm import kernels
         from pagedlm.engine.aot import StepSpec, config_key
 
-        crossover = next((o.dense_min_rows for m in self.model.modules()
-                          for o in [getattr(getattr(m, "quant_method", None), "qweight", None)]
-                          if hasattr(o, "dense_min_rows")), None)
+        qweights = [q for m in self.model.modules()
+                    if (q := getattr(getattr(m, "quant_method", None), "qweight", None)) is not None]
+        crossover = next((q.dense_min_rows for q in qweights if hasattr(q, "dense_min_rows")), None)
+        # Whether the step calls pagedlm's kernels (the builder must build the same graph).
+        uses_kernels = any(getattr(q, "kernel", None) is not None for q in qweights)
         path = getattr(model_path, "weights_path", model_path)
         return StepSpec(model_path=str(path), model_key=config_key(self.cfg), dtype=str(dtype).removeprefix("torch."),
                         cache_dtype=str(self.compute_dtype).removeprefix("torch."), quantization=quantization,
                         dense_min_rows=crossover, device=str(self.device), block_size=0,
-                        kernels=self.device.type == "cpu" and kernels.ops() is not None)
+                        kernels=uses_kernels)
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:
