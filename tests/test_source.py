@@ -105,3 +105,24 @@ def test_hf_directory_source(tiny_llama_dir):
     assert src.tokenizer() is not None
     with pytest.raises(ValueError, match="not a GGUF file"):
         _ = src.gguf
+
+
+def test_failed_tokenizer_prefetch_raises_on_the_callers_thread(tiny_gguf, monkeypatch):
+    """A prefetch that fails on its thread is retried by tokenizer(), so the error reaches the
+    caller (here a damaged tokenizer: the second try raises the same way)."""
+    import pagedlm.tokenizer as tok_mod
+
+    calls = []
+
+    def broken(model_path, weights_path):
+        calls.append(weights_path)
+        raise ValueError(f"cannot convert the tokenizer of {weights_path}")
+
+    monkeypatch.setattr(tok_mod, "load_tokenizer", broken)
+    src = ModelSource(tiny_gguf, tiny_gguf)
+    src.prefetch_tokenizer()
+    with pytest.raises(ValueError, match="cannot convert the tokenizer of .*tiny-qwen2.gguf"):
+        src.tokenizer()
+    assert calls == [tiny_gguf, tiny_gguf]  # once on the thread, once on the caller's
+    monkeypatch.undo()
+    assert src.tokenizer() is not None and src.tokenizer() is src.tokenizer()

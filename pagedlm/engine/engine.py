@@ -41,6 +41,7 @@ NONFINITE = "the model produced NaN or inf logits"
 # DEFAULT_MODEL_FILE, default_model_path and resolve_model live in the loader (loader/source.py);
 # they are imported above so that older ``from pagedlm.engine.engine import ...`` lines still work.
 
+
 def _generation_config_eos(model_path: str) -> set[int]:
     """EOS ids from generation_config.json (e.g. Llama 3 Instruct ends turns with <|eot_id|>)."""
     path = os.path.join(model_path, "generation_config.json") if os.path.isdir(model_path) else ""
