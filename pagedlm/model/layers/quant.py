@@ -65,18 +65,26 @@ class QuantizedWeight:
     # int8, one row, compiled: multiply as a broadcast-sum (see ``mm``). Set for the output head,
     # whose input the compiled decode step computes into memory first.
     one_row_gemv: bool = False
-    # int8: pagedlm's few-rows kernel (``pagedlm.kernels``) and the float32 scales it takes; None
-    # where the kernels could not be built (torch's kernel then multiplies).
+    # pagedlm's few-rows kernel (``pagedlm.kernels``) and the float32 scales it takes; None where
+    # the kernels could not be built (torch's kernel then multiplies). int8: scales (out,); int4:
+    # ``packed`` is then the kernel's layout (``pack_int4``) and kernel_scales (2, out, in / 32)
+    # holds scale and min (w = q * scale + min).
     kernel: object = None
     kernel_scales: torch.Tensor | None = None
+    int8_act: bool = False  # int4 kernel: activations rounded to int8 per block (see pagedlm/kernels)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (rows, in) -> (rows, out), in x's dtype."""
         from pagedlm.model.layers.matmul import linear
 
         if x.shape[0] >= self.dense_min_rows:
-            return linear(x, self.dense)
+            # With int8 activations the dense GEMM takes x rounded as the kernel rounds it: a
+            # prompt's logits then do not depend on which side of the crossover its rows fell.
+            return linear(round_activations_int8(x) if self.int8_act else x, self.dense)
         if self.kind == "int4":
+            if self.kernel is not None:
+                # Same contract as the int8 kernel: weights read once for all rows, rows identical.
+                return self.kernel(x, self.packed, self.kernel_scales[0], self.kernel_scales[1], self.int8_act)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales)
         if self.kernel is not None:
             # Reads each weight row once for all of x's rows, and computes every row the same way
@@ -111,14 +119,51 @@ def int4_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return (q * scale[..., None] + zero[..., None]).reshape(out, inp)
 
 
+# The int4 kernel's activations: int8 per block of 32 (vpmaddubsw / vpdpbusd dot products, as
+# llama.cpp's Q4 x Q8 path) or float32 (codes converted to float, FMA). Chosen by measurement on
+# AVX2 (docs/benchmarks.md, "Kernels"): int8 is faster and perplexity moves by < 0.1%.
+INT4_INT8_ACTIVATIONS = True
+
+
+def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the int4 kernel's int8 activations: per block of 32 along the last dimension,
+    to multiples of absmax / 127 (the same float32 operations as ``pagedlm::int4_mm``)."""
+    k = x.shape[-1]
+    nb = -(-k // GROUP)
+    xb = torch.nn.functional.pad(x.float(), (0, nb * GROUP - k)).reshape(*x.shape[:-1], nb, GROUP)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv) * (amax / 127)
+    return q.reshape(*x.shape[:-1], nb * GROUP)[..., :k].to(x.dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (out, in) 0..15 -> the int4 kernel's layout (out, ceil(in / 32) * 16) uint8: per block
+    of 32 inputs, byte i holds input i (low nibble) and input i + 16 (high nibble), GGUF's order.
+    Inputs past ``in`` (padding to a whole block) get code 0; the kernel pads x with zeros."""
+    out, inp = codes.shape
+    nb = -(-inp // GROUP)
+    c = torch.zeros(out, nb * GROUP, dtype=torch.uint8)
+    c[:, :inp] = codes
+    c = c.reshape(out, nb, 2, GROUP // 2)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(out, nb * GROUP // 2).contiguous()
+
+
 def quantize_int4(dense: torch.Tensor, compute_dtype: torch.dtype,
                   exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
     codes, scale, zero = exact if exact is not None else int4_codes_from_dense(dense)
     scale, zero = scale.to(compute_dtype), zero.to(compute_dtype)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (in / 32, out, 2)
     # The dense copy is what the kernel computes with: codes with the scales as stored.
     deq = int4_dequantize(codes, scale.float(), zero.float()).to(dense.dtype)
+    ops = kernels.ops() if codes.device.type == "cpu" else None
+    if ops is not None:
+        # (q - 8) * scale + zero == q * scale + (zero - 8 * scale): the min folds the offset.
+        sm = torch.stack([scale.float(), zero.float() - 8 * scale.float()]).contiguous()  # (2, out, in / 32)
+        qw = QuantizedWeight("int4", pack_int4(codes), sm, deq, kernel=ops.int4_mm, kernel_scales=sm,
+                             int8_act=INT4_INT8_ACTIVATIONS)
+        return qw
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (in / 32, out, 2)
     return QuantizedWeight("int4", packed, sz, deq)
 
 
