@@ -26,13 +26,14 @@ SMOLLM2_SHAPES = [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)
 ODD_SHAPES = [(1, 32), (3, 40), (17, 70), (65, 96), (203, 136), (7, 1000)]  # N off the tile, K off the block
 
 
-def _random_int4(n: int, k: int, seed: int = 0):
-    """Codes, scale and min per block of 32 (k padded to whole blocks), and the dense weight."""
+def _random_int4(n: int, k: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """Codes, scale and min per block of 32 (k padded to whole blocks) in ``dtype`` (float32 or
+    float16, the two the kernel takes), and the dense weight."""
     g = torch.Generator().manual_seed(seed)
     nb = -(-k // GROUP)
     codes = torch.randint(0, 16, (n, k), dtype=torch.uint8, generator=g)
-    scale = torch.rand(n, nb, generator=g) * 0.02 + 1e-4
-    mins = -8 * scale + torch.randn(n, nb, generator=g) * 0.01
+    scale = (torch.rand(n, nb, generator=g) * 0.02 + 1e-4).to(dtype)
+    mins = (-8 * scale.float() + torch.randn(n, nb, generator=g) * 0.01).to(dtype)
     w = codes.double() * scale.double().repeat_interleave(GROUP, 1)[:, :k] + mins.double().repeat_interleave(GROUP, 1)[:, :k]
     return codes, scale, mins, w
 
@@ -51,9 +52,10 @@ def _int8_act_bound(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -
 @needs_kernels
 @pytest.mark.parametrize("shape", SMOLLM2_SHAPES + ODD_SHAPES, ids=str)
 @pytest.mark.parametrize("int8_act", [False, True], ids=["float-act", "int8-act"])
-def test_int4_mm_equals_the_dequantised_reference(shape, int8_act):
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.float16], ids=["f32-scales", "f16-scales"])
+def test_int4_mm_equals_the_dequantised_reference(shape, int8_act, sdtype):
     n, k = shape
-    codes, scale, mins, w = _random_int4(n, k, seed=n + k)
+    codes, scale, mins, w = _random_int4(n, k, seed=n + k, dtype=sdtype)
     packed = pack_int4(codes)
     for rows in (1, 2, 3, 4, 5, 8, 11) if n * k < 1 << 20 else (1, 4, 9):
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
@@ -71,8 +73,9 @@ def test_int4_mm_equals_the_dequantised_reference(shape, int8_act):
 @needs_kernels
 @pytest.mark.parametrize("int8_act", [False, True], ids=["float-act", "int8-act"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int4_mm_rows_are_independent_bit_for_bit(int8_act, dtype):
-    codes, scale, mins, _ = _random_int4(203, 200, seed=3)  # tiles of 4 / 2 / 1 and a padded block
+@pytest.mark.parametrize("sdtype", [torch.float32, torch.float16], ids=["f32-scales", "f16-scales"])
+def test_int4_mm_rows_are_independent_bit_for_bit(int8_act, dtype, sdtype):
+    codes, scale, mins, _ = _random_int4(203, 200, seed=3, dtype=sdtype)  # tiles of 4 / 2 / 1 and a padded block
     packed = pack_int4(codes)
     x = torch.randn(11, 200).to(dtype)
     alone = torch.cat([ops.int4_mm(x[i:i + 1], packed, scale, mins, int8_act) for i in range(11)])
@@ -103,6 +106,7 @@ def test_quantize_int4_uses_the_kernel_close_to_torchs_int4_kernel(shape):
     dense = torch.randn(n, k) * 0.05
     qw = quantize_int4(dense, torch.float32)
     assert qw.kernel is not None
+    assert qw.kernel_scales.dtype == torch.float32  # min/max scales are no float16 values
     codes, s, z = int4_codes_from_dense(dense)
     tpack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
     sz = torch.stack([s, z], -1).transpose(0, 1).contiguous()
@@ -112,7 +116,7 @@ def test_quantize_int4_uses_the_kernel_close_to_torchs_int4_kernel(shape):
         ours = qw.mm(x).double()
         tol = 1e-5 * (x.abs() @ qw.dense.abs().t()).double() + 1e-6
         if qw.int8_act:
-            tol = tol + _int8_act_bound(x, codes, qw.kernel_scales[0])
+            tol = tol + _int8_act_bound(x, codes, qw.kernel_scales[0].float())
         assert ((ours - theirs).abs() <= tol).all(), rows
 
 
@@ -134,9 +138,10 @@ def test_gguf_blocks_repack_exactly_into_the_kernels_layout(qtype):
     ref = torch.from_numpy(quants.dequantize(raw, t).reshape(40, 256))
     qw = quantize_int4(ref, torch.float32, int4_codes(raw, qtype, 256))
     scale, mins = qw.kernel_scales
+    assert scale.dtype == torch.float16  # the file's own float16 d and m, kept exact in 2 bytes
     # q * scale + min in float32 is gguf's own dequantisation (d * q + m, d * (q - 8)) exactly.
     codes = _unpack(qw.packed, 256).float()
-    mine = codes * scale.repeat_interleave(GROUP, 1) + mins.repeat_interleave(GROUP, 1)
+    mine = codes * scale.float().repeat_interleave(GROUP, 1) + mins.float().repeat_interleave(GROUP, 1)
     assert torch.equal(mine, ref)
     # One-hot rows pick single weights: the float-activation kernel returns them exactly.
     eye = torch.eye(256)[::7]
@@ -156,7 +161,8 @@ def test_gguf_q4k_blocks_repack_into_the_kernels_layout():
         ref = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(-1, cols))
         qw = quantize_int4(ref, torch.float32, int4_codes(t.data, "Q4_K", cols))
         scale, mins = qw.kernel_scales
-        mine = _unpack(qw.packed, cols).float() * scale.repeat_interleave(GROUP, 1) + mins.repeat_interleave(GROUP, 1)
+        mine = (_unpack(qw.packed, cols).float() * scale.float().repeat_interleave(GROUP, 1)
+                + mins.float().repeat_interleave(GROUP, 1))
         # The min is zero - 8 * scale recomputed in float32: at most an ulp of the weight off.
         torch.testing.assert_close(mine, ref, atol=1e-6, rtol=1e-6)
 
@@ -212,7 +218,7 @@ def _compile(flags: list[str], out: str, link: bool) -> subprocess.CompletedProc
 def test_avx512_vnni_path_compiles(tmp_path):
     """Where the CPU lacks AVX-512 the VNNI path cannot run here; it must still build, and use vpdpbusd."""
     obj = str(tmp_path / "k.o")
-    done = _compile(["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"], obj, link=False)
+    done = _compile(["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"], obj, link=False)
     assert done.returncode == 0, done.stderr[-3000:]
     asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", obj], capture_output=True, text=True).stdout
     assert re.search(r"\bvpdpbusd\b", asm)
@@ -233,10 +239,10 @@ torch.ops.load_library({lib!r})
 from tests.test_int4_kernel import _random_int4, _int8_act_bound
 from pagedlm.model.layers.quant import pack_int4
 assert torch.ops.pagedlm.isa() == "scalar"
-codes, scale, mins, w = _random_int4(37, 70, seed=5)
 x = torch.randn(5, 70)
-ref = x.double() @ w.t()
-for act in (False, True):
+for act, sd in ((False, torch.float32), (True, torch.float32), (True, torch.float16)):
+    codes, scale, mins, w = _random_int4(37, 70, seed=5, dtype=sd)
+    ref = x.double() @ w.t()
     y = torch.ops.pagedlm.int4_mm(x, pack_int4(codes), scale, mins, act).double()
     tol = 1e-5 * (x.double().abs() @ w.abs().t()) + 1e-6 + (_int8_act_bound(x, codes, scale) if act else 0)
     assert ((y - ref).abs() <= tol).all(), act

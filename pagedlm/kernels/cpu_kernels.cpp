@@ -20,6 +20,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
+#include <type_traits>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -129,7 +131,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
 //   codes (N, Kp / 2) uint8: per block of 32 weights, 16 bytes; byte i holds weight i in its low
 //         nibble and weight i + 16 in its high nibble (GGUF's own order, so one shift and one mask
 //         unpack a block into 32 bytes in input order);
-//   scale, mins (N, Kp / 32) float32.
+//   scale, mins (N, Kp / 32) float32, or float16 where all are exactly float16 (GGUF Q4_0 / Q4_1).
 // Kp is K rounded up to the block; the kernel pads x with zeros, so padded weights never count.
 //
 // y[m, n] = sum_b scale[n, b] * dot(q[n, b], x[m, b]) + sum_b mins[n, b] * sum(x[m, b])
@@ -154,8 +156,8 @@ constexpr const char* kIsa = "scalar";
 
 struct Int4Args {
   const uint8_t* codes;
-  const float* scale;
-  const float* mins;
+  const void* scale;  // float32 or float16 (S below), (N, nb)
+  const void* mins;
   const float* xf;   // act=float: (rows, Kp) float, zero-padded
   const int8_t* xq;  // act=int8: (rows, Kp) int8
   const float* dx;   // act=int8: (rows, nb) per-block scale of xq
@@ -164,12 +166,42 @@ struct Int4Args {
   int64_t N, nb;
 };
 
+// Scales and mins as stored: float32, or float16 (uint16_t bits) where every value is exactly a
+// float16 (GGUF Q4_0 / Q4_1 store theirs so): 20 bytes per 32 weights instead of 24.
+template <typename S>
+inline float sval(const void* p, int64_t i) {
+  if constexpr (std::is_same_v<S, float>) {
+    return static_cast<const float*>(p)[i];
+  } else {
+#if defined(__F16C__)
+    return _cvtsh_ss(static_cast<const uint16_t*>(p)[i]);
+#else
+    return static_cast<float>(c10::Half(static_cast<const uint16_t*>(p)[i], c10::Half::from_bits()));
+#endif
+  }
+}
+
 // The min term of one (row, output) pair: a fixed-order dot product over blocks.
-inline float min_term(const float* mins, const float* sx, int64_t nb) {
+template <typename S>
+inline float min_term(const void* mins_, int64_t off, const float* sx, int64_t nb) {
 #if defined(__AVX2__) && defined(__FMA__)
   __m256 acc = _mm256_setzero_ps();
   int64_t b = 0;
-  for (; b + 8 <= nb; b += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(mins + b), _mm256_loadu_ps(sx + b), acc);
+  for (; b + 8 <= nb; b += 8) {
+    __m256 mv;
+    if constexpr (std::is_same_v<S, float>) {
+      mv = _mm256_loadu_ps(static_cast<const float*>(mins_) + off + b);
+    } else {
+#if defined(__F16C__)
+      mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(mins_) + off + b)));
+#else
+      float t[8];
+      for (int i = 0; i < 8; ++i) t[i] = sval<S>(mins_, off + b + i);
+      mv = _mm256_loadu_ps(t);
+#endif
+    }
+    acc = _mm256_fmadd_ps(mv, _mm256_loadu_ps(sx + b), acc);
+  }
   float t[8];
   _mm256_storeu_ps(t, acc);
   float s = ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
@@ -177,7 +209,7 @@ inline float min_term(const float* mins, const float* sx, int64_t nb) {
   float s = 0.f;
   int64_t b = 0;
 #endif
-  for (; b < nb; ++b) s += mins[b] * sx[b];
+  for (; b < nb; ++b) s += sval<S>(mins_, off + b) * sx[b];
   return s;
 }
 
@@ -205,7 +237,7 @@ inline __m256i dot_u4s8(__m256i q, __m256i x) {
 #endif
 }
 
-template <int M, int NB>
+template <typename S, int M, int NB>
 inline void int4_block_i8(const Int4Args& a, int64_t n) {
   __m256 acc[NB][M];
   for (int j = 0; j < NB; ++j)
@@ -216,7 +248,7 @@ inline void int4_block_i8(const Int4Args& a, int64_t n) {
     __m256 s[NB];
     for (int j = 0; j < NB; ++j) {
       q[j] = unpack32(a.codes + (n + j) * rb + b * 16);
-      s[j] = _mm256_set1_ps(a.scale[(n + j) * a.nb + b]);
+      s[j] = _mm256_set1_ps(sval<S>(a.scale, (n + j) * a.nb + b));
     }
     for (int m = 0; m < M; ++m) {
       const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m * a.nb + b) * kBlock));
@@ -227,10 +259,10 @@ inline void int4_block_i8(const Int4Args& a, int64_t n) {
   }
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < M; ++m)
-      a.y[m * a.N + n + j] = hsum8(acc[j][m]) + min_term(a.mins + (n + j) * a.nb, a.sx + m * a.nb, a.nb);
+      a.y[m * a.N + n + j] = hsum8(acc[j][m]) + min_term<S>(a.mins, (n + j) * a.nb, a.sx + m * a.nb, a.nb);
 }
 
-template <int M, int NB>
+template <typename S, int M, int NB>
 inline void int4_block_f32(const Int4Args& a, int64_t n) {
   __m256 acc[NB][M];
   for (int j = 0; j < NB; ++j)
@@ -240,7 +272,7 @@ inline void int4_block_f32(const Int4Args& a, int64_t n) {
     __m256 w[NB][4];
     for (int j = 0; j < NB; ++j) {
       const __m256i q = unpack32(a.codes + (n + j) * rb + b * 16);
-      const __m256 s = _mm256_set1_ps(a.scale[(n + j) * a.nb + b]);
+      const __m256 s = _mm256_set1_ps(sval<S>(a.scale, (n + j) * a.nb + b));
       const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
       w[j][0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s);
       w[j][1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s);
@@ -257,11 +289,11 @@ inline void int4_block_f32(const Int4Args& a, int64_t n) {
   }
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < M; ++m)
-      a.y[m * a.N + n + j] = hsum8(acc[j][m]) + min_term(a.mins + (n + j) * a.nb, a.sx + m * a.nb, a.nb);
+      a.y[m * a.N + n + j] = hsum8(acc[j][m]) + min_term<S>(a.mins, (n + j) * a.nb, a.sx + m * a.nb, a.nb);
 }
 #else
 // Portable reference of both modes (the same sums, in the same per-row order for every row count).
-template <int M, int NB>
+template <typename S, int M, int NB>
 inline void int4_block_i8(const Int4Args& a, int64_t n) {
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < M; ++m) {
@@ -271,13 +303,13 @@ inline void int4_block_i8(const Int4Args& a, int64_t n) {
         const int8_t* x = a.xq + (m * a.nb + b) * kBlock;
         int32_t s = 0;
         for (int i = 0; i < 16; ++i) s += (c[i] & 15) * x[i] + (c[i] >> 4) * x[i + 16];
-        acc += static_cast<float>(s) * (a.scale[(n + j) * a.nb + b] * a.dx[m * a.nb + b]);
+        acc += static_cast<float>(s) * (sval<S>(a.scale, (n + j) * a.nb + b) * a.dx[m * a.nb + b]);
       }
-      a.y[m * a.N + n + j] = acc + min_term(a.mins + (n + j) * a.nb, a.sx + m * a.nb, a.nb);
+      a.y[m * a.N + n + j] = acc + min_term<S>(a.mins, (n + j) * a.nb, a.sx + m * a.nb, a.nb);
     }
 }
 
-template <int M, int NB>
+template <typename S, int M, int NB>
 inline void int4_block_f32(const Int4Args& a, int64_t n) {
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < M; ++m) {
@@ -285,38 +317,42 @@ inline void int4_block_f32(const Int4Args& a, int64_t n) {
       for (int64_t b = 0; b < a.nb; ++b) {
         const uint8_t* c = a.codes + (n + j) * a.nb * 16 + b * 16;
         const float* x = a.xf + (m * a.nb + b) * kBlock;
-        const float s = a.scale[(n + j) * a.nb + b];
+        const float s = sval<S>(a.scale, (n + j) * a.nb + b);
         for (int i = 0; i < 16; ++i) acc += (c[i] & 15) * s * x[i] + (c[i] >> 4) * s * x[i + 16];
       }
-      a.y[m * a.N + n + j] = acc + min_term(a.mins + (n + j) * a.nb, a.sx + m * a.nb, a.nb);
+      a.y[m * a.N + n + j] = acc + min_term<S>(a.mins, (n + j) * a.nb, a.sx + m * a.nb, a.nb);
     }
 }
 #endif
 
 // Output columns [n0, n1) for M rows: NB weight rows share each load of x, the rest one at a time.
-template <int M, bool I8>
+template <typename S, bool I8, int M>
 void int4_rows(const Int4Args& a, int64_t n0, int64_t n1) {
   constexpr int NB = I8 ? (M <= 2 ? 4 : M <= 4 ? 2 : 1) : (M <= 2 ? 2 : 1);
   int64_t n = n0;
-  for (; n + NB <= n1; n += NB) I8 ? int4_block_i8<M, NB>(a, n) : int4_block_f32<M, NB>(a, n);
-  for (; n < n1; ++n) I8 ? int4_block_i8<M, 1>(a, n) : int4_block_f32<M, 1>(a, n);
+  for (; n + NB <= n1; n += NB) I8 ? int4_block_i8<S, M, NB>(a, n) : int4_block_f32<S, M, NB>(a, n);
+  for (; n < n1; ++n) I8 ? int4_block_i8<S, M, 1>(a, n) : int4_block_f32<S, M, 1>(a, n);
 }
 
 using Int4Fn = void (*)(const Int4Args&, int64_t, int64_t);
-constexpr Int4Fn kInt4[2][kMaxRows + 1] = {
-    {nullptr, int4_rows<1, false>, int4_rows<2, false>, int4_rows<3, false>, int4_rows<4, false>,
-     int4_rows<5, false>, int4_rows<6, false>, int4_rows<7, false>, int4_rows<8, false>},
-    {nullptr, int4_rows<1, true>, int4_rows<2, true>, int4_rows<3, true>, int4_rows<4, true>,
-     int4_rows<5, true>, int4_rows<6, true>, int4_rows<7, true>, int4_rows<8, true>}};
+template <typename S, bool I8>
+constexpr std::array<Int4Fn, kMaxRows + 1> kInt4Rows = {nullptr, int4_rows<S, I8, 1>, int4_rows<S, I8, 2>,
+                                                        int4_rows<S, I8, 3>, int4_rows<S, I8, 4>, int4_rows<S, I8, 5>,
+                                                        int4_rows<S, I8, 6>, int4_rows<S, I8, 7>, int4_rows<S, I8, 8>};
+// [float16 scales][int8 activations][rows]
+constexpr std::array<Int4Fn, kMaxRows + 1> kInt4[2][2] = {{kInt4Rows<float, false>, kInt4Rows<float, true>},
+                                                          {kInt4Rows<uint16_t, false>, kInt4Rows<uint16_t, true>}};
 
-// x (rows, K) float/bf16/half; codes (N, Kp / 2) uint8; scale, mins (N, Kp / 32) float32;
+// x (rows, K) float/bf16/half; codes (N, Kp / 2) uint8; scale, mins (N, Kp / 32) float32 or float16;
 // int8_act: quantise x per block to int8 (see above). -> (rows, N) in x's dtype.
 at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& mins,
                    bool int8_act) {
   TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && scale.dim() == 2 && mins.dim() == 2, "int4_mm: 2-d tensors "
               "expected");
-  TORCH_CHECK(codes.scalar_type() == at::kByte && scale.scalar_type() == at::kFloat &&
-              mins.scalar_type() == at::kFloat, "int4_mm: uint8 codes and float32 scales expected");
+  const bool half = scale.scalar_type() == at::kHalf;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && (half || scale.scalar_type() == at::kFloat) &&
+              mins.scalar_type() == scale.scalar_type(), "int4_mm: uint8 codes and float32 or float16 scales "
+              "and mins expected");
   const int64_t rows = x.size(0), K = x.size(1), N = codes.size(0), nb = scale.size(1);
   TORCH_CHECK(codes.size(1) == nb * 16 && scale.size(0) == N && mins.sizes() == scale.sizes() &&
               (K + kBlock - 1) / kBlock == nb, "int4_mm: shapes ", x.sizes(), ", ", codes.sizes(), ", ",
@@ -362,10 +398,10 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   at::Tensor y = at::empty({rows, N}, xf.options());
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
     const int64_t m = std::min<int64_t>(kMaxRows, rows - r0);
-    const Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr<float>(), mc.data_ptr<float>(),
+    const Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr(), mc.data_ptr(),
                      xfp + r0 * Kp, xqp ? xqp + r0 * Kp : nullptr, dxp ? dxp + r0 * nb : nullptr,
                      sxp + r0 * nb, y.data_ptr<float>() + r0 * N, N, nb};
-    const Int4Fn fn = kInt4[int8_act ? 1 : 0][m];
+    const Int4Fn fn = kInt4[half ? 1 : 0][int8_act ? 1 : 0][m];
     // Chunks of 64 outputs: a multiple of every tile width, so the tiling is the same in every chunk.
     at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t c0, int64_t c1) {
       fn(a, c0 * 64, std::min(N, c1 * 64));

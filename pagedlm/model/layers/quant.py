@@ -68,7 +68,7 @@ class QuantizedWeight:
     # pagedlm's few-rows kernel (``pagedlm.kernels``) and the float32 scales it takes; None where
     # the kernels could not be built (torch's kernel then multiplies). int8: scales (out,); int4:
     # ``packed`` is then the kernel's layout (``pack_int4``) and kernel_scales (2, out, in / 32)
-    # holds scale and min (w = q * scale + min).
+    # holds scale and min (w = q * scale + min), float32, or float16 where that is exact.
     kernel: object = None
     kernel_scales: torch.Tensor | None = None
     int8_act: bool = False  # int4 kernel: activations rounded to int8 per block (see pagedlm/kernels)
@@ -159,6 +159,10 @@ def quantize_int4(dense: torch.Tensor, compute_dtype: torch.dtype,
     if ops is not None:
         # (q - 8) * scale + zero == q * scale + (zero - 8 * scale): the min folds the offset.
         sm = torch.stack([scale.float(), zero.float() - 8 * scale.float()]).contiguous()  # (2, out, in / 32)
+        if torch.equal(sm.half().float(), sm):
+            # GGUF Q4_0 / Q4_1 scales and mins are float16 in the file: stored so they stay exact
+            # and a block reads 20 bytes instead of 24 (decode streams the weights from memory).
+            sm = sm.half()
         qw = QuantizedWeight("int4", pack_int4(codes), sm, deq, kernel=ops.int4_mm, kernel_scales=sm,
                              int8_act=INT4_INT8_ACTIVATIONS)
         return qw
