@@ -14,6 +14,7 @@
 // (pagedlm/kernels/__init__.py), it becomes AVX-512 or AVX2 code as the CPU allows.
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -22,6 +23,7 @@
 #include <algorithm>
 #include <array>
 #include <type_traits>
+#include <vector>
 #include <cmath>
 #include <cstring>
 #include <string>
@@ -359,19 +361,31 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
               scale.sizes(), ", ", mins.sizes());
   const int64_t Kp = nb * kBlock;
   // x once per call, row by row: float, zero-padded to whole blocks; block sums; int8 and scales.
-  at::Tensor xf = at::zeros({rows, Kp}, x.options().dtype(at::kFloat));
-  xf.narrow(1, 0, K).copy_(x);
-  at::Tensor sx = at::empty({rows, nb}, xf.options());
-  at::Tensor xq, dx;
-  const float* xfp = xf.data_ptr<float>();
-  float* sxp = sx.data_ptr<float>();
+  // Into this thread's scratch buffers, grown as needed and reused: a decode step calls this ~120
+  // times, and five tensor allocations a call cost ~1 ms a step. Workers of the parallel loop
+  // below read the calling thread's buffers while it waits.
+  thread_local std::vector<float> xf_buf, sx_buf, dx_buf;
+  thread_local std::vector<int8_t> xq_buf;
+  xf_buf.resize(rows * Kp);
+  sx_buf.resize(rows * nb);
+  float* xfw = xf_buf.data();
+  const at::Tensor xc = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "int4_mm", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t k = 0; k < K; ++k) xfw[r * Kp + k] = static_cast<float>(xp[r * K + k]);
+      for (int64_t k = K; k < Kp; ++k) xfw[r * Kp + k] = 0.f;
+    }
+  });
+  const float* xfp = xfw;
+  float* sxp = sx_buf.data();
   int8_t* xqp = nullptr;
   float* dxp = nullptr;
   if (int8_act) {
-    xq = at::empty({rows, Kp}, x.options().dtype(at::kChar));
-    dx = at::empty({rows, nb}, xf.options());
-    xqp = xq.data_ptr<int8_t>();
-    dxp = dx.data_ptr<float>();
+    xq_buf.resize(rows * Kp);
+    dx_buf.resize(rows * nb);
+    xqp = xq_buf.data();
+    dxp = dx_buf.data();
   }
   for (int64_t i = 0; i < rows * nb; ++i) {
     const float* v = xfp + i * kBlock;
@@ -395,7 +409,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
     }
   }
   const at::Tensor cc = codes.contiguous(), sc = scale.contiguous(), mc = mins.contiguous();
-  at::Tensor y = at::empty({rows, N}, xf.options());
+  at::Tensor y = at::empty({rows, N}, x.options().dtype(at::kFloat));
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
     const int64_t m = std::min<int64_t>(kMaxRows, rows - r0);
     const Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr(), mc.data_ptr(),
