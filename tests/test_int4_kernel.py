@@ -269,3 +269,50 @@ def test_int8_activations_round_as_in_the_kernel(k):
     assert ((y - ref).abs() <= 1e-5 * (x.double().abs() @ w.abs().t()) + 1e-6).all()
     xr = round_activations_int8(x)
     assert not torch.equal(xr, x) and (xr - x).abs().max() <= x.abs().max() / 127 / 2 * 1.0001
+
+
+@needs_kernels
+@pytest.mark.slow
+def test_greedy_speculation_on_smollm2_auto_is_plain_greedy(smollm2):
+    """The shipped model as shipped (Q4_1 through the int4 kernel, int8 head): n-gram speculation
+    verifies 1 + k rows per step, plain decoding 1; the rows agree bit for bit, so the tokens do."""
+    from pagedlm import LLM, SamplingParams
+    from pagedlm.model.layers.quant import QuantizedWeight
+
+    text = ("def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
+            "Rewrite the two functions above exactly:\n\ndef add(a, b):\n")
+    sp = SamplingParams(max_tokens=24, temperature=0)
+    # The crossover fixed for both engines: measured on a busy machine it can differ between them,
+    # and the prompt's prefill would then take the kernel in one and the dense GEMM in the other.
+    fixed = {"dense_min_rows": 64}
+    plain = LLM(smollm2, kv_cache_memory=64 << 20, extra=fixed)
+    want = plain.generate([text], sp, use_tqdm=False)[0].outputs[0].token_ids
+    int4 = [q for m in plain.engine.runner.model.modules()
+            if isinstance(q := getattr(getattr(m, "quant_method", None), "qweight", None), QuantizedWeight)]
+    assert int4 and all(q.kind == "int4" and q.kernel is not None for q in int4)
+    spec = LLM(smollm2, kv_cache_memory=64 << 20, extra=fixed, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1})
+    got = spec.generate([text], sp, use_tqdm=False)[0]
+    assert got.outputs[0].token_ids == want
+    assert got.metrics.spec_decode.num_accepted_tokens > 0
+
+
+@needs_kernels
+@pytest.mark.parametrize("quantization", ["int8", "int4"])
+def test_the_measured_crossover_leaves_verification_rows_to_the_kernel(tmp_path, monkeypatch, quantization):
+    """However the measurement falls (here: as on a busy machine, the dense GEMM "wins" from 2
+    rows), up to KERNEL_ROWS rows (decode and speculative verification) go through the kernel,
+    whose rows agree bit for bit."""
+    from pagedlm.config import ModelConfig
+    from pagedlm.model.layers import quant
+    from pagedlm.model.layers.quant import KERNEL_ROWS
+    from pagedlm.model.registry import load_model
+    from tests.helpers import save_tiny
+
+    monkeypatch.setattr(quant, "measure_crossover", lambda *a, **k: 2)
+
+    path = save_tiny("llama", str(tmp_path), with_tokenizer=False)
+    model = load_model(path, ModelConfig.from_pretrained(path), torch.float32, quantization=quantization)
+    qws = [q for m in model.modules() for meth in (getattr(m, "quant_method", None), getattr(m, "head_method", None))
+           if (q := getattr(meth, "qweight", None)) is not None]
+    assert qws and all(q.kernel is not None and q.dense_min_rows == KERNEL_ROWS + 1 for q in qws)

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 GROUP = 32  # int4 group size along the input dimension (one GGUF Q4_0 / Q4_1 block)
+KERNEL_ROWS = 8  # rows pagedlm's kernels multiply per pass over the weights (kMaxRows in the C++)
 
 
 def validate_quantization(name: object) -> str:
@@ -398,6 +399,12 @@ def finalize_quantization(model: torch.nn.Module, compute_dtype: torch.dtype, qc
         rows = qcfg.dense_min_rows
         if rows is None:
             rows = measure_crossover(ws, compute_dtype)
+            if all(w.kernel is not None for w in ws):
+                # pagedlm's kernels read the weights once for up to KERNEL_ROWS rows, and a row's
+                # result is the same bit for bit at any row count: decode (1 row) and speculative
+                # verification (1 + k <= 8 rows) then give identical logits. A crossover below
+                # that, measured on a busy machine, would send verification to the dense GEMM.
+                rows = max(rows, KERNEL_ROWS + 1)
             log.info("%s weights: dense GEMM from %d rows on this machine (measured)", kind, rows)
         for w in ws:
             w.dense_min_rows = rows
