@@ -167,14 +167,6 @@ def test_gguf_q4k_blocks_repack_into_the_kernels_layout():
         torch.testing.assert_close(mine, ref, atol=1e-6, rtol=1e-6)
 
 
-@needs_kernels
-def test_int4_mm_traces_under_torch_compile():
-    qw = quantize_int4(torch.randn(48, 64) * 0.05, torch.float32)
-    x = torch.randn(2, 64)
-    compiled = torch.compile(lambda t: qw.mm(t) * 2, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), qw.mm(x) * 2)
-
-
 def test_int4_falls_back_to_torchs_kernel_without_ours():
     code = ("from pagedlm import kernels; from pagedlm.model.layers.quant import quantize_int4; import torch;"
             "assert kernels.ops() is None; q = quantize_int4(torch.randn(32, 64), torch.float32);"
