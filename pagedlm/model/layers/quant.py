@@ -15,10 +15,12 @@ replaced by the exact dequantization of the quantized weight, so both kernels mu
 *same* weights:
 
 * few rows (decode): weight-only kernels that stream 4 or 8 bits per weight instead of 16 or
-  32: torch's ``_weight_int4pack_mm_for_cpu`` (layout packed for this CPU at load) for int4, and
-  for int8 pagedlm's own ``int8_mm`` (``pagedlm/kernels``: each weight row read once for all rows,
-  every row computed identically whatever their number), else torch's ``_weight_int8pack_mm``;
-* many rows (prefill, large decode batches): the dense GEMM, which beats them there.
+  32: pagedlm's own ``int4_mm`` and ``int8_mm`` (``pagedlm/kernels``: each weight row read once
+  for all rows, every row computed identically whatever their number; int4 with x rounded to
+  int8 per block of 32, as llama.cpp), else torch's ``_weight_int4pack_mm_for_cpu`` /
+  ``_weight_int8pack_mm``;
+* many rows (prefill, large decode batches): the dense GEMM, which beats them there (for int4
+  with int8 activations, over x rounded as the kernel rounds it: the same products).
 
 The row count where the dense GEMM starts to win is measured on this machine at start-up over
 the model's own layers (``measure_crossover``), not taken from a constant.
