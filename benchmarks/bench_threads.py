@@ -13,7 +13,9 @@ import sys
 import torch
 
 sys.path.append(__file__.rsplit("/benchmarks/", 1)[0])
-from benchmarks.common import random_prompt  # noqa: E402
+# The sibling script (this directory is sys.path[0]): with PYTHONPATH at another checkout, whose
+# benchmarks package may predate it, this file still runs.
+from profile_step import batch1_decode  # noqa: E402
 
 
 def main() -> int:
@@ -22,15 +24,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=32)
     args = ap.parse_args()
-    from pagedlm import LLM, SamplingParams
-    from pagedlm.engine.engine import default_model_path
-
-    llm = LLM(default_model_path(), kv_cache_memory=256 << 20, enable_prefix_caching=False, max_num_seqs=1,
-              enforce_eager=args.eager)
-    if not args.eager:
-        llm.engine.warmup([1])
-    p = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
-    prompt = {"prompt_token_ids": random_prompt(16)}
+    llm, prompt, p = batch1_decode(args.eager, args.tokens)
     res: dict[int, list[float]] = {1: [], 2: []}
     for _ in range(args.rounds):
         for th in res:

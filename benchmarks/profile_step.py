@@ -34,20 +34,26 @@ def op_class(name: str) -> str:
     return name
 
 
+def batch1_decode(eager: bool, tokens: int):
+    """SmolLM2 as shipped for batch-1 greedy decode (compiled first unless eager): (llm, prompt,
+    sampling params of ``tokens`` tokens after a 16-token random prompt)."""
+    from pagedlm import LLM, SamplingParams
+    from pagedlm.engine.engine import default_model_path
+
+    llm = LLM(default_model_path(), kv_cache_memory=256 << 20, enable_prefix_caching=False, max_num_seqs=1,
+              enforce_eager=eager)
+    if not eager:
+        llm.engine.warmup([1])
+    return (llm, {"prompt_token_ids": random_prompt(16)},
+            SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eager", action="store_true", help="profile the eager step (default: compiled)")
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
-    from pagedlm import LLM, SamplingParams
-    from pagedlm.engine.engine import default_model_path
-
-    llm = LLM(default_model_path(), kv_cache_memory=256 << 20, enable_prefix_caching=False, max_num_seqs=1,
-              enforce_eager=args.eager)
-    if not args.eager:
-        llm.engine.warmup([1])
-    p = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
-    prompt = {"prompt_token_ids": random_prompt(16)}
+    llm, prompt, p = batch1_decode(args.eager, args.tokens)
     best = max(llm.generate(prompt, p, use_tqdm=False)[0].metrics.decode_tokens_per_s for _ in range(3))
     print(f"decode {best:.1f} tok/s (best of 3, {args.tokens} tokens)")
     with profile(activities=[ProfilerActivity.CPU]) as prof:
