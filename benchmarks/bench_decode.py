@@ -1,17 +1,25 @@
-"""Batch-1 decode and 512-token prefill: pagedlm (each quantization, compiled and eager) vs
-llama.cpp vs transformers bf16, one run, same machine, same GGUF.
+"""Batch-1 and batch-4 decode and 512-token prefill: pagedlm (each quantization, compiled and
+eager) vs llama.cpp's C++ ``llama-bench`` vs transformers bf16, one run, same machine, same GGUF.
 
-    python benchmarks/bench_decode.py --llama-cpp-python /path/to/python-with-llama_cpp \\
-        [--decode 128] [--prompt-len 512] [--repeats 3] [--json out.json] [--plot docs/decode.png]
+    python benchmarks/bench_decode.py [--llama-bench /tmp/llama-bin/llama-bench] \
+        [--llama-cpp-python /path/to/python-with-llama_cpp] [--decode 128] [--prompt-len 512] \
+        [--repeats 3] [--json out.json] [--plot docs/decode.png]
+
+llama.cpp is measured with its own C++ tools, built from the sources vendored in the
+llama-cpp-python sdist by ``/work/shared/tools/llama-build`` (benchmark only; pagedlm never
+depends on it): ``llama-bench -p 512 -n 128`` (pp512, tg128) and, when ``llama-batched-bench``
+sits beside it, batch-4 decode (``-npl 4``, S_TG). llama-cpp-python, when given, is a second
+column (``Llama.eval`` one token at a time).
 
 Decode: tokens/s over 128 greedy tokens after a 16-token prompt (pagedlm: through
-``LLM.generate``, every engine cost included; llama.cpp: ``Llama.eval`` one token at a time;
-transformers: ``generate``). Prefill: a 512-token prompt (pagedlm: TTFT of a max_tokens=1 request;
-llama.cpp: one ``eval`` of the prompt, n_batch 512; transformers: one forward). Best of
-``--repeats``. Compilation (pagedlm) happens before timing and is reported apart.
+``LLM.generate``, every engine cost included); batch 4: four such requests at once, generated
+tokens / time from the last first token to the last finish. Prefill: a 512-token prompt (pagedlm:
+TTFT of a max_tokens=1 request). Best of ``--repeats``. Compilation (pagedlm) happens before
+timing and is reported apart.
 
-Roofline for decode: memory bandwidth (measured here) / bytes read per token (every weight the
-step multiplies with, in the format it is stored in: packed int4 + scales, int8 + scales, bf16).
+Roofline for decode: copy bandwidth (measured here, ``pagedlm.bench.copy_bandwidth_gbps``) /
+bytes a step reads (``pagedlm.bench.decode_step_bytes``: every weight the step multiplies with,
+as stored for the decode kernels); llama.cpp: the GGUF's tensor bytes.
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ import time
 import torch
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
-from benchmarks.common import machine, measure_bandwidth, random_prompt  # noqa: E402
+from benchmarks.common import machine, random_prompt  # noqa: E402
+from pagedlm.bench import copy_bandwidth_gbps, decode_step_bytes  # noqa: E402
 
 CONFIGS = [  # (label, dtype, quantization, enforce_eager)
     ("pagedlm bf16 (none), compiled", "bfloat16", "none", False),
@@ -38,48 +47,32 @@ CONFIGS = [  # (label, dtype, quantization, enforce_eager)
 ]
 
 
-def decode_bytes(model) -> int:
-    """Bytes of the weights one decode step reads, as stored for the decode kernels."""
-    from pagedlm.model.layers.linear import LinearBase, VocabParallelEmbedding
-
-    total = 0
-    for mod in model.modules():
-        method = getattr(mod, "quant_method", None) if isinstance(mod, LinearBase) else getattr(mod, "head_method", None)
-        if method is None:
-            continue
-        q = getattr(method, "qweight", None)
-        if q is not None:
-            total += q.packed.numel() * q.packed.element_size() + q.scales.numel() * q.scales.element_size()
-        elif isinstance(mod, LinearBase) or (isinstance(mod, VocabParallelEmbedding) and _is_head(model, mod)):
-            total += mod.weight.numel() * mod.weight.element_size()
-    return total
-
-
-def _is_head(model, mod) -> bool:
-    return mod is getattr(model, "lm_head", None) or (model.config.tie_word_embeddings and
-                                                       mod is model.model.embed_tokens)
-
-
 def bench_pagedlm(path, dtype, quantization, eager, prompt, n_decode, repeats) -> dict:
     from pagedlm import LLM, SamplingParams
 
     t = time.perf_counter()
     llm = LLM(path, dtype=dtype, quantization=quantization, enforce_eager=eager, kv_cache_memory=256 << 20,
-              enable_prefix_caching=False, max_num_seqs=1)
+              enable_prefix_caching=False, max_num_seqs=4)
     load_s = time.perf_counter() - t
     t = time.perf_counter()
     llm.engine.warmup()
     llm.generate({"prompt_token_ids": prompt[:32]}, SamplingParams(max_tokens=8), use_tqdm=False)
     compile_s = time.perf_counter() - t
-    prefill, decode = [], []
+    prefill, decode, decode4 = [], [], []
+    greedy = SamplingParams(temperature=0, max_tokens=n_decode, ignore_eos=True)
     for _ in range(repeats):
         o = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0]
         prefill.append(o.metrics.ttft)
-        o = llm.generate({"prompt_token_ids": prompt[:16]},
-                         SamplingParams(temperature=0, max_tokens=n_decode, ignore_eos=True), use_tqdm=False)[0]
+        o = llm.generate({"prompt_token_ids": prompt[:16]}, greedy, use_tqdm=False)[0]
         decode.append(o.metrics.decode_tokens_per_s)
-    return {"prefill_tok_s": len(prompt) / min(prefill), "decode_tok_s": max(decode), "load_s": load_s,
-            "compile_s": compile_s, "bytes_per_token": decode_bytes(llm.engine.runner.model),
+        outs = llm.generate([{"prompt_token_ids": prompt[16 * i:16 * i + 16]} for i in range(4)], greedy,
+                            use_tqdm=False)
+        start = max(o.metrics.first_token_time for o in outs)
+        end = max(o.metrics.finished_time for o in outs)
+        decode4.append(sum(o.metrics.num_generated_tokens - 1 for o in outs) / (end - start))
+    return {"prefill_tok_s": len(prompt) / min(prefill), "decode_tok_s": max(decode),
+            "decode4_tok_s": max(decode4), "load_s": load_s,
+            "compile_s": compile_s, "bytes_per_token": decode_step_bytes(llm.engine.runner.model),
             "report": llm.engine.cache_report()}
 
 
@@ -122,6 +115,41 @@ def bench_llama_cpp(python, path, prompt, n_decode, repeats) -> dict | None:
     return out
 
 
+def bench_llama_bench(binary: str, path: str, prompt_len: int, n_decode: int, repeats: int, threads: int) -> dict | None:
+    """llama.cpp's C++ llama-bench (pp<prompt_len>, tg<n_decode>, batch 1) and, if built beside
+    it, llama-batched-bench for batch-4 decode. Best of the repetitions, as for pagedlm."""
+    r = subprocess.run([binary, "-m", path, "-p", str(prompt_len), "-n", str(n_decode), "-t", str(threads),
+                        "-r", str(repeats), "-o", "json"], capture_output=True, text=True)
+    if r.returncode != 0:
+        print("llama-bench failed:", r.stderr[-2000:], file=sys.stderr)
+        return None
+    runs = json.loads(r.stdout)
+    out = {"version": f"{runs[0].get('build_commit', '?')} ({runs[0].get('build_number', '?')})"}
+    for run in runs:
+        best = max(run["samples_ts"]) if run.get("samples_ts") else run["avg_ts"]
+        if run["n_prompt"] and not run["n_gen"]:
+            out["prefill_tok_s"] = best
+        elif run["n_gen"] and not run["n_prompt"]:
+            out["decode_tok_s"] = best
+    batched = os.path.join(os.path.dirname(binary), "llama-batched-bench")
+    if os.path.exists(batched):
+        best4 = 0.0
+        for _ in range(repeats):
+            b = subprocess.run([batched, "-m", path, "-c", "2048", "-b", "2048", "-ub", "512", "-npp", "16",
+                                "-ntg", str(n_decode), "-npl", "4", "-t", str(threads), "--output-format", "jsonl"],
+                               capture_output=True, text=True)
+            for line in b.stdout.splitlines():
+                if line.startswith("{") and '"speed_tg"' in line:
+                    best4 = max(best4, json.loads(line)["speed_tg"])
+        if best4:
+            out["decode4_tok_s"] = best4
+    from gguf import GGUFReader
+
+    # llama.cpp reads every tensor once per token (the tied Q8_0 embedding as the output head).
+    out["bytes_per_token"] = sum(int(t.n_bytes) for t in GGUFReader(path).tensors)
+    return out
+
+
 def bench_transformers(path, prompt, n_decode, repeats) -> dict:
     from benchmarks.bench_core import bench_hf
 
@@ -141,7 +169,9 @@ def cpu_flags() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="GGUF path (default: the SmolLM2 GGUF)")
-    ap.add_argument("--llama-cpp-python", default=None, help="a python with llama_cpp installed")
+    ap.add_argument("--llama-bench", default="/tmp/llama-bin/llama-bench",
+                    help="llama.cpp's llama-bench binary (built by /work/shared/tools/llama-build)")
+    ap.add_argument("--llama-cpp-python", default=None, help="a python with llama_cpp installed (second column)")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
@@ -153,31 +183,50 @@ def main() -> None:
 
     path = args.model or default_model_path()
     prompt = random_prompt(args.prompt_len)
-    bw = measure_bandwidth()
+    bw = copy_bandwidth_gbps()
     rows = []
+    threads = torch.get_num_threads()
+    llama_runs = []
+    if args.llama_bench and os.path.exists(args.llama_bench):  # before and after pagedlm: best of both
+        llama_runs.append(bench_llama_bench(args.llama_bench, path, args.prompt_len, args.decode, args.repeats,
+                                            threads))
     for label, dtype, quant, eager in CONFIGS:
         r = bench_pagedlm(path, dtype, quant, eager, prompt, args.decode, args.repeats)
         rows.append({"engine": label, **r})
         print(f"{label}: {r}", flush=True)
+    if llama_runs:
+        llama_runs.append(bench_llama_bench(args.llama_bench, path, args.prompt_len, args.decode, args.repeats,
+                                            threads))
+        done = [r for r in llama_runs if r]
+        if done:
+            best = {k: max(r.get(k, 0) for r in done) for k in ("prefill_tok_s", "decode_tok_s", "decode4_tok_s")}
+            rows.append({"engine": f"llama.cpp llama-bench {done[0]['version']} (Q4_1 + Q8_0 head)",
+                         **done[0], **best, "runs": done})
+            print(rows[-1], flush=True)
     if args.llama_cpp_python:
         r = bench_llama_cpp(args.llama_cpp_python, path, prompt, args.decode, args.repeats)
         if r:
-            rows.append({"engine": f"llama.cpp {r['version']} (Q4_1 + Q8_0 head)", **r})
+            rows.append({"engine": f"llama-cpp-python {r['version']} (Q4_1 + Q8_0 head)", **r})
             print(rows[-1], flush=True)
     if not args.no_transformers:
         rows.append({"engine": "transformers bf16", **bench_transformers(path, prompt, args.decode, args.repeats)})
         print(rows[-1], flush=True)
     llama = next((r for r in rows if r["engine"].startswith("llama.cpp")), None)
-    print(f"machine: {machine()}; CPU flags: {cpu_flags()}; memory bandwidth {bw:.1f} GB/s")
-    print(f"{'engine':46} {'decode tok/s':>12} {'vs llama.cpp':>12} {'% roofline':>10} {'prefill tok/s':>13} "
-          f"{'vs llama.cpp':>12}")
+    print(f"machine: {machine()}; CPU flags: {cpu_flags()}; copy bandwidth {bw:.1f} GB/s")
+
+    def vs(r: dict, key: str) -> str:
+        return f"{r[key] / llama[key]:.2f}x" if llama and r.get(key) and llama.get(key) else "-"
+
+    print(f"| engine | decode b1 tok/s | vs llama-bench | % roofline | decode b4 tok/s | vs llama | "
+          f"prefill {args.prompt_len} tok/s | vs llama-bench |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         roof = bw * 1e9 / r["bytes_per_token"] if r.get("bytes_per_token") else None
         r["roofline_decode_tok_s"] = roof
-        dl = f"{r['decode_tok_s'] / llama['decode_tok_s']:.2f}x" if llama else "-"
-        pl = f"{r['prefill_tok_s'] / llama['prefill_tok_s']:.2f}x" if llama else "-"
         pct = f"{100 * r['decode_tok_s'] / roof:.0f}%" if roof else "-"
-        print(f"{r['engine']:46} {r['decode_tok_s']:12.1f} {dl:>12} {pct:>10} {r['prefill_tok_s']:13.0f} {pl:>12}")
+        d4 = f"{r['decode4_tok_s']:.1f}" if r.get("decode4_tok_s") else "-"
+        print(f"| {r['engine']} | {r['decode_tok_s']:.1f} | {vs(r, 'decode_tok_s')} | {pct} | {d4} | "
+              f"{vs(r, 'decode4_tok_s')} | {r['prefill_tok_s']:.0f} | {vs(r, 'prefill_tok_s')} |")
     report = {"machine": machine(), "cpu_flags": cpu_flags(), "bandwidth_GBps": bw, "prompt_len": args.prompt_len,
               "decode_tokens": args.decode, "rows": rows}
     if args.json:
@@ -189,11 +238,12 @@ def main() -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+        fig, axes = plt.subplots(1, 3, figsize=(18, 4.5))
         names = [r["engine"] for r in rows]
         for ax, key, title in ((axes[0], "decode_tok_s", "batch-1 decode, tokens/s"),
-                               (axes[1], "prefill_tok_s", f"prefill of {args.prompt_len} tokens, tokens/s")):
-            vals = [r[key] for r in rows]
+                               (axes[1], "decode4_tok_s", "batch-4 decode, tokens/s"),
+                               (axes[2], "prefill_tok_s", f"prefill of {args.prompt_len} tokens, tokens/s")):
+            vals = [r.get(key) or 0 for r in rows]
             colors = ["tab:blue" if n.startswith("pagedlm") else "tab:orange" if n.startswith("llama")
                       else "tab:gray" for n in names]
             ax.barh(names, vals, color=colors)
@@ -202,7 +252,8 @@ def main() -> None:
             for i, v in enumerate(vals):
                 ax.text(v, i, f" {v:.0f}", va="center")
         axes[1].set_yticklabels([])
-        fig.suptitle(f"SmolLM2-135M Q4_1 GGUF, {torch.get_num_threads()} threads, CPU flags: {cpu_flags()}")
+        axes[2].set_yticklabels([])
+        fig.suptitle(f"SmolLM2-135M Q4_1 GGUF, {threads} threads, CPU flags: {cpu_flags()}, copy {bw:.1f} GB/s")
         fig.tight_layout()
         fig.savefig(args.plot, dpi=110)
 

@@ -1,11 +1,12 @@
 """What a decode row costs: the compiled decode step of SmolLM2 per batch bucket, and the int8
-output head alone per row count, with pagedlm's int8 kernel and with torch's.
+output head alone per row count, with pagedlm's kernels (int8_mm for the head, int4_mm for the
+int4 projections) and with torch's.
 
     python benchmarks/bench_rows.py [--context 128] [--rounds 2]
 
 The speculative policy's cost model is exactly this curve: verifying k proposals runs a step of
 1 + k rows, so what matters is how much more a 2-, 3- or 4-row step costs than a 1-row one.
-Each setting runs in its own process (``PAGEDLM_KERNELS=0`` turns the kernel off); the two
+Each setting runs in its own process (``PAGEDLM_KERNELS=0`` turns both kernels off); the two
 alternate ``--rounds`` times and the fastest time of each is kept, so a busy machine slows both
 alike. Steps run on padding rows over ``--context`` tokens of the scratch block (the attention
 reads as much as for a real sequence of that length).
@@ -90,7 +91,7 @@ def main() -> int:
                 for k, v in got[part].items():
                     prev[part][k] = min(prev[part][k], v)
     print(f"# {machine()}; CPU flags: {cpu_flags()}; SmolLM2-135M Q4_1, quantization auto, bf16, context {args.context}")
-    print("\n| rows | step, torch int8 (ms) | step, pagedlm int8 (ms) | x 1-row step (torch) | x 1-row step (pagedlm) |")
+    print("\n| rows | step, torch kernels (ms) | step, pagedlm kernels (ms) | x 1-row step (torch) | x 1-row step (pagedlm) |")
     print("|---:|---:|---:|---:|---:|")
     t, p = best["torch"]["steps"], best["pagedlm"]["steps"]
     for b in t:

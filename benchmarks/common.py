@@ -10,15 +10,11 @@ import torch
 
 
 def measure_bandwidth(nbytes: int = 512 << 20, repeats: int = 5) -> float:
-    """Memory bandwidth in GB/s: best of ``repeats`` copies of a large buffer (read + write)."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32).fill_(1.0)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - t)
-    return 2 * nbytes / best / 1e9
+    """Memory bandwidth in GB/s: best of ``repeats`` copies of a large buffer (read + write), as
+    ``pagedlm bench`` measures its roofline."""
+    from pagedlm.bench import copy_bandwidth_gbps
+
+    return copy_bandwidth_gbps(nbytes, repeats)
 
 
 def measure_matmul(dtype: torch.dtype = torch.bfloat16, n: int = 2048, repeats: int = 5) -> float:

@@ -27,6 +27,65 @@ class BenchConfig:
             raise ValueError(f"num_requests must be >= 1, got {self.num_requests}")
 
 
+def copy_bandwidth_gbps(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """The machine's memory bandwidth in GB/s as a large ``copy_`` reaches it (bytes read plus
+    bytes written, best of ``repeats``): the roofline every decode figure is set against."""
+    import torch
+
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best / 1e9
+
+
+def decode_step_bytes(model) -> int:
+    """Bytes of weights one decode step reads from memory, as stored for the decode kernels
+    (packed int4 / int8 and their scales, or the dense weight): every linear layer and the output
+    head once per step whatever the number of rows; embedding lookups, norms and the KV cache
+    (small at short context) are not counted."""
+    from pagedlm.model.layers.linear import LinearBase, VocabParallelEmbedding
+
+    def nbytes(t) -> int:
+        return 0 if t is None else t.numel() * t.element_size()
+
+    head = getattr(model, "lm_head", None)
+    if head is None and getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        head = model.model.embed_tokens
+    total = 0
+    for mod in model.modules():
+        if isinstance(mod, LinearBase):
+            method = mod.quant_method
+        elif isinstance(mod, VocabParallelEmbedding) and mod is head:
+            method = mod.head_method
+        else:
+            continue
+        q = getattr(method, "qweight", None)
+        if q is None:
+            total += nbytes(mod.weight)
+        else:  # the kernel's own scales where it has them
+            total += nbytes(q.packed) + nbytes(q.kernel_scales if q.kernel is not None else q.scales)
+    return total
+
+
+def roofline(eng, report: dict) -> dict:
+    """The decode roofline: copy bandwidth / bytes a step reads = the most decode steps per
+    second memory allows (a step serves every running sequence, so batch-1 decode is capped at
+    that many tokens/s); the measured step rate (1 / ITL p50) as a share of it."""
+    model = getattr(getattr(eng, "runner", None), "model", None)
+    step_bytes = decode_step_bytes(model) if model is not None else 0
+    if not step_bytes:  # no local model (a distributed runner) or none of pagedlm's layers
+        return {}
+    bw = copy_bandwidth_gbps()
+    max_steps = bw * 1e9 / step_bytes
+    steps = 1e3 / report["itl_p50_ms"] if report.get("itl_p50_ms", 0) > 0 else float("nan")
+    return {"copy_bandwidth_GBps": bw, "decode_step_bytes": step_bytes, "roofline_steps_per_s": max_steps,
+            "decode_steps_per_s": steps, "roofline_pct": 100 * steps / max_steps}
+
+
 def make_workload(cfg: BenchConfig, vocab_size: int) -> list[tuple[list[int], int]]:
     rng = random.Random(cfg.seed)
     work = []
@@ -113,6 +172,7 @@ def run_bench(eng, cfg: BenchConfig) -> dict:
     report = run_workload(eng, make_workload(cfg, vocab))
     m = eng.get_metrics()
     report["preemptions"] = m["num_preemptions"]
+    report.update(roofline(eng, report))
     report["config"] = {"num_requests": cfg.num_requests, "input_len": list(cfg.input_len),
                         "output_len": list(cfg.output_len), "seed": cfg.seed}
     return report
@@ -128,4 +188,8 @@ def format_report(r: dict) -> str:
         f"TTFT ms: mean {r['ttft_mean_ms']:.0f}  p50 {r['ttft_p50_ms']:.0f}  p99 {r['ttft_p99_ms']:.0f}",
         f"ITL  ms: mean {r['itl_mean_ms']:.1f}  p50 {r['itl_p50_ms']:.1f}  p99 {r['itl_p99_ms']:.1f}",
         f"preemptions: {r.get('preemptions', 0)}",
+        *([f"roofline: copy bandwidth {r['copy_bandwidth_GBps']:.1f} GB/s, a decode step reads "
+           f"{r['decode_step_bytes'] / 1e6:.1f} MB of weights -> at most {r['roofline_steps_per_s']:.0f} steps/s "
+           f"(batch-1: tok/s); decode ran {r['decode_steps_per_s']:.0f} steps/s (1 / ITL p50) = "
+           f"{r['roofline_pct']:.0f}% of roofline"] if "roofline_pct" in r else []),
     ])

@@ -72,8 +72,11 @@ def test_quantized_int8_layer_uses_the_kernel_and_falls_back_where_it_cannot():
 
 
 @needs_kernels
-def test_int8_mm_traces_under_torch_compile():
-    qw = quantize_int8(torch.randn(48, 64) * 0.05, torch.float32)
+@pytest.mark.parametrize("quantize", [quantize_int8, quantize_int4], ids=["int8_mm", "int4_mm"])
+def test_kernels_trace_under_torch_compile(quantize):
+    """The compiled decode step calls the kernels through torch.ops.pagedlm (fake impls for tracing)."""
+    qw = quantize(torch.randn(48, 64) * 0.05, torch.float32)
+    assert qw.kernel is not None
     x = torch.randn(2, 64)
     compiled = torch.compile(lambda t: qw.mm(t) * 2, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), qw.mm(x) * 2)

@@ -10,7 +10,7 @@ import torch
 from pagedlm import LLM, SamplingParams
 from pagedlm.config import ModelConfig
 from pagedlm.loader.gguf_quant import int4_codes
-from pagedlm.model.layers.quant import int4_dequantize, quantize_int4, quantize_int8
+from pagedlm.model.layers.quant import int4_dequantize, quantize_int4, quantize_int8, round_activations_int8
 from pagedlm.model.registry import load_model
 from tests.helpers import save_tiny
 from tests.test_models import run_pagedlm
@@ -37,7 +37,8 @@ def test_gguf_q4_blocks_repack_exactly(qtype):
     assert ((q.dense.float() - torch.from_numpy(ref)).abs() <= bound + 1e-6).all()
     x = torch.randn(3, 256)
     q32 = quantize_int4(torch.from_numpy(ref), torch.float32, (codes, scale, zero))
-    torch.testing.assert_close(q32.mm(x), x @ torch.from_numpy(ref).t(), atol=1e-4, rtol=1e-4)
+    xr = round_activations_int8(x) if q32.int8_act else x  # the int4 kernel's int8 activations
+    torch.testing.assert_close(q32.mm(x), xr @ torch.from_numpy(ref).t(), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.slow
@@ -71,7 +72,8 @@ def test_quantized_weight_kernel_equals_its_dense_copy(kind, dtype):
     # The dense copy is the quantized weight's exact dequantization, so both paths agree ...
     for rows in (1, 3, 8):
         x = torch.randn(rows, 128).to(dtype)
-        ref = x.float() @ q.dense.float().t()
+        xr = round_activations_int8(x) if q.int8_act else x  # the int4 kernel's int8 activations
+        ref = xr.float() @ q.dense.float().t()
         tol = 1e-4 if dtype == torch.float32 else 2e-2
         torch.testing.assert_close(q.mm(x).float(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
     # ... and it is close to the original weight (the quantization error itself).

@@ -55,25 +55,31 @@ def library_path() -> Path:
     return cache_dir() / f"pagedlm_cpu_kernels_{key.hexdigest()[:16]}.so"
 
 
-def _build(target: Path) -> None:
+def build_command(out: str, march: str | None = "native") -> list[str]:
+    """The compiler command building the kernels into ``out``. ``march=None`` leaves the target
+    ISA to flags the caller adds (the tests compile the AVX-512 and portable paths this way)."""
     from torch.utils.cpp_extension import include_paths, library_paths
 
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         raise RuntimeError("no C++ compiler (g++) found")
+    return [cxx, "-O3", *([f"-march={march}"] if march else []), "-std=c++17", "-shared", "-fPIC", "-fopenmp",
+            str(SOURCE), f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
+            *(f"-I{p}" for p in include_paths()),
+            *(f"-L{p}" for p in library_paths()), *(f"-Wl,-rpath,{p}" for p in library_paths()),
+            "-lc10", "-ltorch_cpu", "-ltorch", "-o", out]
+
+
+def _build(target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [cxx, "-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fopenmp", str(SOURCE),
-           f"-D_GLIBCXX_USE_CXX11_ABI={int(torch.compiled_with_cxx11_abi())}",
-           *(f"-I{p}" for p in include_paths()),
-           *(f"-L{p}" for p in library_paths()), *(f"-Wl,-rpath,{p}" for p in library_paths()),
-           "-lc10", "-ltorch_cpu", "-ltorch"]
     # Build into a temporary file and rename: a concurrent process never loads a half-written one.
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run(cmd + ["-o", tmp], capture_output=True, text=True, timeout=600)
+        cmd = build_command(tmp)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if done.returncode != 0:
-            raise RuntimeError(f"{cxx} failed: {done.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{cmd[0]} failed: {done.stderr.strip()[-2000:]}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -108,3 +114,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("pagedlm::int8_mm")
     def _(x, w, scale):
         return x.new_empty((x.shape[0], w.shape[0]))
+
+    @torch.library.register_fake("pagedlm::int4_mm")
+    def _(x, codes, scale, mins, int8_act):
+        return x.new_empty((x.shape[0], codes.shape[0]))

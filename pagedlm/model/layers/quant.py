@@ -15,10 +15,12 @@ replaced by the exact dequantization of the quantized weight, so both kernels mu
 *same* weights:
 
 * few rows (decode): weight-only kernels that stream 4 or 8 bits per weight instead of 16 or
-  32: torch's ``_weight_int4pack_mm_for_cpu`` (layout packed for this CPU at load) for int4, and
-  for int8 pagedlm's own ``int8_mm`` (``pagedlm/kernels``: each weight row read once for all rows,
-  every row computed identically whatever their number), else torch's ``_weight_int8pack_mm``;
-* many rows (prefill, large decode batches): the dense GEMM, which beats them there.
+  32: pagedlm's own ``int4_mm`` and ``int8_mm`` (``pagedlm/kernels``: each weight row read once
+  for all rows, every row computed identically whatever their number; int4 with x rounded to
+  int8 per block of 32, as llama.cpp), else torch's ``_weight_int4pack_mm_for_cpu`` /
+  ``_weight_int8pack_mm``;
+* many rows (prefill, large decode batches): the dense GEMM, which beats them there (for int4
+  with int8 activations, over x rounded as the kernel rounds it: the same products).
 
 The row count where the dense GEMM starts to win is measured on this machine at start-up over
 the model's own layers (``measure_crossover``), not taken from a constant.
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("auto", "none", "int8", "int4")
 GROUP = 32  # int4 group size along the input dimension (one GGUF Q4_0 / Q4_1 block)
+KERNEL_ROWS = 8  # rows pagedlm's kernels multiply per pass over the weights (kMaxRows in the C++)
 
 
 def validate_quantization(name: object) -> str:
@@ -65,18 +68,26 @@ class QuantizedWeight:
     # int8, one row, compiled: multiply as a broadcast-sum (see ``mm``). Set for the output head,
     # whose input the compiled decode step computes into memory first.
     one_row_gemv: bool = False
-    # int8: pagedlm's few-rows kernel (``pagedlm.kernels``) and the float32 scales it takes; None
-    # where the kernels could not be built (torch's kernel then multiplies).
+    # pagedlm's few-rows kernel (``pagedlm.kernels``) and the float32 scales it takes; None where
+    # the kernels could not be built (torch's kernel then multiplies). int8: scales (out,); int4:
+    # ``packed`` is then the kernel's layout (``pack_int4``) and kernel_scales (2, out, in / 32)
+    # holds scale and min (w = q * scale + min), float32, or float16 where that is exact.
     kernel: object = None
     kernel_scales: torch.Tensor | None = None
+    int8_act: bool = False  # int4 kernel: activations rounded to int8 per block (see pagedlm/kernels)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (rows, in) -> (rows, out), in x's dtype."""
         from pagedlm.model.layers.matmul import linear
 
         if x.shape[0] >= self.dense_min_rows:
-            return linear(x, self.dense)
+            # With int8 activations the dense GEMM takes x rounded as the kernel rounds it: a
+            # prompt's logits then do not depend on which side of the crossover its rows fell.
+            return linear(round_activations_int8(x) if self.int8_act else x, self.dense)
         if self.kind == "int4":
+            if self.kernel is not None:
+                # Same contract as the int8 kernel: weights read once for all rows, rows identical.
+                return self.kernel(x, self.packed, self.kernel_scales[0], self.kernel_scales[1], self.int8_act)
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales)
         if self.kernel is not None:
             # Reads each weight row once for all of x's rows, and computes every row the same way
@@ -111,14 +122,55 @@ def int4_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
     return (q * scale[..., None] + zero[..., None]).reshape(out, inp)
 
 
+# The int4 kernel's activations: int8 per block of 32 (vpmaddubsw / vpdpbusd dot products, as
+# llama.cpp's Q4 x Q8 path) or float32 (codes converted to float, FMA). Chosen by measurement on
+# AVX2 (docs/benchmarks.md, "Kernels"): int8 is faster and perplexity moves by < 0.1%.
+INT4_INT8_ACTIVATIONS = True
+
+
+def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the int4 kernel's int8 activations: per block of 32 along the last dimension,
+    to multiples of absmax / 127 (the same float32 operations as ``pagedlm::int4_mm``)."""
+    k = x.shape[-1]
+    nb = -(-k // GROUP)
+    xb = torch.nn.functional.pad(x.float(), (0, nb * GROUP - k)).reshape(*x.shape[:-1], nb, GROUP)
+    amax = xb.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(xb * inv) * (amax / 127)
+    return q.reshape(*x.shape[:-1], nb * GROUP)[..., :k].to(x.dtype)
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """Codes (out, in) 0..15 -> the int4 kernel's layout (out, ceil(in / 32) * 16) uint8: per block
+    of 32 inputs, byte i holds input i (low nibble) and input i + 16 (high nibble), GGUF's order.
+    Inputs past ``in`` (padding to a whole block) get code 0; the kernel pads x with zeros."""
+    out, inp = codes.shape
+    nb = -(-inp // GROUP)
+    c = torch.zeros(out, nb * GROUP, dtype=torch.uint8)
+    c[:, :inp] = codes
+    c = c.reshape(out, nb, 2, GROUP // 2)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(out, nb * GROUP // 2).contiguous()
+
+
 def quantize_int4(dense: torch.Tensor, compute_dtype: torch.dtype,
                   exact: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> QuantizedWeight:
     codes, scale, zero = exact if exact is not None else int4_codes_from_dense(dense)
     scale, zero = scale.to(compute_dtype), zero.to(compute_dtype)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (in / 32, out, 2)
     # The dense copy is what the kernel computes with: codes with the scales as stored.
     deq = int4_dequantize(codes, scale.float(), zero.float()).to(dense.dtype)
+    ops = kernels.ops() if codes.device.type == "cpu" else None
+    if ops is not None:
+        # (q - 8) * scale + zero == q * scale + (zero - 8 * scale): the min folds the offset.
+        sm = torch.stack([scale.float(), zero.float() - 8 * scale.float()]).contiguous()  # (2, out, in / 32)
+        if torch.equal(sm.half().float(), sm):
+            # GGUF Q4_0 / Q4_1 scales and mins are float16 in the file: stored so they stay exact
+            # and a block reads 20 bytes instead of 24 (decode streams the weights from memory).
+            sm = sm.half()
+        qw = QuantizedWeight("int4", pack_int4(codes), sm, deq, kernel=ops.int4_mm, kernel_scales=sm,
+                             int8_act=INT4_INT8_ACTIVATIONS)
+        return qw
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (in / 32, out, 2)
     return QuantizedWeight("int4", packed, sz, deq)
 
 
@@ -336,6 +388,12 @@ def finalize_quantization(model: torch.nn.Module, compute_dtype: torch.dtype, qc
         rows = qcfg.dense_min_rows
         if rows is None:
             rows = measure_crossover(ws, compute_dtype)
+            if all(w.kernel is not None for w in ws):
+                # pagedlm's kernels read the weights once for up to KERNEL_ROWS rows, and a row's
+                # result is the same bit for bit at any row count: decode (1 row) and speculative
+                # verification (1 + k <= 8 rows) then give identical logits. A crossover below
+                # that, measured on a busy machine, would send verification to the dense GEMM.
+                rows = max(rows, KERNEL_ROWS + 1)
             log.info("%s weights: dense GEMM from %d rows on this machine (measured)", kind, rows)
         for w in ws:
             w.dense_min_rows = rows
