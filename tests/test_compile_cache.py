@@ -8,6 +8,7 @@ when the test says so, so that what runs while a bucket is "compiling" is under 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -222,3 +223,21 @@ def test_cache_warm_and_list(tiny, built, monkeypatch, tmp_path, capsys):
     assert main(["cache", "warm", "--model", tiny, "--dtype", "float32", "--max-num-seqs", "4", "--buckets", "3"]) == 2
     assert "no decode bucket 3" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "compiled")
+
+
+def test_the_builder_loads_the_model_the_engine_keyed(smollm2):
+    """The builder reloads the model from the StepSpec. SmolLM2's GGUF has int4 and int8 weights,
+    whose dense crossovers are measured apart: with different values for the two kinds, the
+    builder's keys still equal the engine's for every bucket."""
+    llm = LLM(smollm2, enforce_eager=False, compile_mode="background", num_kv_blocks=8, max_num_seqs=64)
+    runner = llm.engine.runner
+    qweights = aot.quantized_weights(runner.model)
+    assert {q.kind for q in qweights} == {"int4", "int8"}
+    spec = runner.compiled.aot
+    assert set(spec.dense_min_rows) == {"int4", "int8"}  # measured per kind, handed to the builder
+    for q in qweights:  # as if measured: the two kinds cross over at different batch sizes
+        q.dense_min_rows = 12 if q.kind == "int4" else 40
+    spec = dataclasses.replace(spec, dense_min_rows={"int4": 12, "int8": 40})
+    rebuilt = aot._load_model(spec)
+    for b in (1, 16, 64):  # 16: past the int4 crossover, not the int8 one
+        assert spec.path(rebuilt, b) == spec.path(runner.model, b)

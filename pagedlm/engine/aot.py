@@ -99,6 +99,21 @@ def step_tensors(model: nn.Module) -> tuple[list[str], list[torch.Tensor], list[
     return names, tensors, places
 
 
+def quantized_weights(model: nn.Module) -> list:
+    """Every quantized weight the modules hold (a linear's ``quant_method.qweight``, a tied head's
+    ``head_method.qweight``, ...): the owned objects with a kind and a dense crossover."""
+    out, seen = [], set()
+    for mod in model.modules():
+        for aname, value in vars(mod).items():
+            if aname.startswith("_") or aname == "kv_cache":
+                continue
+            for obj in _owned_objects(value):
+                if hasattr(obj, "dense_min_rows") and hasattr(obj, "kind") and id(obj) not in seen:
+                    seen.add(id(obj))
+                    out.append(obj)
+    return out
+
+
 def _settings(model: nn.Module, bucket: int) -> list:
     """The non-tensor values of the objects the modules own that choose the step's code (a
     quantized weight's kind, kernel, GEMV path); a measured crossover enters only as whether this
@@ -151,7 +166,7 @@ class StepSpec:
     dtype: str  # torch dtype name the engine asked for (weights and compute dtypes follow from it)
     cache_dtype: str  # the KV cache's (compute) dtype name
     quantization: str
-    dense_min_rows: int | None
+    dense_min_rows: dict[str, int] | int | None  # the engine's measured crossover per weight kind
     device: str
     block_size: int
     kernels: bool = True  # pagedlm's CPU kernels were available to the engine (the builder matches it)

@@ -112,11 +112,11 @@ class ModelRunner(ModelRunnerBase):
 
     def _step_spec(self, model_path, dtype: torch.dtype, quantization: str):
         """What a builder process needs to make this model's decode-step packages (engine/aot.py)."""
-        from pagedlm.engine.aot import StepSpec, config_key
+        from pagedlm.engine.aot import StepSpec, config_key, quantized_weights
 
-        qweights = [q for m in self.model.modules()
-                    if (q := getattr(getattr(m, "quant_method", None), "qweight", None)) is not None]
-        crossover = next((q.dense_min_rows for q in qweights if hasattr(q, "dense_min_rows")), None)
+        qweights = quantized_weights(self.model)
+        # The dense crossover measured per kind of weight (int4, int8): the builder takes these.
+        crossover = {q.kind: q.dense_min_rows for q in qweights if hasattr(q, "dense_min_rows")} or None
         # Whether the step calls pagedlm's kernels (the builder must build the same graph).
         uses_kernels = any(getattr(q, "kernel", None) is not None for q in qweights)
         path = getattr(model_path, "weights_path", model_path)

@@ -287,7 +287,7 @@ class QuantConfig:
 
     requested: str = "none"
     gguf_types: dict[str, str] = field(default_factory=dict)
-    dense_min_rows: int | None = None  # None: measured on this machine; tests force a value
+    dense_min_rows: int | dict[str, int] | None = None  # None: measured on this machine; tests force a value
 
     def class_for(self, param_names: list[str], out_features: int, in_features: int, device: torch.device) -> str:
         """The method for a layer loading ``param_names`` into an (out, in) weight."""
@@ -385,7 +385,9 @@ def finalize_quantization(model: torch.nn.Module, compute_dtype: torch.dtype, qc
                 if qw is not None:
                     by_kind.setdefault(kind, []).append(qw)
     for kind, ws in by_kind.items():
-        rows = qcfg.dense_min_rows
+        # An int for every kind, or {kind: rows}: the values another process measured (the
+        # compiled step's builder reproduces the engine's model exactly).
+        rows = qcfg.dense_min_rows.get(kind) if isinstance(qcfg.dense_min_rows, dict) else qcfg.dense_min_rows
         if rows is None:
             rows = measure_crossover(ws, compute_dtype)
             if all(w.kernel is not None for w in ws):
