@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_serve(sub)
     from pagedlm.analysis.cli import register as register_inspect
     register_inspect(sub)
+    from pagedlm.train.commands import register as register_train
+    register_train(sub)
     return parser
 
 
