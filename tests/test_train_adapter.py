@@ -14,7 +14,7 @@ from pagedlm.model.layers.attention import CausalMetadata
 from pagedlm.model.registry import load_model
 from pagedlm.train.data import Example, make_rows
 from pagedlm.train.export import hf_config_for, save_hf
-from pagedlm.train.loop import Trainer, TrainConfig
+from pagedlm.train.loop import TrainConfig, Trainer
 from pagedlm.train.lora import add_lora, merge_lora, save_adapter
 from pagedlm.train.model import make_trainable
 from tests.helpers import save_tiny

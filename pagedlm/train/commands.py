@@ -127,7 +127,7 @@ def _train_config(args: argparse.Namespace, world: int, extra: dict[str, Any]):
                        warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
                        max_grad_norm=args.max_grad_norm, seed=args.seed, dtype=args.dtype,
                        eval_every=args.eval_every, save_every=args.save_every, keep_last=args.keep_last,
-                       progress=not args.no_progress, extra={**extra, "global_batch": batch * world * args.grad_accum})
+                       progress=not args.no_progress, extra=extra)
 
 
 def _rows_digest(rows) -> str:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from pagedlm.train.data import Row, collate
-from pagedlm.train.model import loss_sum
+from pagedlm.train.model import CausalLMLoss, loss_sum
 
 log = logging.getLogger("pagedlm.train")
 
@@ -70,11 +70,15 @@ class TrainConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"training dtype must be float32 or bfloat16, got {self.dtype!r}")
 
-    def fingerprint(self) -> dict:
-        """What must agree for a resumed run to continue the same trajectory."""
+    def fingerprint(self, world: int) -> dict:
+        """What must agree for a resumed run to continue the same trajectory. Each step's rows
+        depend only on rows per step (not on how ranks and accumulation split them), so a run
+        may resume on another number of ranks."""
         d = asdict(self)
-        for k in ("out_dir", "steps", "eval_every", "save_every", "keep_last", "progress"):
+        for k in ("out_dir", "steps", "eval_every", "save_every", "keep_last", "progress", "batch_size",
+                  "grad_accum"):
             d.pop(k)
+        d["rows_per_step"] = self.batch_size * self.grad_accum * world
         d["betas"] = list(d["betas"])
         return d
 
@@ -138,12 +142,12 @@ class Trainer:
             from torch.distributed.optim import ZeroRedundancyOptimizer
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp = DistributedDataParallel(model, find_unused_parameters=False)
+            self.ddp = DistributedDataParallel(CausalLMLoss(model), find_unused_parameters=False)
             # ZeRO-1: each rank keeps the AdamW moments of its shard of the parameters only.
             self.opt = ZeroRedundancyOptimizer(self.params, optimizer_class=torch.optim.AdamW, lr=cfg.lr,
                                                betas=cfg.betas, weight_decay=cfg.weight_decay)
         else:
-            self.ddp = model
+            self.ddp = CausalLMLoss(model)
             self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.plan = DataPlan(rows, cfg, self.world)
@@ -173,7 +177,7 @@ class Trainer:
             sync = j == cfg.grad_accum - 1 or not self.dist
             ctx = contextlib.nullcontext() if sync else self.ddp.no_sync()
             with ctx, self._autocast():
-                s = loss_sum(self.ddp, batch)
+                s = self.ddp(batch)
                 (s * (self.world / max(total, 1))).backward()
             loss_acc += s.detach().float()
         if self.dist:
@@ -275,7 +279,7 @@ class Trainer:
                        os.path.join(tmp, "optimizer.pt"))
             with open(os.path.join(tmp, "trainer_state.json"), "w", encoding="utf-8") as f:
                 json.dump({"step": self.step, "tokens_seen": self.tokens_seen,
-                           "fingerprint": self.cfg.fingerprint()}, f, indent=1)
+                           "fingerprint": self.cfg.fingerprint(self.world)}, f, indent=1)
             if os.path.exists(path):
                 shutil.rmtree(path)
             os.replace(tmp, path)
@@ -296,7 +300,7 @@ class Trainer:
             raise ValueError(f"{path!r} is not a pagedlm training checkpoint (no trainer_state.json)")
         with open(state_file, encoding="utf-8") as f:
             state = json.load(f)
-        ours, theirs = self.cfg.fingerprint(), state["fingerprint"]
+        ours, theirs = self.cfg.fingerprint(self.world), state["fingerprint"]
         for k in sorted(set(ours) | set(theirs)):
             if ours.get(k) != theirs.get(k):
                 raise ValueError(f"cannot resume from {path!r}: it was trained with {k}={theirs.get(k)!r}, "

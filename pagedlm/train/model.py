@@ -105,3 +105,15 @@ def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:
     """Summed cross-entropy over the batch's trained tokens (divide by the global token count)."""
     losses, _ = token_losses(model, batch)
     return losses.sum()
+
+
+class CausalLMLoss(nn.Module):
+    """``model`` with the loss as its forward: what DDP wraps, so that the head's matmul
+    (``compute_logits``, outside the model's own forward) runs inside the wrapped call."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        return loss_sum(self.model, batch)
