@@ -79,6 +79,7 @@ class TrainConfig:
                   "grad_accum"):
             d.pop(k)
         d["rows_per_step"] = self.batch_size * self.grad_accum * world
+        d.update(d.pop("extra"))  # model, data digest, LoRA settings: named one by one in errors
         d["betas"] = list(d["betas"])
         return d
 
