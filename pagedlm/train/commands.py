@@ -161,6 +161,7 @@ def _run(trainer, args: argparse.Namespace) -> list[dict]:
 
 def _summary(history: list[dict]) -> str:
     ev = [h["eval_loss"] for h in history if "eval_loss" in h]
+    history = [h for h in history if "loss" in h]
     tps = sum(h["tokens_per_s"] for h in history) / max(len(history), 1)
     return (f"steps {history[0]['step']}-{history[-1]['step']}: loss {history[0]['loss']:.4f} -> "
             f"{history[-1]['loss']:.4f}" + (f", held-out {ev[-1]:.4f}" if ev else "") + f", {tps:.0f} tokens/s")

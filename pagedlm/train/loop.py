@@ -225,6 +225,13 @@ class Trainer:
                 from tqdm import tqdm
 
                 bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step")
+        if self.step == 0 and cfg.eval_every and self.eval_rows:
+            # the starting point of the held-out curve: what training is measured against
+            rec0 = {"step": 0, "eval_loss": self.evaluate()}
+            self.history.append(rec0)
+            if self.rank == 0:
+                with open(self.log_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec0) + "\n")
         while self.step < cfg.steps:
             rec = self.train_step()
             last = self.step == cfg.steps
@@ -251,6 +258,8 @@ class Trainer:
             return
         with open(self.log_path, encoding="utf-8") as f:
             keep = [line for line in f if line.strip() and json.loads(line)["step"] <= self.step]
+        if self.step == 0:
+            keep = []  # a fresh run in a used directory starts a fresh log
         with open(self.log_path, "w", encoding="utf-8") as f:
             f.writelines(keep)
 
@@ -341,7 +350,8 @@ def plot_losses(history: list[dict], path: str, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train", lw=1)
+    tr = [h for h in history if "loss" in h]
+    ax.plot([h["step"] for h in tr], [h["loss"] for h in tr], label="train", lw=1)
     ev = [h for h in history if "eval_loss" in h]
     if ev:
         ax.plot([h["step"] for h in ev], [h["eval_loss"] for h in ev], "o-", label="held-out")
