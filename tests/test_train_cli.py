@@ -107,3 +107,20 @@ def test_resume_from_another_run_keeps_its_checkpoint(tiny_chat, tmp_path, capsy
     err = capsys.readouterr().err
     assert "it was trained with lora={'r': 16" in err and "this run has lora={'r': 8" in err, err
     assert os.listdir(os.path.join(out, "checkpoints")) == ckpts
+
+
+@pytest.mark.parametrize("mode", ["--merge", "--full"])
+def test_finetune_merge_and_full_write_an_hf_dir_generate_runs(tiny_chat, tmp_path, capsys, mode):
+    model, data = tiny_chat
+    out = str(tmp_path / "hf")
+    assert main(["finetune", "--model", model, "--data", data, "--output", out, "--steps", "2", "--batch-size", "2",
+                 "--seq-len", "64", "--lr", "1e-2", "--samples", "0", "--no-progress", mode]) == 0
+    import torch
+    import transformers as T
+
+    ids = torch.tensor([[5, 17, 42, 99]])
+    with torch.no_grad():
+        tuned = T.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(ids).logits
+        base = T.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)(ids).logits
+    assert (tuned - base).abs().max() > 1e-4  # the written weights are the trained ones
+    assert main(["generate", "Hello", "--model", out, "--max-tokens", "3", "--enforce-eager"]) == 0
