@@ -115,6 +115,14 @@ def _init_distributed() -> tuple[int, int]:
 def _train_config(args: argparse.Namespace, world: int, extra: dict[str, Any]):
     from pagedlm.train.loop import TrainConfig
 
+    if args.dtype == "bfloat16":
+        import torch
+
+        from pagedlm.model.layers.matmul import cpu_has_native_bf16
+
+        if not torch.cuda.is_available() and not cpu_has_native_bf16():
+            print("warning: this CPU has no native bf16 matmuls (AVX512-BF16 / AMX): bfloat16 autocast is "
+                  "emulated and slower than float32", file=sys.stderr)
     batch = args.batch_size
     if args.global_batch_size is not None:
         per = world * args.grad_accum
