@@ -28,7 +28,17 @@ import torch
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from benchmarks.common import load_hf_gguf, machine, measure_matmul  # noqa: E402
 
-OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "training")
+# Runs (checkpoints, models, the corpus) go to a scratch directory; the loss curves are copied
+# to docs/training/ for docs/training.md.
+OUT = os.environ.get("PAGEDLM_BENCH_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pagedlm-bench-train"))
+DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "training")
+
+
+def _keep_plot(run: str, name: str) -> None:
+    import shutil
+
+    os.makedirs(DOCS, exist_ok=True)
+    shutil.copy(os.path.join(run, "loss.png"), os.path.join(DOCS, name))
 
 
 def smollm2() -> str:
@@ -115,9 +125,10 @@ def bench_finetune(args) -> dict:
     path = smollm2()
     out = os.path.join(OUT, "finetune")
     rc = main(["finetune", "--output", out, "--steps", str(args.steps), "--batch-size", "2", "--seq-len", "256",
-               "--lr", "1e-3", "--warmup-steps", "5", "--eval-every", str(max(1, args.steps // 4)),
-               "--eval-fraction", "0.02", "--samples", "3", "--no-progress"])
+               "--lr", "1e-3", "--warmup-steps", "3", "--eval-every", str(max(1, args.steps // 2)),
+               "--eval-fraction", "0.01", "--samples", "3", "--no-progress"])
     assert rc == 0
+    _keep_plot(out, "finetune-loss.png")
     with open(os.path.join(out, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     ev = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
@@ -125,7 +136,7 @@ def bench_finetune(args) -> dict:
     # (seed 1: not the training set), base model vs the adapter, through the engine.
     from pagedlm.train.builtin_data import builtin_records
 
-    recs = builtin_records(40, seed=1)
+    recs = builtin_records(24, seed=1)
     llm = LLM(path, dtype="float32", quantization="none", enable_lora=True, max_lora_rank=16, enforce_eager=True)
     tok = llm.get_tokenizer()
     prompts = [tok.apply_chat_template(r["messages"][:1], tokenize=False, add_generation_prompt=True) for r in recs]
@@ -164,10 +175,11 @@ def bench_pretrain(args) -> dict:
     out = os.path.join(OUT, "pretrain")
     rc = main(["pretrain", "--data", corpus, "--output", out, "--vocab-size", "8192", "--hidden-size", "256",
                "--layers", "6", "--heads", "8", "--kv-heads", "4", "--intermediate-size", "704", "--seq-len", "256",
-               "--batch-size", "8", "--steps", str(args.steps), "--lr", "3e-3", "--warmup-steps", "20",
-               "--eval-every", str(max(1, args.steps // 6)), "--eval-fraction", "0.01", "--samples", "2",
+               "--batch-size", "4", "--steps", str(args.steps), "--lr", "3e-3", "--warmup-steps", "5",
+               "--eval-every", str(max(1, args.steps // 5)), "--eval-fraction", "0.005", "--samples", "2",
                "--no-progress"])
     assert rc == 0
+    _keep_plot(out, "pretrain-loss.png")
     with open(os.path.join(out, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     steps = [r for r in log if "loss" in r][1:]
@@ -193,7 +205,7 @@ def main_() -> None:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.steps = args.steps or {"lora": 20, "finetune": 60, "pretrain": 300}[args.what]
+    args.steps = args.steps or {"lora": 20, "finetune": 12, "pretrain": 50}[args.what]
     res = {"lora": bench_lora, "finetune": bench_finetune, "pretrain": bench_pretrain}[args.what](args)
     res["machine"] = machine()
     text = json.dumps(res, indent=1)
