@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 from benchmarks.common import load_hf_gguf, machine, measure_matmul  # noqa: E402
-from pagedlm.bench import BenchConfig, make_workload, run_workload  # noqa: E402
+from pagedlm.bench import BenchConfig, check_report, make_workload, run_workload  # noqa: E402
 
 
 def bench_pagedlm(path: str, work, dtype: str) -> dict:
@@ -45,6 +45,7 @@ def bench_pagedlm(path: str, work, dtype: str) -> dict:
     run_workload(eng, [(w[0][:16], 4) for w in work[:4]], tag="warm")
     compile_s = time.perf_counter() - t
     r = run_workload(eng, work)
+    check_report(r)  # a failed request or a missing token fails the benchmark (exit non-zero)
     r["params"] = sum(p.numel() for p in eng.runner.model.parameters())
     r["preemptions"] = eng.get_metrics()["num_preemptions"]
     r["compile_s"] = compile_s

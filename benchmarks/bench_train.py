@@ -42,7 +42,7 @@ def _keep_plot(run: str, name: str) -> None:
 
 
 def smollm2() -> str:
-    from pagedlm.engine.engine import default_model_path
+    from pagedlm.loader.source import default_model_path
 
     return default_model_path()
 

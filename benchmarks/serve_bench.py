@@ -67,6 +67,9 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, timeout: 
                 if data == "[DONE]":
                     break
                 obj = json.loads(data)
+                if obj.get("error"):  # the request failed mid-stream: not a completed request
+                    res.error = f"error event: {obj['error'].get('message', obj['error'])}"
+                    return res
                 if obj.get("usage"):
                     res.output_tokens = obj["usage"].get("completion_tokens", 0)
                     res.prompt_tokens = obj["usage"].get("prompt_tokens", 0)
@@ -81,9 +84,10 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict, timeout: 
                 chunks += 1
         res.e2e = time.perf_counter() - t0
         res.output_tokens = res.output_tokens or chunks
-        res.ok = last is not None
+        res.ok = last is not None and res.output_tokens >= body["max_tokens"]  # ignore_eos: all of them
         if not res.ok:
-            res.error = "no tokens streamed"
+            res.error = ("no tokens streamed" if last is None
+                         else f"{res.output_tokens} of {body['max_tokens']} tokens produced")
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         res.error = f"{type(e).__name__}: {e}"
     return res
@@ -215,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     url = args.url
     if args.launch:
         proc, url = launch_pagedlm(args)
+    failed = 0  # requests that failed or produced fewer tokens than asked, over every run
     try:
         runs = [("rate", args.request_rate)] if args.request_rate else [("concurrency", c) for c in args.concurrency]
         rng = random.Random(args.seed)
@@ -229,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                 value if kind == "concurrency" else None, value if kind == "rate" else None,
                 args.timeout, args.max_duration, args.seed))
             s = summarize(f"{kind}={value}", results, wall)
+            failed += s["failed"]
             if args.json:
                 print(json.dumps(s))
             else:
@@ -245,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
+    if failed:
+        print(f"serve_bench: FAILED: {failed} request(s) failed or came back short", file=sys.stderr)
+        return 1
     return 0
 
 

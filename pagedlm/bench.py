@@ -58,6 +58,8 @@ def run_workload(eng, work: list[tuple[list[int], int]], tag: str = "bench") -> 
                         prompt_token_ids=ids, arrival_time=t0)
         arrivals[rid] = []
     steps = 0
+    produced: dict[str, int] = {}
+    errors: dict[str, str] = {}
     while eng.has_unfinished_requests():
         outs = eng.step()
         now = time.perf_counter()
@@ -65,13 +67,21 @@ def run_workload(eng, work: list[tuple[list[int], int]], tag: str = "bench") -> 
         for o in outs:
             if o.request_id in arrivals:
                 arrivals[o.request_id].extend([now] * len(o.outputs[0].token_ids_delta))
+                if o.finished:
+                    produced[o.request_id] = len(o.outputs[0].token_ids)
+                    if o.error is not None or o.outputs[0].finish_reason == "error":
+                        errors[o.request_id] = o.error or "finish_reason error"
     wall = time.perf_counter() - t0
     ttft = [a[0] - t0 for a in arrivals.values() if a]
     itl = [b - a for times in arrivals.values() for a, b in zip(times, times[1:])]
     n_in = sum(len(ids) for ids, _ in work)
-    n_out = sum(n for _, n in work)
+    # Throughput counts the tokens produced, not the ones asked for: a failed request gets no
+    # credit for what it did not generate (and the run reports it: see BenchFailure).
+    n_out = sum(produced.values())
     return {
-        "requests": len(work), "prompt_tokens": n_in, "output_tokens": n_out, "wall_s": wall, "steps": steps,
+        "requests": len(work), "failed_requests": len(errors), "errors": sorted(set(errors.values()))[:3],
+        "requested_output_tokens": sum(n for _, n in work),
+        "prompt_tokens": n_in, "output_tokens": n_out, "wall_s": wall, "steps": steps,
         "requests_per_s": len(work) / wall, "output_tokens_per_s": n_out / wall,
         "total_tokens_per_s": (n_in + n_out) / wall,
         "ttft_mean_ms": statistics.fmean(ttft) * 1e3, "ttft_p50_ms": _pct(ttft, 0.5) * 1e3,
@@ -79,6 +89,20 @@ def run_workload(eng, work: list[tuple[list[int], int]], tag: str = "bench") -> 
         "itl_mean_ms": (statistics.fmean(itl) * 1e3) if itl else float("nan"),
         "itl_p50_ms": _pct(itl, 0.5) * 1e3, "itl_p99_ms": _pct(itl, 0.99) * 1e3,
     }
+
+
+class BenchFailure(RuntimeError):
+    """A benchmark run in which a request failed or produced fewer tokens than asked: its
+    figures are not a measurement of the engine doing the work."""
+
+
+def check_report(r: dict) -> None:
+    """Raise ``BenchFailure`` when any request failed or a token asked for was not produced."""
+    if r.get("failed_requests") or r["output_tokens"] != r.get("requested_output_tokens", r["output_tokens"]):
+        raise BenchFailure(
+            f"{r.get('failed_requests', 0)} of {r['requests']} requests failed; {r['output_tokens']} of "
+            f"{r.get('requested_output_tokens')} output tokens produced"
+            + (f"; errors: {'; '.join(r['errors'])}" if r.get("errors") else ""))
 
 
 def run_bench(eng, cfg: BenchConfig) -> dict:
@@ -96,7 +120,8 @@ def run_bench(eng, cfg: BenchConfig) -> dict:
 
 def format_report(r: dict) -> str:
     return "\n".join([
-        f"requests: {r['requests']}  prompt tokens: {r['prompt_tokens']}  output tokens: {r['output_tokens']}"
+        f"requests: {r['requests']} ({r.get('failed_requests', 0)} failed)  prompt tokens: {r['prompt_tokens']}  "
+        f"output tokens produced: {r['output_tokens']} of {r.get('requested_output_tokens', r['output_tokens'])}"
         f"  wall: {r['wall_s']:.2f} s  steps: {r['steps']}",
         f"throughput: {r['requests_per_s']:.2f} req/s, {r['output_tokens_per_s']:.1f} output tok/s, "
         f"{r['total_tokens_per_s']:.1f} total tok/s",

@@ -1,4 +1,4 @@
-"""``pagedlm`` command line: generate | chat | serve | bench | inspect.
+"""``pagedlm`` command line: generate | chat | serve | bench | inspect | cache.
 
 Each command lives in its own module with ``register(subparsers)``; this file only wires them
 and turns user errors into a message and a non-zero exit (never a traceback). Nothing here
@@ -29,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_serve(sub)
     from pagedlm.analysis.cli import register as register_inspect
     register_inspect(sub)
+    from pagedlm.cache import register as register_cache
+    register_cache(sub)
     from pagedlm.train.commands import register as register_train
     register_train(sub)
     return parser

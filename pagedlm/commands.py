@@ -123,15 +123,20 @@ def sampling_from_args(args: argparse.Namespace, **extra: Any):
                           seed=args.seed, **extra)
 
 
-def _make_engine(args: argparse.Namespace, warmup: list[int] | None = None):
-    """The engine, with the decode buckets in ``warmup`` compiled before any request, so that
-    the timings a command prints are of decoding, not of compiling (None: all buckets)."""
+def _make_engine(args: argparse.Namespace, warmup: list[int] | None = None, wait: bool = False):
+    """The engine. In background compile mode the decode buckets in ``warmup`` (None: all) start
+    building at once and the command answers eagerly until they are ready, unless ``wait``
+    (``bench``: its timings are of compiled decoding); inline, they compile before any request."""
     from pagedlm.engine.engine import EngineConfig, LLMEngine
 
     eng = LLMEngine(EngineConfig(**engine_kwargs(args)))
+    compiled = eng.runner.compiled
+    if compiled is not None and compiled.aot is not None and not wait:
+        compiled.request(list(compiled.sizes) if warmup is None else warmup)
     print(f"model: {eng.weights_path} ({eng.model_config.architecture}); {eng.cache_report()}",
           file=sys.stderr)
-    eng.warmup(warmup)
+    if compiled is None or compiled.aot is None or wait:
+        eng.warmup(warmup)
     return eng
 
 
@@ -232,9 +237,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from pagedlm.bench import BenchConfig, format_report, run_bench
+    from pagedlm.bench import BenchConfig, BenchFailure, check_report, format_report, run_bench
 
-    eng = _make_engine(args)
+    eng = _make_engine(args, wait=True)
     cfg = BenchConfig(num_requests=args.num_requests, input_len=args.input_len, output_len=args.output_len,
                       seed=args.bench_seed, warmup=args.warmup)
     report = run_bench(eng, cfg)
@@ -244,6 +249,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(report, f, indent=2)
+    try:
+        check_report(report)
+    except BenchFailure as e:
+        print(f"pagedlm bench: FAILED: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -242,10 +242,12 @@ class ModelConfig:
 
     @classmethod
     def from_gguf_file(cls, path: str) -> ModelConfig:
-        from pagedlm.loader.gguf_meta import read_gguf_metadata
+        """From a .gguf file's metadata (the engine goes through ``loader.source.ModelSource``,
+        which opens the file once for config, weights and tokenizer alike)."""
+        from pagedlm.loader.gguf import GGUFFile  # a leaf module: no import cycle
 
-        meta, tensor_names = read_gguf_metadata(path)
-        return cls.from_gguf(meta, tensor_names)
+        f = GGUFFile(path)
+        return cls.from_gguf(f.metadata, f.tensor_names)
 
     @classmethod
     def from_hf(cls, d: dict[str, Any]) -> ModelConfig:
@@ -289,7 +291,7 @@ class ModelConfig:
         )
 
     @classmethod
-    def from_gguf(cls, meta: dict[str, Any], tensor_names: list[str] | None = None) -> ModelConfig:
+    def from_gguf(cls, meta: Mapping[str, Any], tensor_names: list[str] | None = None) -> ModelConfig:
         """Normalise GGUF metadata (``general.architecture`` and ``{arch}.*`` keys, as llama.cpp's
         ``convert_hf_to_gguf.py`` writes them) into an HF config dict, then as ``from_hf``."""
         arch = meta.get("general.architecture")
@@ -315,10 +317,11 @@ class ModelConfig:
         n_layers = int(req("block_count"))
         vocab = opt("vocab_size")
         if vocab is None:
-            toks = meta.get("tokenizer.ggml.tokens")
-            if toks is None:
+            if "tokenizer.ggml.tokens" not in meta:
                 raise ConfigError(f"GGUF metadata has neither {arch}.vocab_size nor tokenizer.ggml.tokens")
-            vocab = len(toks)
+            # The count alone: a lazy GGUFMetadata need not decode the whole vocabulary for it.
+            counted = getattr(meta, "array_length", None)
+            vocab = counted("tokenizer.ggml.tokens") if counted else len(meta["tokenizer.ggml.tokens"])
         eos = meta.get("tokenizer.ggml.eos_token_id")
         hf: dict[str, Any] = {
             "model_type": arch,

@@ -2,22 +2,39 @@
 
 Tokenizers come from ``transformers``: pagedlm writes no BPE. Building a fast tokenizer from a
 GGUF vocabulary takes seconds (half a minute for Gemma's 262k tokens), so the converted
-tokenizer is saved once under ``~/.cache/pagedlm/tokenizers`` and reused.
+tokenizer is kept in the cache (``pagedlm.cache``, kind ``tokenizers``), keyed by the file's
+identity and the pagedlm / transformers / tokenizers versions that built it, and reused.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 
-def _cache_root() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "pagedlm", "tokenizers")
+def _tokenizer_key(weights_path: str) -> str:
+    import tokenizers
+    import transformers
+
+    from pagedlm import __version__
+    from pagedlm.cache import entry_name, file_key, key
+
+    k = key("tokenizer", file_key(weights_path), __version__, transformers.__version__, tokenizers.__version__)
+    return entry_name(os.path.basename(weights_path), k)
+
+
+def _load_cached(path: Path):
+    from transformers import AutoTokenizer
+
+    # A folder without tokenizer.json (deleted, never finished) would otherwise load as some
+    # other tokenizer class or fail obscurely: refuse it so the cache rebuilds it.
+    if not (path / "tokenizer.json").is_file():
+        raise FileNotFoundError(f"{path / 'tokenizer.json'} is missing")
+    return AutoTokenizer.from_pretrained(str(path))
 
 
 def load_tokenizer(model_path: str, weights_path: str):
@@ -25,22 +42,16 @@ def load_tokenizer(model_path: str, weights_path: str):
     from transformers import AutoTokenizer
 
     if weights_path.endswith(".gguf"):
-        st = os.stat(weights_path)
-        key = hashlib.sha1(f"{os.path.abspath(weights_path)}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:16]
-        cache = os.path.join(_cache_root(), f"{os.path.basename(weights_path)}-{key}")
-        if os.path.isfile(os.path.join(cache, "tokenizer.json")):
-            try:
-                return AutoTokenizer.from_pretrained(cache)
-            except Exception as e:  # a damaged cache entry is rebuilt, not fatal
-                log.warning("rebuilding tokenizer cache %s: %s", cache, e)
-        tok = AutoTokenizer.from_pretrained(os.path.dirname(weights_path) or ".",
-                                            gguf_file=os.path.basename(weights_path))
-        try:
-            os.makedirs(cache, exist_ok=True)
-            tok.save_pretrained(cache)
-        except OSError as e:
-            log.warning("could not cache tokenizer in %s: %s", cache, e)
-        return tok
+        from pagedlm.cache import cached_entry
+
+        def build(into: Path):
+            tok = AutoTokenizer.from_pretrained(os.path.dirname(weights_path) or ".",
+                                                gguf_file=os.path.basename(weights_path))
+            tok.save_pretrained(str(into))
+            return tok
+
+        return cached_entry("tokenizers", _tokenizer_key(weights_path), _load_cached, build,
+                            what=f"tokenizer of {os.path.basename(weights_path)}")
     names = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
     if os.path.isdir(model_path) and any(os.path.isfile(os.path.join(model_path, n)) for n in names):
         return AutoTokenizer.from_pretrained(model_path)

@@ -3,6 +3,15 @@ import os
 # Engines in tests run eagerly unless a test asks for the compiled decode step (tests of their own):
 # compiling a graph per tiny engine would dominate the suite's time.
 os.environ.setdefault("PAGEDLM_ENFORCE_EAGER", "1")
+# Tests that compile get torch.compile in their own process unless they ask for the background
+# builder (tests/test_compile_cache.py does): a builder per tiny engine would dominate the time.
+os.environ.setdefault("PAGEDLM_COMPILE_MODE", "inline")
+# One cache root per test session (kernels, tokenizers, compiled steps): tests start cold and
+# never read or fill the user's cache.
+if "PAGEDLM_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["PAGEDLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="pagedlm-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -11,7 +11,7 @@ from pagedlm import LLM, SamplingParams
 from pagedlm.cli import main
 from pagedlm.config import ConfigError, ModelConfig, UnsupportedArchitectureError
 from pagedlm.errors import ModelLoadError
-from pagedlm.loader.gguf_meta import GGUFFormatError
+from pagedlm.loader.gguf import GGUFFormatError
 
 
 def test_missing_path():

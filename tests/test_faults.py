@@ -113,7 +113,7 @@ CASES = {
     "prepare-mid-decode": (lambda e: setattr(e, "fault_injector", _fail_after("prepare", 5)), 5, "boom at prepare"),
     "sample-mid-decode": (lambda e: setattr(e, "fault_injector", _fail_after("sample", 3)), 3, "boom at sample"),
     "model-forward": (_poison_forward, 0, "kernel exploded"),
-    "nan-logits": (_nan_logits, 4, "NaN logits"),
+    "nan-logits": (_nan_logits, 4, "NaN or inf logits"),
 }
 
 

@@ -87,7 +87,7 @@ def greedy(client, prompt: str, **kw) -> str:
 def test_models_health_and_metrics_names(server, client, http):
     models = client.models.list()
     assert [m.id for m in models.data] == [MODEL]
-    assert httpx.get(server.url + "/health").json() == {"status": "ok"}
+    assert httpx.get(server.url + "/health").json() == {"status": "ok", "decode_buckets": None}  # eager server
     m = scrape(http)
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:num_preemptions_total",

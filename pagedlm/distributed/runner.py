@@ -214,6 +214,10 @@ class DistributedModelRunner(ModelRunner):
         self.block_size = block_size
         self._call("kv_cache", (num_blocks, block_size))
 
+    def clear_blocks(self, block_ids: list[int]) -> None:
+        if block_ids:
+            self._call("clear_blocks", list(block_ids))
+
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         ep = self.layout.ep
         if ep == 1:

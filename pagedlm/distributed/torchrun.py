@@ -198,6 +198,11 @@ class TorchrunModelRunner(DistributedModelRunner):
         self._guarded(lambda: (self._call("kv_cache", (num_blocks, block_size)),
                                self.node.runner.allocate_kv_cache(num_blocks, block_size)))
 
+    def clear_blocks(self, block_ids: list[int]) -> None:
+        if block_ids:
+            self._guarded(lambda: (self._call("clear_blocks", list(block_ids)),
+                                   self.node.runner.clear_blocks(block_ids)))
+
     def execute(self, inputs):
         return self._guarded(lambda: self._execute(inputs))
 
@@ -257,14 +262,18 @@ def _stop_ranks(node: RankNode, heartbeat: Heartbeat, status: dict) -> None:
 # ---- the other ranks -----------------------------------------------------------------------
 def run_worker(engine_kwargs: dict, env: TorchrunEnv) -> int:
     """Ranks 1..N-1: build this rank's shard, then run every step rank 0 broadcasts."""
-    from pagedlm.engine.engine import EngineConfig, resolve_model
+    from pagedlm.engine.engine import EngineConfig
+    from pagedlm.loader.source import ModelSource
     from pagedlm.model.registry import resolve_dtype
 
     # The drain is rank 0's: a worker leaves when rank 0 says stop (or goes silent).
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     config = EngineConfig(**engine_kwargs)
-    _, weights, cfg = resolve_model(config.model)
+    # Opened once in this rank: the config here and the weights in RankNode's ModelRunner come
+    # from the same reader (ModelSource.open hands back this source for the same file).
+    source = ModelSource.open(config.model)
+    weights, cfg = source.weights_path, source.config
     layout = ParallelLayout(config.tensor_parallel_size, config.pipeline_parallel_size, config.expert_parallel_size)
     layout.validate(cfg)
     timeout_s = config.extra.get("distributed", {}).get("timeout_s", 120.0)
@@ -284,6 +293,8 @@ def run_worker(engine_kwargs: dict, env: TorchrunEnv) -> int:
                 break
             if cmd == "kv_cache":
                 node.runner.allocate_kv_cache(*arg)
+            elif cmd == "clear_blocks":
+                node.runner.clear_blocks(arg)
             elif cmd == "step":
                 logits = node.executor.step(arg)
                 if output and logits is not None:

@@ -113,6 +113,9 @@ def worker_main(rank: int, layout: ParallelLayout, master_addr: str, master_port
             elif cmd == "kv_cache":
                 runner.allocate_kv_cache(*arg)
                 out = None
+            elif cmd == "clear_blocks":
+                runner.clear_blocks(arg)
+                out = None
             elif cmd == "stats":
                 out = {"rank": rank, "counters": comm.snapshot()}
             elif cmd == "reset_stats":

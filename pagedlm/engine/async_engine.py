@@ -135,6 +135,13 @@ class AsyncLLMEngine:
     def draining(self) -> bool:
         return self._draining
 
+    def decode_buckets(self) -> dict[str, str] | None:
+        """Each decode bucket's state (compiled / compiling / eager): read-only membership tests
+        on the engine thread's dicts, safe from the event loop."""
+        from pagedlm.engine.state import decode_buckets
+
+        return decode_buckets(self.engine)
+
     def health_error(self) -> str | None:
         """Why the engine cannot take requests (None: healthy), for /health."""
         if self.engine.dead is not None:

@@ -144,6 +144,19 @@ class BlockManager:
             self.free_queue[bid] = None
             self.free_queue.move_to_end(bid, last=False)
 
+    def forget(self, seq: Sequence) -> list[int]:
+        """The blocks only ``seq`` holds, taken out of the prefix cache (call before freeing a
+        sequence whose K/V may hold non-finite values: the caller clears those blocks, and
+        nothing they held can be found as a cached prefix). Blocks shared with other live
+        sequences were computed before ``seq`` joined them and stay as they are."""
+        private = [bid for bid in seq.block_table if self.blocks[bid].ref_count == 1]
+        for bid in private:
+            self._evict(self.blocks[bid])
+        # Later blocks of this sequence chain off the evicted content ids: never matched again.
+        seq.num_hashed_blocks = 0
+        seq.prefix_parent = -1
+        return private
+
     def free(self, seq: Sequence) -> None:
         """Release ``seq``'s blocks, tail first so a shared prefix outlives its private suffix."""
         for bid in reversed(seq.block_table):

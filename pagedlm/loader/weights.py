@@ -2,7 +2,7 @@
 
 Sources: HF directories (``model.safetensors``, sharded safetensors with
 ``model.safetensors.index.json``, ``pytorch_model.bin`` through ``torch.load(weights_only=True)``)
-and GGUF files (dequantised by the ``gguf`` package; names mapped to HF names; llama.cpp's
+and GGUF files (read by ``loader/gguf.py``, dequantised by the ``gguf`` package; names mapped to HF names; llama.cpp's
 q/k row permutation and Gemma's norm ``+1`` undone). Every parameter must be loaded exactly once;
 missing, unexpected and mis-shaped tensors raise ``ModelLoadError`` naming them.
 """
@@ -19,6 +19,7 @@ from torch import nn
 
 from pagedlm.config import ModelConfig
 from pagedlm.errors import ModelLoadError
+from pagedlm.loader.gguf import GGUFFile, gguf_to_hf_name
 from pagedlm.model.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, default_weight_loader
 
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.attn\.bias$|\.attn\.masked_bias$|^rope_freqs\.weight$)")
@@ -75,85 +76,51 @@ def _hf_weight_files(path: str) -> list[str]:
                          "index, pytorch_model.bin, or a .gguf file")
 
 
-_GGUF_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "attn_q_norm": "self_attn.q_norm",
-    "attn_k_norm": "self_attn.k_norm",
-    "attn_norm": "input_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-    "post_attention_norm": "post_attention_layernorm",
-    "post_ffw_norm": "post_feedforward_layernorm",
-    # Mixtral (llama.cpp's "llama" with experts): the router and each part of all experts as one
-    # 3-D tensor (experts, out, in); ``layers/moe.py`` maps the 3-D forms.
-    "ffn_gate_inp": "mlp.gate",
-    "ffn_gate_exps": "mlp.experts.gate_proj",
-    "ffn_up_exps": "mlp.experts.up_proj",
-    "ffn_down_exps": "mlp.experts.down_proj",
-}
-
-
-def gguf_to_hf_name(name: str, cfg: ModelConfig) -> str | None:
-    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-           "output.weight": "lm_head.weight"}
-    if name in top:
-        return top[name]
-    m = re.fullmatch(r"blk\.(\d+)\.(\w+)\.(weight|bias)", name)
-    if not m:
-        return None
-    layer, part, kind = m.groups()
-    if part.endswith("_exps"):  # 3-D expert tensors carry no ".weight" in their HF-side name
-        hf = _GGUF_LAYER_NAMES[part]
-        return f"model.layers.{layer}.{hf}" if kind == "weight" else None
-    if part == "ffn_norm":
-        hf = "pre_feedforward_layernorm" if cfg.post_norms else "post_attention_layernorm"
-    else:
-        hf = _GGUF_LAYER_NAMES.get(part)
-    if hf is None:
-        return None
-    return f"model.layers.{layer}.{hf}.{kind}"
-
-
 _QK_PERMUTED = ("q_proj.weight", "k_proj.weight", "q_proj.bias", "k_proj.bias")
 
 
-def iter_gguf_weights(path: str, cfg: ModelConfig, int4_codes: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
-    """Dequantised tensors under HF names. With ``int4_codes``, tensors stored as Q4_0 / Q4_1 / Q4_K
-    also carry their exact 4-bit codes (``tensor.gguf_int4``) for int4 layers to repack."""
+def iter_gguf_weights(file: str | GGUFFile, cfg: ModelConfig,
+                      int4_codes: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantised tensors under HF names, from a GGUF path or an open ``GGUFFile``. With
+    ``int4_codes``, tensors stored as Q4_0 / Q4_1 / Q4_K also carry their exact 4-bit codes
+    (``tensor.gguf_int4``) for int4 layers to repack."""
     import numpy as np
-    from gguf import dequantize
+    from gguf import GGMLQuantizationType, dequantize  # ggml's block formats, vectorised in numpy
 
-    from pagedlm.loader.gguf_meta import open_gguf
-    from pagedlm.loader.gguf_quant import INT4_TYPES
+    from pagedlm.loader.gguf_quant import FAST_DEQUANT, INT4_TYPES
+    from pagedlm.loader.gguf_quant import dequantize as fast_dequantize
     from pagedlm.loader.gguf_quant import int4_codes as gguf_int4
 
     if cfg.position_embedding != "rope" or cfg.is_mla:
         raise ModelLoadError(f"GGUF {cfg.architecture} checkpoints are not supported; use an HF directory")
-    reader = open_gguf(path)
+    reader = file if isinstance(file, GGUFFile) else GGUFFile(file)
+    path = reader.path
     for t in reader.tensors:
         if _IGNORED.search(t.name):
             continue
         name = gguf_to_hf_name(t.name, cfg)
         if name is None:
             raise ModelLoadError(f"{path!r}: unexpected GGUF tensor {t.name!r}")
+        data = t.data
+        shape = t.torch_shape
+        want_codes = int4_codes and t.type_name in INT4_TYPES and len(shape) == 2
+        codes = None
         try:
-            arr = dequantize(t.data, t.tensor_type)
+            if t.type_name in FAST_DEQUANT and len(shape) == 2:
+                # Codes and dense weights from one unpacking of the blocks (bit for bit gguf's).
+                arr, codes = fast_dequantize(data, t.type_name, shape[1], with_codes=want_codes)
+            else:
+                arr = dequantize(data, GGMLQuantizationType(t.tensor_type))
         except Exception as e:
-            raise ModelLoadError(f"{path!r}: cannot dequantise {t.name!r} ({t.tensor_type.name}): {e}") from e
-        shape = tuple(int(s) for s in reversed(t.shape))
+            raise ModelLoadError(f"{path!r}: cannot dequantise {t.name!r} ({t.type_name}): {e}") from e
         if arr.size != int(np.prod(shape)):
             raise ModelLoadError(f"{path!r}: tensor {t.name!r} is truncated")
         arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(shape)
         if not arr.flags.writeable:  # unquantised tensors come straight from the memory map
             arr = arr.copy()
         w = torch.from_numpy(arr)
-        codes = None
-        if int4_codes and t.tensor_type.name in INT4_TYPES and len(shape) == 2:
-            codes = gguf_int4(t.data, t.tensor_type.name, shape[1])
+        if want_codes and codes is None:
+            codes = gguf_int4(data, t.type_name, shape[1])
         if cfg.gguf_qk_permuted and name.endswith(_QK_PERMUTED):
             heads = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
             # llama.cpp's converter interleaved the two rope halves of each head's rows (weight

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -11,11 +12,13 @@ from pagedlm.config import ModelConfig, UnsupportedArchitectureError
 from pagedlm.model.layers.quant import (
     QuantConfig,
     finalize_quantization,
-    gguf_tensor_types,
     most_precise,
     validate_quantization,
 )
 from pagedlm.model.parallel import ParallelState, parallel_scope
+
+if TYPE_CHECKING:
+    from pagedlm.loader.source import ModelSource
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -117,20 +120,23 @@ def assign_quant_methods(model: nn.Module, quant: QuantConfig, device: torch.dev
             mod.quant_kind = most_precise(kinds)
 
 
-def load_model(path: str, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
+def load_model(path: str | ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
                quantization: str = "none", dense_min_rows: int | None = None,
                parallel: ParallelState | None = None, **stage) -> nn.Module:
     """Build, load strictly, then quantize as ``quantization`` says (auto | none | int8 | int4;
-    auto keeps a GGUF file's precision class per tensor and is none for HF directories)."""
-    from pagedlm.loader.weights import iter_weights, load_weights
+    auto keeps a GGUF file's precision class per tensor and is none for HF directories).
+    ``path``: a model path or an open ``ModelSource`` (whose reader is then reused)."""
+    from pagedlm.loader.source import ModelSource
+    from pagedlm.loader.weights import load_weights
     from pagedlm.model.layers.matmul import split_dtype
 
     quantization = validate_quantization(quantization)
-    if not os.path.exists(path):
+    if not isinstance(path, ModelSource) and not os.path.exists(path):
         raise FileNotFoundError(f"model path does not exist: {path!r}")
-    types = gguf_tensor_types(path, cfg) if quantization == "auto" and path.endswith(".gguf") else {}
+    source = ModelSource.open(path)
+    types = source.tensor_types(cfg) if quantization == "auto" else {}
     quant = QuantConfig(quantization, types, dense_min_rows)
     model = build_model(cfg, dtype, device, quant, parallel, **stage)
-    load_weights(model, iter_weights(path, cfg, int4_codes=quantization in ("auto", "int4")))
+    load_weights(model, source.weights(cfg, int4_codes=quantization in ("auto", "int4")))
     model.quant_counts = finalize_quantization(model, split_dtype(dtype, device)[1], quant)
     return model

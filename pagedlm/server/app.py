@@ -62,7 +62,7 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
         problem = async_engine.health_error()
         if problem is not None:
             return error_response(503, problem, "service_unavailable")
-        return P.HealthResponse(status="ok")
+        return P.HealthResponse(status="ok", decode_buckets=async_engine.decode_buckets())
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
     async def get_metrics():

@@ -384,3 +384,6 @@ class DetokenizeResponse(BaseModel):
 
 class HealthResponse(BaseModel):
     status: str
+    # Each decode batch bucket: compiled, compiling (built in the background; eager meanwhile) or
+    # eager. None with --enforce-eager.
+    decode_buckets: dict[str, str] | None = None

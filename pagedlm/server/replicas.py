@@ -94,6 +94,10 @@ class ReplicaRouter:
     def num_in_flight(self) -> int:
         return sum(r.num_in_flight for r in self.replicas)
 
+    def decode_buckets(self) -> dict[str, str] | None:
+        """Replica 0's decode buckets (every replica builds from the same cache entries)."""
+        return self.replicas[0].decode_buckets()
+
     def health_error(self) -> str | None:
         problems = [f"replica {i}: {p}" for i, r in enumerate(self.replicas) if (p := r.health_error())]
         return "; ".join(problems) or None

@@ -190,7 +190,7 @@ def load_examples(data: list[str], tokenizer) -> list:
 def cmd_finetune(args: argparse.Namespace) -> int:
     import torch
 
-    from pagedlm.engine.engine import resolve_model
+    from pagedlm.loader.source import resolve_model
     from pagedlm.model.registry import load_model
     from pagedlm.tokenizer import load_tokenizer
     from pagedlm.train.data import make_rows, show_masks, split

@@ -35,6 +35,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# The score of a masked key: finite, so that no softmax over keys can meet -inf - -inf (NaN),
+# yet exp(MASKED_SCORE - any real score) is exactly 0 in float32.
+MASKED_SCORE = -1e30
+
 
 @dataclass
 class PrefillSegment:
@@ -128,11 +132,15 @@ class TorchAttentionBackend:
             h, d = kv_cache.shape[-2:]
             # one gather for K and V: (2, nd, nblocks, block, kv_heads, hd) -> 2 x (nd, kv_heads, t, hd)
             kv = kv_cache[:, bt].view(2, nd, -1, h, d)[:, :, :t].transpose(2, 3)
+            mask = meta.decode_mask(window)
+            if mask is not None:
+                # Masked slots (a shorter row's tail, a reused block's unwritten slots) may hold
+                # anything: SDPA adds -inf to a masked score (NaN + -inf is NaN) and multiplies a
+                # masked value by 0 (0 x NaN is NaN), so zero them in the gathered copy.
+                kv = kv.masked_fill(~mask.transpose(-1, -2), 0)  # mask as (nd, 1, t, 1)
             kc, vc = kv[0], kv[1]
             qd = q[:nd].unsqueeze(2)  # (nd, heads, 1, hd)
-            o = F.scaled_dot_product_attention(
-                qd, kc, vc, attn_mask=meta.decode_mask(window), scale=scale, enable_gqa=True
-            )
+            o = F.scaled_dot_product_attention(qd, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True)
             out[:nd] = o.squeeze(2)
         for i, seg in enumerate(meta.prefills):
             s, n = seg.q_start, seg.q_len
@@ -166,8 +174,11 @@ class TorchAttentionBackend:
         bt = meta.decode_block_tables[:, : (t + meta.block_size - 1) // meta.block_size]
         d = cache.shape[-1]
         kc = cache[0][bt].view(nd, -1, 1, d)[:, :t].transpose(1, 2)  # (nd, 1, t, d)
+        mask = meta.decode_mask(None)
+        if mask is not None:  # as in forward: nothing stale in a masked slot reaches the output
+            kc = kc.masked_fill(~mask.transpose(-1, -2), 0)
         o = F.scaled_dot_product_attention(q.unsqueeze(2), kc, kc[..., :value_dim],
-                                           attn_mask=meta.decode_mask(None), scale=scale, enable_gqa=True)
+                                           attn_mask=mask, scale=scale, enable_gqa=True)
         return o.squeeze(2)
 
     @staticmethod
@@ -270,9 +281,17 @@ class PagedAttentionBackend:
         visible = t[None, :] < lens
         if window is not None:
             visible &= t[None, :] > lens - 1 - window
-        scores = scores.masked_fill(~visible[:, :, None, None], float("-inf"))
+        # Masked keys get a large finite score, not -inf: a compiled softmax may reduce keys in
+        # parts (per vector lane, per thread), and a part whose keys are all masked would compute
+        # exp(-inf - -inf) = NaN. A finite floor gives such a part weight 0 once rescaled by the
+        # row's true maximum (key 0 is always visible). Selects, not products, keep whatever
+        # lies in a masked slot (a padding block, a reused block's unwritten tail, the scratch
+        # block) out of the row: 0 x NaN would be NaN.
+        vis = visible[:, :, None, None]
+        scores = torch.where(vis, scores, MASKED_SCORE)
         p = torch.softmax(scores, dim=1)  # over keys
-        o = (p[..., None] * vc[:, :, :, None, :].float()).sum(1)  # (b, kvh, g, dv)
+        vals = torch.where(vis[..., None], vc[:, :, :, None, :].float(), 0.0)
+        o = (p[..., None] * vals).sum(1)  # (b, kvh, g, dv)
         return o.reshape(b, heads, dv).to(q.dtype)
 
 

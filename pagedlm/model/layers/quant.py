@@ -230,7 +230,8 @@ def most_precise(kinds) -> str:
 @dataclass
 class QuantConfig:
     """Chooses each layer's method. ``requested``: auto | none | int8 | int4. For ``auto`` on a
-    GGUF file, ``gguf_types`` maps HF parameter names to the file's tensor types."""
+    GGUF file, ``gguf_types`` maps HF parameter names to the file's tensor types (the loader's
+    ``ModelSource.tensor_types``: this module imports nothing from the loader)."""
 
     requested: str = "none"
     gguf_types: dict[str, str] = field(default_factory=dict)
@@ -261,20 +262,6 @@ class QuantConfig:
 
     def method(self, kind: str) -> LinearMethod:
         return METHODS[kind]()
-
-
-def gguf_tensor_types(path: str, cfg) -> dict[str, str]:
-    """HF parameter name (before q/k/v and gate/up fusion) -> GGUF tensor type name."""
-    from pagedlm.loader.gguf_meta import open_gguf
-    from pagedlm.loader.weights import gguf_to_hf_name
-
-    reader = open_gguf(path)
-    out = {}
-    for t in reader.tensors:
-        name = gguf_to_hf_name(t.name, cfg)
-        if name is not None:
-            out[name] = t.tensor_type.name
-    return out
 
 
 # ---- the build context and the post-load pass -----------------------------------------------

@@ -373,7 +373,13 @@ function renderCounts(state) {
   const m = state.metrics;
   $("pool-info").textContent = state.num_blocks + " blocks × " + state.block_size + " tokens · KV usage " +
     (100 * m.kv_cache_usage).toFixed(1) + "% · prefix caching " + (state.prefix_caching ? "on" : "off") +
-    " · max " + state.max_num_seqs + " sequences";
+    " · max " + state.max_num_seqs + " sequences" + bucketText(state.decode_buckets);
+}
+
+// Each decode batch bucket: compiled, compiling (built in the background, eager meanwhile) or eager.
+function bucketText(buckets) {
+  if (!buckets) return " · decode eager";
+  return " · decode buckets " + Object.entries(buckets).map(([b, st]) => b + " " + st).join(", ");
 }
 
 const PLOTS = [

@@ -1,0 +1,377 @@
+"""Decode steps compiled ahead of time: one AOTInductor package per batch bucket, built in a
+background process and kept in the cache, so that no request waits for a compiler and a machine
+compiles each step once.
+
+**What a package is.** The decode step as a pure function of its inputs,
+``(ids, pos, slots, tables, lens, weights, caches) -> logits``, exported with ``torch.export``
+and compiled by AOTInductor into a shared library (``torch._inductor.aoti_compile_and_package``).
+Weights and KV caches are *inputs*, never constants baked into the library: a package is a few
+MB, serves any KV pool size (the caches' block dimension is dynamic, as is the block-table
+width), and the caches are written in place. Loading one (``aoti_load_package``) takes
+milliseconds: no Dynamo, no AOTAutograd, no tracing.
+
+**Its key** (``StepSpec.key``) is everything that changes the compiled code and nothing measured
+at run time: pagedlm's source, torch's version, the CPU's flags, Python's version, the model's
+normalised config, dtype, block size, bucket, device, whether pagedlm's kernels are built, and
+every tensor the step reads (name, shape, dtype) with the non-tensor settings of each quantized
+weight (which kernel, whether this bucket takes the dense GEMM). Two processes with the same
+key load the same package; a change to any of these builds a new one.
+
+**Who builds it.** ``Builder`` runs in a child process (``spawn``), at a lower CPU priority with
+one thread, so the engine's steps keep the cores: it loads the model as the engine did, builds
+the buckets it is asked for in order, checks each package by loading it and running it once in
+its own process (a library that crashes on load takes down the builder, not the engine), and
+only then publishes it into the cache under the entry's lock. The engine polls the builder's
+pipe between steps and swaps a bucket in at a step boundary (``engine/compiled.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import logging
+import os
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from pagedlm.model.layers.attention import PagedDecodeMetadata
+
+log = logging.getLogger(__name__)
+
+KIND = "compiled"  # the cache folder (pagedlm/cache.py)
+MAX_DIM = 1 << 20  # upper bound of the dynamic block and width dimensions
+
+
+# ---- what a step reads ------------------------------------------------------------------------
+
+def _owned_objects(value, depth: int = 0):
+    """Plain objects (dataclass instances, method objects) a module holds, recursively: they may
+    hold tensors the forward reads (a quantized layer's packed weight and scales)."""
+    if depth > 3 or isinstance(value, (nn.Module, torch.Tensor, str, bytes, int, float, bool, type(None))):
+        return
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _owned_objects(v, depth + 1)
+        return
+    if hasattr(value, "__dict__") and not callable(value) or dataclasses.is_dataclass(value):
+        yield value
+        for v in vars(value).values():
+            yield from _owned_objects(v, depth + 1)
+
+
+def step_tensors(model: nn.Module) -> tuple[list[str], list[torch.Tensor], list[list[tuple[object, str]]]]:
+    """Every tensor the model holds, in a fixed order: (names, tensors, the places holding each:
+    ``(owner, attribute)``). Parameters and buffers, and tensors of plain objects its modules own.
+    A tensor held in several places (tied embeddings) appears once."""
+    names: list[str] = []
+    tensors: list[torch.Tensor] = []
+    places: list[list[tuple[object, str]]] = []
+    index: dict[int, int] = {}
+
+    def add(name: str, owner: object, attr: str, t: torch.Tensor) -> None:
+        i = index.get(id(t))
+        if i is None:
+            index[id(t)] = len(tensors)
+            names.append(name)
+            tensors.append(t)
+            places.append([(owner, attr)])
+        else:
+            places[i].append((owner, attr))
+
+    for mname, mod in model.named_modules():
+        for pname, p in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if p is not None:
+                add(f"{mname}.{pname}", mod, pname, p)
+        for aname, value in vars(mod).items():
+            if aname.startswith("_") or aname == "kv_cache":
+                continue
+            for obj in _owned_objects(value):
+                for k, v in vars(obj).items():
+                    if isinstance(v, torch.Tensor):
+                        add(f"{mname}.{aname}.{type(obj).__name__}.{k}", obj, k, v)
+    return names, tensors, places
+
+
+def _settings(model: nn.Module, bucket: int) -> list:
+    """The non-tensor values of the objects the modules own that choose the step's code (a
+    quantized weight's kind, kernel, GEMV path); a measured crossover enters only as whether this
+    bucket is past it."""
+    out = []
+    for mname, mod in model.named_modules():
+        for aname, value in vars(mod).items():
+            if aname.startswith("_") or aname == "kv_cache":
+                continue
+            for obj in _owned_objects(value):
+                for k, v in sorted(vars(obj).items()):
+                    if k == "dense_min_rows":
+                        out.append((mname, k, bucket >= v))
+                    elif isinstance(v, (bool, int, float, str)) or v is None:
+                        out.append((mname, k, v))
+                    elif callable(v) and not isinstance(v, torch.Tensor):
+                        out.append((mname, k, getattr(v, "__name__", type(v).__name__)))
+    return out
+
+
+_SOURCE_DIGEST: str | None = None
+
+
+def source_digest() -> str:
+    """A hash of pagedlm's Python and C++ source (what the traced step is made of)."""
+    global _SOURCE_DIGEST
+    if _SOURCE_DIGEST is None:
+        root = Path(__file__).resolve().parent.parent
+        h = hashlib.sha256()
+        for p in sorted(root.rglob("*")):
+            if p.suffix in (".py", ".cpp") and p.is_file():
+                h.update(str(p.relative_to(root)).encode())
+                h.update(p.read_bytes())
+        _SOURCE_DIGEST = h.hexdigest()[:16]
+    return _SOURCE_DIGEST
+
+
+def cpu_flags() -> str:
+    from pagedlm import kernels
+
+    return kernels._cpu_flags()
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """What a bucket's package is built for (sent to the builder; ``key`` names the entry)."""
+
+    model_path: str
+    model_key: list  # ModelConfig as plain values
+    dtype: str  # torch dtype name the engine asked for (weights and compute dtypes follow from it)
+    cache_dtype: str  # the KV cache's (compute) dtype name
+    quantization: str
+    dense_min_rows: int | None
+    device: str
+    block_size: int
+    kernels: bool = True  # pagedlm's CPU kernels were available to the engine (the builder matches it)
+
+    def key(self, model: nn.Module, bucket: int) -> str:
+        from pagedlm import cache
+
+        names, tensors, _ = step_tensors(model)
+        return cache.key(
+            "decode-step-v1", source_digest(), torch.__version__, cpu_flags(), sys.version, self.model_key,
+            self.dtype, self.cache_dtype, self.block_size, bucket, self.device, self.kernels,
+            [(n, list(t.shape), str(t.dtype)) for n, t in zip(names, tensors)], _settings(model, bucket))
+
+    def path(self, model: nn.Module, bucket: int) -> Path:
+        from pagedlm import cache
+
+        return cache.cache_dir(KIND) / (cache.entry_name(f"decode_b{bucket}", self.key(model, bucket)) + ".pt2")
+
+
+def config_key(cfg) -> list:
+    """A ModelConfig as plain values (its dataclass fields, recursively)."""
+    from pagedlm.cache import _canon
+
+    return _canon(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else repr(cfg))
+
+
+# ---- the step as a function of its inputs -------------------------------------------------
+
+def _set(owner: object, attr: str, value: torch.Tensor) -> None:
+    """Point one place at ``value``: a module's parameter or buffer slot (no Parameter check),
+    or a plain object's attribute."""
+    if isinstance(owner, nn.Module) and attr in owner._parameters:
+        owner._parameters[attr] = value
+    elif isinstance(owner, nn.Module) and attr in owner._buffers:
+        owner._buffers[attr] = value
+    else:
+        object.__setattr__(owner, attr, value)
+
+
+class StepFunction(nn.Module):
+    """The decode step with every tensor it reads as an argument. It owns no parameters (the
+    model is held outside the module tree), so export lifts nothing into constants: while it
+    runs, each weight slot and each layer's cache is pointed at the argument, then restored."""
+
+    def __init__(self, model: nn.Module, block_size: int):
+        super().__init__()
+        object.__setattr__(self, "model", model)
+        self.block_size = block_size
+        self.names, self.tensors, self.places = step_tensors(model)
+        self.attn = list(model.attention_layers())
+
+    @contextlib.contextmanager
+    def _bound(self, weights, caches):
+        saved = [(owner, attr, getattr(owner, attr)) for places in self.places for owner, attr in places]
+        saved_caches = [a.kv_cache for a in self.attn]
+        try:
+            for places, w in zip(self.places, weights):
+                for owner, attr in places:
+                    _set(owner, attr, w)
+            for a, c in zip(self.attn, caches):
+                a.kv_cache = c
+            yield
+        finally:
+            for owner, attr, value in saved:
+                _set(owner, attr, value)
+            for a, c in zip(self.attn, saved_caches):
+                a.kv_cache = c
+
+    def forward(self, ids, pos, slots, tables, lens, weights: list[torch.Tensor], caches: list[torch.Tensor]):
+        with self._bound(weights, caches):
+            meta = PagedDecodeMetadata(slots, tables, lens, self.block_size)
+            hidden = self.model(ids, pos, meta)
+            return self.model.compute_logits(hidden).float()
+
+
+def _example_inputs(bucket: int, caches: list[torch.Tensor], device) -> tuple:
+    scratch = caches[0].shape[1] - 1
+    bs = caches[0].shape[2]
+    z = lambda: torch.zeros(bucket, dtype=torch.long, device=device)  # noqa: E731
+    ids, pos = z(), z()
+    slots = torch.full((bucket,), scratch * bs, dtype=torch.long, device=device)
+    lens = torch.ones(bucket, dtype=torch.long, device=device)
+    tables = torch.full((bucket, 2), scratch, dtype=torch.long, device=device)
+    return ids, pos, slots, tables, lens
+
+
+def build_package(model: nn.Module, bucket: int, block_size: int, caches: list[torch.Tensor], target: Path) -> None:
+    """Export and compile ``bucket``'s step into the file ``target``."""
+    step = StepFunction(model, block_size)
+    args = _example_inputs(bucket, caches, caches[0].device)
+    width = torch.export.Dim("width", min=2, max=MAX_DIM)
+    blocks = torch.export.Dim("blocks", min=2, max=MAX_DIM)
+    shapes = (None, None, None, {1: width}, None, [None] * len(step.tensors), [{1: blocks}] * len(caches))
+    with torch.no_grad():
+        ep = torch.export.export(step, (*args, list(step.tensors), list(caches)), dynamic_shapes=shapes, strict=False)
+    baked = sum(t.numel() * t.element_size() for t in ep.constants.values() if isinstance(t, torch.Tensor))
+    if baked > 1 << 20:
+        raise RuntimeError(f"the exported step bakes {baked} bytes of tensors into the package (weights must be inputs)")
+    torch._inductor.aoti_compile_and_package(
+        ep, package_path=str(target),
+        # Round to bf16 where eager rounds (as the in-process graphs do).
+        inductor_configs={"emulate_precision_casts": True})
+
+
+class PackagedStep:
+    """A loaded package, called with a flat argument list built once: every input but the block
+    table is the same tensor at every step (weights, caches, the bucket's persistent buffers)."""
+
+    def __init__(self, path: Path, weights: list[torch.Tensor], caches: list[torch.Tensor], buffers) -> None:
+        self.path = path
+        self.model = torch._inductor.aoti_load_package(str(path))
+        self.loader = self.model.loader
+        self.args = [buffers.ids, buffers.pos, buffers.slots, None, buffers.lens, *weights, *caches]
+
+    def __call__(self, tables: torch.Tensor) -> torch.Tensor:
+        args = list(self.args)
+        args[3] = tables
+        return self.loader.boxed_run(args)[0]
+
+
+# ---- the builder process ------------------------------------------------------------------
+
+def _load_model(spec: StepSpec):
+    from pagedlm.config import ModelConfig
+    from pagedlm.model.registry import load_model
+
+    cfg = ModelConfig.from_pretrained(spec.model_path)
+    dtype = getattr(torch, spec.dtype)
+    return load_model(spec.model_path, cfg, dtype, spec.device, spec.quantization, spec.dense_min_rows, None)
+
+
+FAILED_SUFFIX = ".failed"  # beside an entry: why the builder could not make it (read once, then removed)
+
+
+def builder_main(spec: StepSpec, buckets: list[int], expected: dict[int, str], threads: int = 1) -> int:
+    """Build each bucket's package into the cache (skipping those already there). A bucket that
+    cannot be built leaves ``<entry>.failed`` with the reason, for the engine to read."""
+    from pagedlm import cache
+
+    with contextlib.suppress(OSError):
+        os.nice(10)
+    torch.set_num_threads(threads)
+    if not spec.kernels:  # the engine multiplies with torch's kernels: so must the graph built for it
+        os.environ["PAGEDLM_KERNELS"] = "0"
+    try:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
+        model = _load_model(spec)
+        # Small caches: the block dimension is dynamic, so the package serves any pool size.
+        caches = [torch.zeros(a.kv_cache_shape(4, spec.block_size), dtype=getattr(torch, spec.cache_dtype),
+                              device=spec.device) for a in model.attention_layers()]
+    except BaseException as e:  # noqa: BLE001 - report, then exit
+        for b in buckets:
+            _fail(Path(expected[b]), f"the builder could not load the model: {type(e).__name__}: {e}")
+        return 1
+    for bucket in buckets:
+        target = Path(expected[bucket])
+        t0 = time.perf_counter()
+        try:
+            key_path = spec.path(model, bucket)
+            if key_path != target:
+                raise RuntimeError(f"the builder's model keys differently ({key_path.name}, not {target.name})")
+            with cache.locked(key_path):
+                if not key_path.exists():
+                    tmp = key_path.with_name(f"{cache.TMP_PREFIX}{os.getpid()}-{key_path.name}")
+                    try:
+                        build_package(model, bucket, spec.block_size, caches, tmp)
+                        _smoke_test(tmp, model, bucket, caches)
+                        os.replace(tmp, key_path)  # whole, checked, or not at all
+                    finally:
+                        with contextlib.suppress(OSError):
+                            tmp.unlink()
+            log.info("bucket %d: %s in %.1f s", bucket, key_path.name, time.perf_counter() - t0)
+        except BaseException as e:  # noqa: BLE001 - this bucket stays eager
+            log.error("bucket %d failed:\n%s", bucket, traceback.format_exc())
+            _fail(target, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return 0
+
+
+def _fail(entry: Path, reason: str) -> None:
+    from pagedlm import cache
+
+    with contextlib.suppress(OSError):
+        cache.atomic_write(Path(str(entry) + FAILED_SUFFIX), reason.encode())
+
+
+def builder_command(spec: StepSpec, buckets: list[int], expected: dict[int, str]) -> list[str]:
+    """The command line of a builder process for these buckets."""
+    import json
+
+    payload = json.dumps({"spec": dataclasses.asdict(spec), "buckets": buckets,
+                          "expected": {str(b): p for b, p in expected.items()}})
+    return [sys.executable, "-m", "pagedlm.engine.aot", payload]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import json
+
+    args = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s pagedlm builder %(process)d: %(message)s")
+    payload = json.loads(args[0])
+    spec = StepSpec(**payload["spec"])
+    expected = {int(b): p for b, p in payload["expected"].items()}
+    return builder_main(spec, payload["buckets"], expected)
+
+
+def _smoke_test(path: Path, model: nn.Module, bucket: int, caches: list[torch.Tensor]) -> None:
+    """Load the new package and run it once on padding rows in this (the builder's) process: a
+    library that fails or crashes here is never published."""
+    class _Buf:
+        pass
+
+    buf = _Buf()
+    buf.ids, buf.pos, buf.slots, tables, buf.lens = _example_inputs(bucket, caches, caches[0].device)
+    _, tensors, _ = step_tensors(model)
+    out = PackagedStep(path, tensors, caches, buf)(tables)
+    if out.shape[0] != bucket or not bool(torch.isfinite(out).all()):
+        raise RuntimeError(f"the package's smoke test computed {'non-finite' if out.shape[0] == bucket else 'misshaped'} logits")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Compiled decode steps built off the request path and cached per machine (engine/aot.py,
+engine/compiled.py in background mode).
+
+One real build (the tiny model's bucket 1, by two processes racing for the same cache entry)
+backs the end-to-end tests; the rest use a fake builder that copies that package into place
+when the test says so, so that what runs while a bucket is "compiling" is under the test's control.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from pagedlm import LLM, SamplingParams
+from pagedlm.engine import aot
+from tests.helpers import save_tiny
+
+PARAMS = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+PROMPTS = [{"prompt_token_ids": [5, 9, 17, 33, 65, 129]}]
+ENGINE = dict(dtype="float32", block_size=16, num_kv_blocks=32, max_num_seqs=4)
+
+# A process that builds (or finds) bucket 1 in the background, decodes with it and reports.
+CHILD = textwrap.dedent("""
+    import json, sys
+    from pagedlm import LLM, SamplingParams
+    llm = LLM(sys.argv[1], enforce_eager=False, compile_mode="background", **json.loads(sys.argv[2]))
+    c = llm.engine.runner.compiled
+    at_start = c.states()[1]
+    c.warmup([1])
+    out = llm.generate([{"prompt_token_ids": [5, 9, 17, 33, 65, 129]}],
+                       SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+    print(json.dumps({"at_start": at_start, "state": c.states()[1], "tokens": out[0].outputs[0].token_ids,
+                      "started_builder": c.builder is not None, "compiled_steps": c.num_steps,
+                      "trusted": [list(k) for k in c.checked], "eager_graphs": [list(k) for k in c.eager_graphs]}))
+""")
+
+
+def _child(model: str, cache_dir: Path) -> subprocess.Popen:
+    env = {**os.environ, "PAGEDLM_CACHE_DIR": str(cache_dir), "PAGEDLM_ENFORCE_EAGER": "0"}
+    return subprocess.Popen([sys.executable, "-c", CHILD, model, json.dumps(ENGINE)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=str(Path(__file__).resolve().parent.parent))
+
+
+def _report(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=1200)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> str:
+    return save_tiny("llama", str(tmp_path_factory.mktemp("tiny_aot")))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny) -> list[int]:
+    llm = LLM(tiny, enforce_eager=True, **ENGINE)
+    return llm.generate(PROMPTS, PARAMS, use_tqdm=False)[0].outputs[0].token_ids
+
+
+@pytest.fixture(scope="module")
+def built(tiny, tmp_path_factory, reference) -> Path:
+    """Two processes race to fill the same empty cache entry: both answer correctly, the entry is
+    built once (its lock), and the package is the one file left. Returns the cache root."""
+    root = tmp_path_factory.mktemp("aot_cache")
+    procs = [_child(tiny, root), _child(tiny, root)]
+    reports = [_report(p) for p in procs]
+    for r in reports:
+        assert r["state"] == "compiled" and r["tokens"] == reference
+        assert r["compiled_steps"] > 0 and [1, False] in r["trusted"] and not r["eager_graphs"]
+    packages = sorted((root / "compiled").glob("*.pt2"))
+    assert len(packages) == 1 and packages[0].name.startswith("decode_b1-")
+    assert not list((root / "compiled").glob(".tmp-*"))  # nothing half-written left behind
+    return root
+
+
+def test_two_racing_processes_build_once_and_both_answer(built):
+    assert built.exists()  # the fixture's assertions are the test
+
+
+def test_a_second_process_compiles_nothing(tiny, built, reference):
+    r = _report(_child(tiny, built))
+    assert r["at_start"] == "compiled"  # loaded at start-up
+    assert not r["started_builder"] and r["tokens"] == reference and r["compiled_steps"] > 0
+
+
+def _package(built: Path) -> Path:
+    return next((built / "compiled").glob("decode_b1-*.pt2"))
+
+
+def _fake_builder(monkeypatch, built: Path, go: Path | None = None, fail: str | None = None) -> None:
+    """The builder becomes a process that waits for ``go`` to exist, then copies the real package
+    into place (or writes the failure marker ``fail``)."""
+    package = _package(built)
+
+    def command(spec, buckets, expected):
+        script = textwrap.dedent(f"""
+            import os, shutil, sys, time
+            go, src, targets, fail = sys.argv[1], sys.argv[2], sys.argv[3:], {fail!r}
+            while go and not os.path.exists(go):
+                time.sleep(0.05)
+            for t in targets:
+                if fail:
+                    open(t + ".failed", "w").write(fail)
+                else:
+                    shutil.copy(src, t + ".part")
+                    os.replace(t + ".part", t)
+        """)
+        return [sys.executable, "-c", script, str(go or ""), str(package), *expected.values()]
+    monkeypatch.setattr(aot, "builder_command", command)
+
+
+def test_steps_run_eagerly_until_the_swap_at_a_step_boundary(tiny, built, reference, monkeypatch, tmp_path):
+    monkeypatch.setenv("PAGEDLM_CACHE_DIR", str(tmp_path))
+    go = tmp_path / "go"
+    _fake_builder(monkeypatch, built, go)
+    llm = LLM(tiny, enforce_eager=False, compile_mode="background", **ENGINE)
+    runner, compiled = llm.engine.runner, llm.engine.runner.compiled
+    assert compiled.states()[1] == "eager"
+    eager_steps = []
+    execute = runner._execute_eager
+
+    def spy(inputs):
+        eager_steps.append(compiled.states()[1])
+        if len(eager_steps) == 6:
+            go.touch()  # the "compile" finishes while the request decodes
+        elif len(eager_steps) > 6:
+            time.sleep(0.05)  # eager steps slow enough for the builder's copy to land mid-request
+        return execute(inputs)
+    runner._execute_eager = spy
+    out = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == reference  # eager steps, then compiled ones: the same tokens
+    assert "compiling" in eager_steps  # steps went on eagerly while the bucket was being built
+    assert compiled.num_steps > 0  # ... and the package took over within the same request
+    second = llm.generate(PROMPTS, PARAMS, use_tqdm=False)[0].outputs[0].token_ids
+    assert second == reference and compiled.states()[1] == "compiled" and compiled.num_steps > 0
+    assert (1, False) in compiled.checked  # the loaded package passed the self-check
+
+
+def test_a_corrupt_entry_is_rebuilt_with_one_warning(tiny, built, reference, monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("PAGEDLM_CACHE_DIR", str(tmp_path))
+    _fake_builder(monkeypatch, built)
+    (tmp_path / "compiled").mkdir()
+    entry = tmp_path / "compiled" / _package(built).name
+    entry.write_bytes(_package(built).read_bytes()[:1000])  # truncated
+    with caplog.at_level(logging.WARNING, logger="pagedlm"):
+        llm = LLM(tiny, enforce_eager=False, compile_mode="background", **ENGINE)
+        compiled = llm.engine.runner.compiled
+        compiled.wait([1])
+        out = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == reference and compiled.states()[1] == "compiled"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("pagedlm")]
+    assert len(warnings) == 1 and "does not load" in warnings[0] and "rebuilding" in warnings[0]
+    assert entry.read_bytes() == _package(built).read_bytes()
+
+
+def test_a_failed_build_leaves_the_bucket_eager_with_one_warning(tiny, built, reference, monkeypatch, tmp_path,
+                                                                 caplog):
+    monkeypatch.setenv("PAGEDLM_CACHE_DIR", str(tmp_path))
+    _fake_builder(monkeypatch, built, fail="RuntimeError: no C++ compiler")
+    with caplog.at_level(logging.WARNING, logger="pagedlm"):
+        llm = LLM(tiny, enforce_eager=False, compile_mode="background", **ENGINE)
+        compiled = llm.engine.runner.compiled
+        compiled.warmup([1])
+        out = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == reference
+    assert compiled.states()[1] == "eager" and "no C++ compiler" in compiled.aot_failed[1]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("pagedlm")]
+    assert len(warnings) == 1 and "could not be built" in warnings[0]
+
+
+def _key(tiny: str, **kw) -> str:
+    llm = LLM(tiny, enforce_eager=False, compile_mode="background", **{**ENGINE, **kw})
+    return llm.engine.runner.compiled.entry(1).name
+
+
+def test_cache_keys_follow_what_changes_the_code(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(aot, "builder_command", lambda *a: [sys.executable, "-c", "pass"])
+    base = _key(tiny)
+    assert _key(tiny) == base  # same inputs, same key
+    assert _key(tiny, dtype="bfloat16") != base
+    assert _key(tiny, block_size=8) != base
+    assert _key(tiny, quantization="int8") != base
+    llm = LLM(tiny, enforce_eager=False, compile_mode="background", **ENGINE)
+    compiled = llm.engine.runner.compiled
+    assert compiled.entry(2).name != compiled.entry(1).name
+    # Not keyed by run-time values: the KV pool's size.
+    assert _key(tiny, num_kv_blocks=64) == base
+    # Another architecture (a shape) keys differently.
+    other = save_tiny("llama", str(tmp_path / "wider"), hidden_size=96)
+    assert _key(other) != base
+    # The same key in another process.
+    code = ("import json, sys; from pagedlm import LLM; "
+            "llm = LLM(sys.argv[1], enforce_eager=False, compile_mode='background', **json.loads(sys.argv[2])); "
+            "print(llm.engine.runner.compiled.entry(1).name)")
+    out = subprocess.run([sys.executable, "-c", code, tiny, json.dumps(ENGINE)], capture_output=True, text=True,
+                         env={**os.environ, "PAGEDLM_ENFORCE_EAGER": "0"}, timeout=600,
+                         cwd=str(Path(__file__).resolve().parent.parent))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == base
+
+
+def test_cache_warm_and_list(tiny, built, monkeypatch, tmp_path, capsys):
+    from pagedlm.cli import main
+
+    monkeypatch.setenv("PAGEDLM_CACHE_DIR", str(tmp_path))
+    _fake_builder(monkeypatch, built)
+    assert main(["cache", "warm", "--model", tiny, "--dtype", "float32", "--max-num-seqs", "4", "--buckets", "1"]) == 0
+    assert "bucket    1: compiled" in capsys.readouterr().out
+    assert main(["cache", "list", "--kind", "compiled"]) == 0
+    assert "decode_b1-" in capsys.readouterr().out
+    assert main(["cache", "warm", "--model", tiny, "--dtype", "float32", "--max-num-seqs", "4", "--buckets", "3"]) == 2
+    assert "no decode bucket 3" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "compiled")
