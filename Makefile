@@ -8,7 +8,7 @@ PIP     = $(PY) -m pip
 # torch first, pinned: the CPU wheel on disk; an open range would pull CUDA builds.
 TORCH  ?= torch==2.13.0
 
-.PHONY: venv install install-test browser demo test lint bench clean
+.PHONY: venv install install-test browser demo test lint bench bench-train clean
 
 $(VENV)/.created:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,12 @@ lint: install-test
 bench: install-test
 	$(PIP) install -q -e '.[bench]'
 	$(PY) benchmarks/bench_core.py
+
+bench-train: install-test
+	$(PIP) install -q -e '.[train]'
+	$(PY) benchmarks/bench_train.py lora
+	$(PY) benchmarks/bench_train.py finetune
+	$(PY) benchmarks/bench_train.py pretrain
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

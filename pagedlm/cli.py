@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     register_inspect(sub)
     from pagedlm.cache import register as register_cache
     register_cache(sub)
+    from pagedlm.train.commands import register as register_train
+    register_train(sub)
     return parser
 
 

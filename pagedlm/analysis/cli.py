@@ -38,6 +38,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
     p.add_argument("--plot", metavar="OUT.png", default=None,
                    help="write a picture (memory breakdown, KV cache growth); needs matplotlib")
+    g = p.add_argument_group("training (--train)")
+    g.add_argument("--train", action="store_true",
+                   help="add training memory per rank (weights, grads, AdamW, activations with and without "
+                        "checkpointing, ZeRO-1/2/3) and FLOPs per token; --batch x --seq tokens per micro-batch")
+    g.add_argument("--train-dtype", default="float32", choices=["float32", "bfloat16"], help="training precision")
+    g.add_argument("--lora-r", type=int, default=0, help="LoRA rank on every linear layer (0: full training)")
+    g.add_argument("--ranks", type=int, default=1, help="data-parallel ranks for ZeRO (default 1)")
     p.set_defaults(func=run)
 
 
@@ -52,11 +59,20 @@ def run(args: argparse.Namespace) -> int:
         from pagedlm.analysis.plot import plot_report
 
         plot_report(cfg, report, args.plot)
+    if args.train:
+        from pagedlm.analysis.training import training_report
+
+        mem = args.memory * 1e9 if args.memory else None
+        report["training"] = training_report(cfg, args.batch, args.seq, args.train_dtype, args.lora_r, args.ranks, mem)
     if args.json:
         json.dump(report, sys.stdout, indent=2, default=str)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(format_report(report))
+        if args.train:
+            from pagedlm.analysis.training import format_training
+
+            sys.stdout.write(format_training(report["training"]))
         if args.plot:
             sys.stdout.write(f"plot written to {args.plot}\n")
     return 0

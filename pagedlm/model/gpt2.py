@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pagedlm.config import ModelConfig
 from pagedlm.model.layers.attention import Attention, AttentionMetadata
@@ -68,6 +69,7 @@ class GPT2Model(nn.Module):
         self.layer_ids = layers if layers is not None else range(cfg.num_hidden_layers)
         self.h = nn.ModuleDict({str(i): GPT2Block(cfg) for i in self.layer_ids})
         self.ln_f = LayerNorm(cfg.hidden_size, cfg.norm_eps)
+        self.checkpoint_layers = False  # activation checkpointing (pagedlm.train sets it)
 
 
 class GPT2LMHeadModel(nn.Module):
@@ -85,7 +87,10 @@ class GPT2LMHeadModel(nn.Module):
         t = self.transformer
         x = t.wte(input_ids) + t.wpe(positions) if hidden is None else hidden
         for i in t.layer_ids:
-            x = t.h[str(i)](x, meta)
+            if t.checkpoint_layers and self.training:  # training: recompute activations in backward
+                x = checkpoint(t.h[str(i)], x, meta, use_reentrant=False)
+            else:
+                x = t.h[str(i)](x, meta)
         return t.ln_f(x) if self.last else x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

