@@ -108,3 +108,20 @@ def smollm2_path() -> str | None:
         return None
     p = os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
     return p if os.path.isfile(p) else None
+
+
+def tokens_equal_up_to_bf16_ties(ref, outs) -> float:
+    """Compare two runs' CompletionOutputs (with logprobs=2) token for token, except that where
+    they first differ the reference's two best logprobs must be an exact bf16 tie (a compiled graph
+    may round partial sums in another order there); each sequence is compared up to that point.
+    Returns the fraction of the reference's tokens that matched before any divergence."""
+    same = total = 0
+    for r, o in zip(ref, outs):
+        total += len(r.token_ids)
+        for t, (a, b) in enumerate(zip(r.token_ids, o.token_ids)):
+            if a != b:
+                lp = r.logprobs[t]
+                assert b in lp and abs(lp[a].logprob - lp[b].logprob) <= 2 ** -7 * abs(lp[a].logprob), (t, lp)
+                break
+            same += 1
+    return same / max(1, total)
