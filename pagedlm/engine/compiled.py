@@ -430,9 +430,18 @@ class CompiledDecode:
         return out
 
     def _load_cached(self) -> None:
-        """Load every bucket whose package is in the cache (start-up: milliseconds each)."""
-        for b in self.sizes:
-            path = self.entry(b)
+        """Load every bucket whose package is in the cache (start-up: milliseconds each). Without
+        a usable cache folder, steps compile in this process instead (inline), with one warning."""
+        try:
+            paths = {b: self.entry(b) for b in self.sizes}
+        except OSError as e:
+            from pagedlm import cache
+
+            log.warning("the compiled-step cache under %s is not usable (%s); decode steps compile in this "
+                        "process instead", cache.cache_root(), e)
+            self.aot = None
+            return
+        for b, path in paths.items():
             if path.exists():
                 self._load(b, path)
 
