@@ -143,6 +143,7 @@ class CompiledDecode:
         self.aot_failed: dict[int, str] = {}  # bucket -> why it has no package (it runs eagerly)
         self.builder: subprocess.Popen | None = None
         self._next_poll = 0.0
+        self._threads: int | None = None  # the engine's thread count while a builder runs beside it
         self.max_model_len = max_model_len or getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.device = device
         self.sizes = bucket_sizes(max_num_seqs)
@@ -494,6 +495,12 @@ class CompiledDecode:
                                             env={**os.environ, "OMP_NUM_THREADS": "1"})
         finally:
             logf.close()
+        # The builder takes one core: the engine's steps use one thread fewer until it is done
+        # (OpenMP threads that wait for a core at every parallel region cost far more than a
+        # thread: eager decode ran 4x slower sharing two cores with the builder than on one).
+        if self._threads is None and torch.get_num_threads() > 1:
+            self._threads = torch.get_num_threads()
+            torch.set_num_threads(self._threads - 1)
         log.info("building the compiled decode step of batch buckets %s in the background (they run eagerly "
                  "until then; log: %s)", buckets, cache.cache_dir("compiled") / "builder.log")
 
@@ -531,6 +538,9 @@ class CompiledDecode:
                             "with code %s); it runs eagerly", b, code)
         if exited:
             self._start_builder()
+        if self._threads is not None and not self.pending and not self.queued:
+            torch.set_num_threads(self._threads)  # the builder is done: every thread back to the steps
+            self._threads = None
 
     def wait(self, buckets: list[int], timeout_s: float = 3600.0) -> None:
         """Block until these buckets are loaded or have failed (warm-up, `pagedlm cache warm`)."""
