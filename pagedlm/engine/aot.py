@@ -17,12 +17,13 @@ every tensor the step reads (name, shape, dtype) with the non-tensor settings of
 weight (which kernel, whether this bucket takes the dense GEMM). Two processes with the same
 key load the same package; a change to any of these builds a new one.
 
-**Who builds it.** The builder runs in a child process of its own session, under ``SCHED_IDLE`` with one
-thread (the engine's steps use one thread fewer meanwhile), so the engine's steps keep the cores: it loads the model as the engine did, builds
-the buckets it is asked for in order, checks each package by loading it and running it once in
-its own process (a library that crashes on load takes down the builder, not the engine), and
-only then publishes it into the cache under the entry's lock. The engine polls the builder's
-pipe between steps and swaps a bucket in at a step boundary (``engine/compiled.py``).
+**Who builds it.** The builder runs in a child process of its own session, under ``SCHED_IDLE``
+with one thread (the engine's steps use one thread fewer meanwhile), so the engine's steps keep
+the cores: it loads the model as the engine did, builds the buckets it is asked for in order,
+checks each package by loading it and running it once in its own process (a library that crashes
+on load takes down the builder, not the engine), and only then publishes it into the cache under
+the entry's lock. The engine polls the builder's pipe between steps and swaps a bucket in at a
+step boundary (``engine/compiled.py``).
 """
 
 from __future__ import annotations
