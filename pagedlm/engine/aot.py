@@ -22,7 +22,7 @@ with one thread (the engine's steps use one thread fewer meanwhile), so the engi
 the cores: it loads the model as the engine did, builds the buckets it is asked for in order,
 checks each package by loading it and running it once in its own process (a library that crashes
 on load takes down the builder, not the engine), and only then publishes it into the cache under
-the entry's lock. The engine polls the builder's pipe between steps and swaps a bucket in at a
+the entry's lock. The engine looks for finished entries between steps and swaps a bucket in at a
 step boundary (``engine/compiled.py``).
 """
 
