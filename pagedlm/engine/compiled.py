@@ -144,6 +144,7 @@ class CompiledDecode:
         self.builder: subprocess.Popen | None = None
         self._next_poll = 0.0
         self._threads: int | None = None  # the engine's thread count while a builder runs beside it
+        self._entries: dict[int, Path] = {}  # bucket -> its cache entry (StepSpec.path), per KV layout
         self.max_model_len = max_model_len or getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.device = device
         self.sizes = bucket_sizes(max_num_seqs)
@@ -271,6 +272,7 @@ class CompiledDecode:
         self.eager_graphs.clear()
         self.checked.clear()
         self.packages.clear()
+        self._entries.clear()  # keyed by the block size set here
         if self.aot is not None:
             self._load_cached()
 
@@ -411,7 +413,11 @@ class CompiledDecode:
 
     # ---- background mode: packages built by a builder process (engine/aot.py) ----------------
     def entry(self, bucket: int) -> Path:
-        return self.aot.path(self.model, bucket)
+        """The bucket's cache entry (its key walks every tensor of the model: computed once)."""
+        path = self._entries.get(bucket)
+        if path is None:
+            path = self._entries[bucket] = self.aot.path(self.model, bucket)
+        return path
 
     def states(self) -> dict[int, str]:
         """Each bucket's state: compiled (a graph runs it), compiling (a builder is making it),
