@@ -43,6 +43,7 @@ T = TypeVar("T")
 _KIND = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 LOCK_SUFFIX = ".lock"
+CLAIM_SUFFIX = ".building"  # held while a builder process makes the entry (``claim``)
 TMP_PREFIX = ".tmp-"
 
 
@@ -182,6 +183,38 @@ def locked(path: str | os.PathLike) -> Iterator[None]:
         os.close(fd)
 
 
+def claim(path: str | os.PathLike) -> int | None:
+    """Claim the making of ``path`` for as long as this process lives (or until ``os.close`` of
+    the returned descriptor): a lock on ``path.building``, taken without waiting. None when
+    another process holds the claim. The kernel drops the lock when its holder dies, so a
+    claim never outlives a crashed builder."""
+    lock = Path(os.fspath(path) + CLAIM_SUFFIX)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def claimed(path: str | os.PathLike) -> bool:
+    """Whether a live process (this one included) holds the claim on making ``path``."""
+    lock = Path(os.fspath(path) + CLAIM_SUFFIX)
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing drops a lock taken just now
+    return False
+
+
 def cached_entry(kind: str, name: str, load: Callable[[Path], T], build: Callable[[Path], T],
                  what: str = "entry") -> T:
     """The entry ``kind/name``: ``load(path)`` if it is there and loads, else ``build(tmp)``,
@@ -272,7 +305,7 @@ def entries(kind: str | None = None) -> list[Entry]:
         if not d.is_dir():
             continue
         for p in sorted(d.iterdir()):
-            if p.name.endswith(LOCK_SUFFIX) or p.name.startswith(TMP_PREFIX):
+            if p.name.endswith((LOCK_SUFFIX, CLAIM_SUFFIX)) or p.name.startswith(TMP_PREFIX):
                 continue
             try:
                 out.append(Entry(k, p.name, p, _size(p), p.lstat().st_mtime))
@@ -299,7 +332,7 @@ def clear(kind: str | None = None) -> tuple[int, int]:
         d = root / k
         if d.is_dir():
             for p in d.iterdir():
-                if p.name.endswith(LOCK_SUFFIX) or p.name.startswith(TMP_PREFIX):
+                if p.name.endswith((LOCK_SUFFIX, CLAIM_SUFFIX)) or p.name.startswith(TMP_PREFIX):
                     # A lock held right now stays valid: flock is on the open file, not the name.
                     if p.is_dir():
                         shutil.rmtree(p, ignore_errors=True)

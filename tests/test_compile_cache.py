@@ -40,7 +40,8 @@ CHILD = textwrap.dedent("""
     out = llm.generate([{"prompt_token_ids": [5, 9, 17, 33, 65, 129]}],
                        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
     print(json.dumps({"at_start": at_start, "state": c.states()[1], "tokens": out[0].outputs[0].token_ids,
-                      "started_builder": c.builder is not None, "compiled_steps": c.num_steps,
+                      "started_builder": c.builder is not None,
+                      "prepared": getattr(llm.engine.runner.model, "prepared_from", None), "compiled_steps": c.num_steps,
                       "trusted": [list(k) for k in c.checked], "eager_graphs": [list(k) for k in c.eager_graphs]}))
 """)
 
@@ -92,6 +93,7 @@ def test_two_racing_processes_build_once_and_both_answer(built):
 def test_a_second_process_compiles_nothing(tiny, built, reference):
     r = _report(_child(tiny, built))
     assert r["at_start"] == "compiled"  # loaded at start-up
+    assert r["prepared"]  # the model too: the builder cached it as it loaded it
     assert not r["started_builder"] and r["tokens"] == reference and r["compiled_steps"] > 0
 
 
@@ -241,3 +243,52 @@ def test_the_builder_loads_the_model_the_engine_keyed(smollm2):
     rebuilt = aot._load_model(spec)
     for b in (1, 16, 64):  # 16: past the int4 crossover, not the int8 one
         assert spec.path(rebuilt, b) == spec.path(runner.model, b)
+
+
+def test_an_engine_leaves_a_bucket_to_the_builder_that_claimed_it(tiny, built, reference, monkeypatch, tmp_path):
+    """A bucket another process's builder is making (its claim is held: here by the test) starts
+    no second builder; the engine loads the entry once it appears. A builder given a claimed
+    bucket exits at once, without loading the model or leaving a failure marker."""
+    from pagedlm import cache
+
+    monkeypatch.setenv("PAGEDLM_CACHE_DIR", str(tmp_path))
+    spawned = tmp_path / "spawned"
+
+    def command(spec, buckets, expected):
+        return [sys.executable, "-c", f"open({str(spawned)!r}, 'w').close()"]
+    monkeypatch.setattr(aot, "builder_command", command)
+    llm = LLM(tiny, enforce_eager=False, compile_mode="background", **ENGINE)
+    compiled = llm.engine.runner.compiled
+    entry = compiled.entry(1)
+    fd = cache.claim(entry)
+    assert fd is not None and cache.claimed(entry) and cache.claim(entry) is None
+    try:
+        assert aot.builder_main(compiled.aot, [1], {1: str(entry)}) == 0
+        assert not Path(str(entry) + aot.FAILED_SUFFIX).exists()
+        compiled.request([1])
+        compiled.poll(force=True)
+        assert compiled.builder is None and compiled.states()[1] == "compiling"
+        shutil.copy(_package(built), entry)  # the other builder publishes, then exits
+    finally:
+        os.close(fd)
+    assert not cache.claimed(entry)
+    compiled.wait([1], timeout_s=30)
+    out = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert out[0].outputs[0].token_ids == reference and compiled.states()[1] == "compiled"
+    assert not spawned.exists()
+
+
+def test_a_claim_dropped_without_an_entry_leaves_the_bucket_eager(tiny, monkeypatch, tmp_path, caplog):
+    from pagedlm import cache
+
+    monkeypatch.setenv("PAGEDLM_CACHE_DIR", str(tmp_path))
+    llm = LLM(tiny, enforce_eager=False, compile_mode="background", **ENGINE)
+    compiled = llm.engine.runner.compiled
+    fd = cache.claim(compiled.entry(1))
+    compiled.request([1])
+    compiled.poll(force=True)
+    assert compiled.states()[1] == "compiling" and compiled.builder is None
+    os.close(fd)  # that builder died without publishing
+    with caplog.at_level(logging.WARNING, logger="pagedlm"):
+        compiled.wait([1], timeout_s=30)
+    assert compiled.states()[1] == "eager" and "without building it" in compiled.aot_failed[1]

@@ -171,6 +171,7 @@ class StepSpec:
     device: str
     block_size: int
     kernels: bool = True  # pagedlm's CPU kernels were available to the engine (the builder matches it)
+    crossover_measured: bool = True  # the engine measured dense_min_rows (was not given it)
 
     def key(self, model: nn.Module, bucket: int) -> str:
         from pagedlm import cache
@@ -296,7 +297,34 @@ def _load_model(spec: StepSpec):
 
     cfg = ModelConfig.from_pretrained(spec.model_path)
     dtype = getattr(torch, spec.dtype)
-    return load_model(spec.model_path, cfg, dtype, spec.device, spec.quantization, spec.dense_min_rows, None)
+    return load_model(spec.model_path, cfg, dtype, spec.device, spec.quantization, spec.dense_min_rows, None,
+                      save_prepared=True,
+                      prepared_rows=None if spec.crossover_measured else spec.dense_min_rows)
+
+
+# ---- the engine's share of the cores while builders run beside it -----------------------------
+
+_yielded: set[str] = set()
+_threads_before: list[int] = []
+
+
+def yield_core(who: str) -> None:
+    """A builder process (``who``: the compiled steps, the kernels) starts beside the engine: its
+    steps use one thread fewer until every builder is done (``reclaim_core``). OpenMP threads
+    that wait for a core at every parallel region cost far more than a thread: eager decode ran
+    4x slower sharing two cores with a builder than on one."""
+    if not _yielded and torch.get_num_threads() > 1:
+        _threads_before.append(torch.get_num_threads())
+        torch.set_num_threads(_threads_before[-1] - 1)
+    _yielded.add(who)
+
+
+def reclaim_core(who: str) -> None:
+    if who not in _yielded:
+        return
+    _yielded.discard(who)
+    if not _yielded and _threads_before:
+        torch.set_num_threads(_threads_before.pop())
 
 
 FAILED_SUFFIX = ".failed"  # beside an entry: why the builder could not make it (read once, then removed)
@@ -307,6 +335,14 @@ def builder_main(spec: StepSpec, buckets: list[int], expected: dict[int, str], t
     cannot be built leaves ``<entry>.failed`` with the reason, for the engine to read."""
     from pagedlm import cache
 
+    # Claim each bucket before the (slow) model load: a bucket another builder already makes is
+    # left to it (engines started one after another then share one builder per bucket).
+    claims = {b: cache.claim(expected[b]) for b in buckets}
+    for b in [b for b, fd in claims.items() if fd is None]:
+        log.info("bucket %d: another builder is making it", b)
+    buckets = [b for b, fd in claims.items() if fd is not None]
+    if not buckets:
+        return 0
     # SCHED_IDLE: the builder (and the C++ compilers it starts, which inherit it) runs only on
     # CPU time the engine leaves idle. A plain nice value is not enough: the engine's OpenMP
     # threads wait for each other at every parallel region, and a builder holding one of two

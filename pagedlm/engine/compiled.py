@@ -141,9 +141,10 @@ class CompiledDecode:
         self.pending: dict[int, Path] = {}  # bucket -> the cache entry a builder is making
         self.queued: list[int] = []  # buckets wanted once the running builder exits
         self.aot_failed: dict[int, str] = {}  # bucket -> why it has no package (it runs eagerly)
+        # pagedlm's kernels are still building (ModelRunner._poll_kernels): nothing is built yet.
+        self.kernels_pending = False
         self.builder: subprocess.Popen | None = None
         self._next_poll = 0.0
-        self._threads: int | None = None  # the engine's thread count while a builder runs beside it
         self._entries: dict[int, Path] = {}  # bucket -> its cache entry (StepSpec.path), per KV layout
         self.max_model_len = max_model_len or getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.device = device
@@ -439,6 +440,8 @@ class CompiledDecode:
     def _load_cached(self) -> None:
         """Load every bucket whose package is in the cache (start-up: milliseconds each). Without
         a usable cache folder, steps compile in this process instead (inline), with one warning."""
+        if self.kernels_pending:
+            return  # the packages this model will use call the kernels it waits for
         try:
             paths = {b: self.entry(b) for b in self.sizes}
         except OSError as e:
@@ -474,6 +477,9 @@ class CompiledDecode:
         """Have these buckets built in the background (those not loaded, pending or failed)."""
         want = [b for b in buckets if b in self.sizes and b not in self.packages and b not in self.pending
                 and b not in self.aot_failed and b not in self.queued]
+        if self.kernels_pending:  # looked up and built once the kernels are in (ModelRunner._poll_kernels)
+            self.queued.extend(want)
+            return
         for b in want:
             path = self.entry(b)
             if path.exists():
@@ -485,13 +491,21 @@ class CompiledDecode:
     def _start_builder(self) -> None:
         if not self.queued or (self.builder is not None and self.builder.poll() is None):
             return
+        if self.kernels_pending:  # a package is keyed with the kernels its step calls: wait for them
+            return
         from pagedlm import cache
-        from pagedlm.engine.aot import builder_command
+        from pagedlm.engine.aot import builder_command, yield_core
 
         buckets = sorted(self.queued)
         self.queued = []
         expected = {b: str(self.entry(b)) for b in buckets}
         self.pending.update({b: Path(p) for b, p in expected.items()})
+        yield_core("compiled steps")  # until every pending bucket is in
+        # A bucket another process's builder is making already: wait for its entry instead.
+        expected = {b: p for b, p in expected.items() if not cache.claimed(p)}
+        if not expected:
+            return
+        buckets = sorted(expected)
         logf = open(cache.cache_dir("compiled") / "builder.log", "ab")  # noqa: SIM115 - the child keeps it
         try:
             # Its own session: it finishes the buckets it was given even if this process exits
@@ -501,12 +515,6 @@ class CompiledDecode:
                                             env={**os.environ, "OMP_NUM_THREADS": "1"})
         finally:
             logf.close()
-        # The builder takes one core: the engine's steps use one thread fewer until it is done
-        # (OpenMP threads that wait for a core at every parallel region cost far more than a
-        # thread: eager decode ran 4x slower sharing two cores with the builder than on one).
-        if self._threads is None and torch.get_num_threads() > 1:
-            self._threads = torch.get_num_threads()
-            torch.set_num_threads(self._threads - 1)
         log.info("building the compiled decode step of batch buckets %s in the background (they run eagerly "
                  "until then; log: %s)", buckets, cache.cache_dir("compiled") / "builder.log")
 
@@ -518,11 +526,14 @@ class CompiledDecode:
         if not force and now < self._next_poll:
             return
         self._next_poll = now + 0.2
-        from pagedlm.engine.aot import FAILED_SUFFIX
+        from pagedlm import cache
+        from pagedlm.engine.aot import FAILED_SUFFIX, reclaim_core
 
         exited = self.builder is None or self.builder.poll() is not None
         for b, path in list(self.pending.items()):
             failed = Path(str(path) + FAILED_SUFFIX)
+            # Read before the entry is looked for: a builder publishes its entry, then exits.
+            building = not exited or cache.claimed(path)
             if path.exists():
                 del self.pending[b]
                 self._load(b, path)
@@ -536,17 +547,17 @@ class CompiledDecode:
                 self.aot_failed[b] = reason
                 log.warning("the compiled decode step of batch bucket %d could not be built (%s); it runs "
                             "eagerly", b, reason)
-            elif exited:
+            elif not building:  # nobody makes it (any more)
                 del self.pending[b]
-                code = None if self.builder is None else self.builder.returncode
-                self.aot_failed[b] = f"the builder exited (code {code}) without building it"
-                log.warning("the compiled decode step of batch bucket %d was not built (the builder exited "
-                            "with code %s); it runs eagerly", b, code)
+                who = ("another process's builder" if self.builder is None
+                       else f"the builder (exit code {self.builder.returncode})")
+                self.aot_failed[b] = f"{who} exited without building it"
+                log.warning("the compiled decode step of batch bucket %d was not built (%s exited); it runs "
+                            "eagerly", b, who)
         if exited:
             self._start_builder()
-        if self._threads is not None and not self.pending and not self.queued:
-            torch.set_num_threads(self._threads)  # the builder is done: every thread back to the steps
-            self._threads = None
+        if not self.pending and not self.queued:
+            reclaim_core("compiled steps")
 
     def wait(self, buckets: list[int], timeout_s: float = 3600.0) -> None:
         """Block until these buckets are loaded or have failed (warm-up, `pagedlm cache warm`)."""

@@ -14,15 +14,21 @@ chunks, mixed steps, prompt logprobs) runs eagerly.
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
 
+from pagedlm import kernels
 from pagedlm.config import ModelConfig
+from pagedlm.engine.aot import quantized_weights, reclaim_core, yield_core
+from pagedlm.engine.compiled import SelfCheck
 from pagedlm.engine.scheduler import SchedulerOutput
 from pagedlm.engine.sequence import Sequence
 from pagedlm.model.layers.attention import AttentionMetadata, PrefillSegment
+from pagedlm.model.layers.quant import kernels_in_background, use_kernels
 from pagedlm.model.registry import load_model
 
 log = logging.getLogger(__name__)
@@ -91,7 +97,16 @@ class ModelRunner(ModelRunnerBase):
         self.cfg = cfg
         self.weight_dtype, self.compute_dtype = split_dtype(dtype, device)
         self.device = torch.device(device)
-        self.model = load_model(model_path, cfg, dtype, device, quantization, dense_min_rows, parallel, **stage)
+        # Background mode on CPU: a machine's first process does not wait ~15 s for the C++
+        # compiler; its weights multiply with torch's kernels until pagedlm's load (``_poll_kernels``).
+        background = compile_mode == "background" and self.device.type == "cpu" and parallel is None and not max_loras
+        with kernels_in_background(background):
+            self.model = load_model(model_path, cfg, dtype, device, quantization, dense_min_rows, parallel, **stage)
+        self._spec_args = (model_path, dtype, quantization, dense_min_rows is None)
+        self._waiting_kernels = [q for q in quantized_weights(self.model) if q.pending_kernel is not None]
+        self._next_kernel_poll = 0.0
+        if self._waiting_kernels:
+            yield_core("kernels")
         self.quant_counts: dict[str, int] = getattr(self.model, "quant_counts", {})
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = 0
@@ -105,18 +120,52 @@ class ModelRunner(ModelRunnerBase):
 
             aot = None
             if compile_mode == "background" and self.device.type == "cpu" and self.lora is None and parallel is None:
-                aot = self._step_spec(model_path, dtype, quantization)
-            # The self-check's tolerance follows the lower of the weights' and activations' precisions;
-            # activations rounded to int8 (the int4 kernel's default) count as 16-bit: a compiled
-            # graph's x differs from eager's in the last bits, and a few values round the other way.
-            from pagedlm.engine.aot import quantized_weights
+                aot = self._step_spec(*self._spec_args)
+            self.compiled = CompiledDecode(self.model, self.device, max_num_seqs, self.lora, self._precision(), aot)
+            self.compiled.kernels_pending = bool(self._waiting_kernels)
 
-            precision = self.weight_dtype if self.weight_dtype.itemsize < self.compute_dtype.itemsize else self.compute_dtype
-            if any(getattr(q, "int8_act", False) for q in quantized_weights(self.model)):
-                precision = torch.bfloat16
-            self.compiled = CompiledDecode(self.model, self.device, max_num_seqs, self.lora, precision, aot)
+    def _precision(self) -> torch.dtype:
+        """The self-check's tolerance follows the lower of the weights' and activations' precisions;
+        activations rounded to int8 (the int4 kernel's default) count as 16-bit: a compiled graph's
+        x differs from eager's in the last bits, and a few values round the other way."""
+        precision = self.weight_dtype if self.weight_dtype.itemsize < self.compute_dtype.itemsize else self.compute_dtype
+        if any(getattr(q, "int8_act", False) for q in quantized_weights(self.model)):
+            precision = torch.bfloat16
+        return precision
 
-    def _step_spec(self, model_path, dtype: torch.dtype, quantization: str):
+    def _poll_kernels(self) -> None:
+        """Between steps (at most every 0.2 s), while pagedlm's kernels build in the background:
+        once they are built, the waiting weights switch to them, and the compiled steps (keyed
+        with the kernels) are looked up and built from then on."""
+        now = time.monotonic()
+        if now < self._next_kernel_poll:
+            return
+        self._next_kernel_poll = now + 0.2
+        state = kernels.build_state()
+        if state == "building":
+            return
+        switched = use_kernels(self._waiting_kernels) if state == "ready" else 0
+        if switched:
+            log.info("pagedlm's CPU kernels are built: %d weights multiply with them from this step on", switched)
+        else:
+            log.warning("pagedlm's CPU kernels are not available (%s); torch's kernels multiply",
+                        state.removeprefix("failed: "))
+            for q in self._waiting_kernels:
+                q.pending_kernel = None
+        self._waiting_kernels = []
+        reclaim_core("kernels")
+        c = self.compiled
+        if c is not None:
+            c.kernels_pending = False
+            c.check = SelfCheck.for_dtype(self._precision())
+            if c.aot is not None:
+                c.aot = dataclasses.replace(self._step_spec(*self._spec_args), block_size=c.aot.block_size)
+                c._entries.clear()
+                c._load_cached()
+                queued, c.queued = c.queued, []
+                c.request(queued)  # the buckets asked for meanwhile
+
+    def _step_spec(self, model_path, dtype: torch.dtype, quantization: str, measured: bool = True):
         """What a builder process needs to make this model's decode-step packages (engine/aot.py)."""
         from pagedlm.engine.aot import StepSpec, config_key, quantized_weights
 
@@ -129,7 +178,7 @@ class ModelRunner(ModelRunnerBase):
         return StepSpec(model_path=str(path), model_key=config_key(self.cfg), dtype=str(dtype).removeprefix("torch."),
                         cache_dtype=str(self.compute_dtype).removeprefix("torch."), quantization=quantization,
                         dense_min_rows=crossover, device=str(self.device), block_size=0,
-                        kernels=uses_kernels)
+                        kernels=uses_kernels, crossover_measured=measured)
 
     # ---- KV cache ------------------------------------------------------------------------
     def kv_bytes_per_token(self) -> int:
@@ -160,6 +209,8 @@ class ModelRunner(ModelRunnerBase):
     def prepare(self, out: SchedulerOutput) -> StepInputs:
         # Each token's adapter slot, or None when no adapter is in the step (or LoRA is off).
         token_slots = self.lora.set_batch(out.scheduled) if self.lora is not None else None
+        if self._waiting_kernels:
+            self._poll_kernels()
         if self.compiled is not None:
             step = self.compiled.prepare(out, token_slots)
             if step is not None:

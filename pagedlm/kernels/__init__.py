@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -43,9 +44,12 @@ def _cpu_flags() -> str:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("PAGEDLM_KERNEL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "pagedlm", "kernels")
-    return Path(root)
+    """``PAGEDLM_KERNEL_CACHE``, else ``kernels/`` under pagedlm's cache root (``pagedlm.cache``)."""
+    if os.environ.get("PAGEDLM_KERNEL_CACHE"):
+        return Path(os.environ["PAGEDLM_KERNEL_CACHE"])
+    from pagedlm import cache
+
+    return cache.cache_root() / "kernels"
 
 
 def library_path() -> Path:
@@ -86,19 +90,34 @@ def _build(target: Path) -> None:
             os.unlink(tmp)
 
 
-def ops():
-    """``torch.ops.pagedlm`` with the CPU kernels loaded, or None when they are not available."""
+def ops(wait: bool = True):
+    """``torch.ops.pagedlm`` with the CPU kernels loaded, or None when they are not available.
+
+    ``wait=False``: when the library is not built yet, start building it in a background process
+    (``build_in_background``) and return None at once; a later call loads it once ``ready()``."""
     with _lock:
         if "ops" in _state:
             return _state["ops"]
-        _state["ops"] = None
         if os.environ.get("PAGEDLM_KERNELS", "1") == "0":
+            _state["ops"] = None
             return None
         try:
             path = library_path()
+            if not path.exists() and not wait:
+                _start_background_build(path)
+                return None
+        except Exception as e:  # noqa: BLE001 - no cache folder, no compiler: wait=True reports it
+            log.debug("cannot build the kernels in the background: %s", e)
+        _state["ops"] = None
+        try:
+            path = library_path()
             if not path.exists():
-                log.info("building pagedlm's CPU kernels (once per machine) into %s ...", path.parent)
-                _build(path)
+                from pagedlm import cache
+
+                with cache.locked(path):  # another process building it: wait for its library
+                    if not path.exists():
+                        log.info("building pagedlm's CPU kernels (once per machine) into %s ...", path.parent)
+                        _build(path)
             torch.ops.load_library(str(path))
             _register_fakes()
             _state["ops"] = torch.ops.pagedlm
@@ -106,6 +125,90 @@ def ops():
             log.warning("pagedlm's CPU kernels are not available (%s); using torch's kernels",
                         str(e).splitlines()[0] if str(e) else type(e).__name__)
         return _state["ops"]
+
+
+def ready() -> bool:
+    """Whether ``ops()`` would now load the kernels without building them (or has loaded them)."""
+    if _state.get("ops") is not None:
+        return True
+    try:
+        return library_path().exists()
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def build_state() -> str:
+    """"ready", "building" (this process's background build, or another process's, runs) or
+    "failed: <why>"."""
+    if ready():
+        return "ready"
+    reason = build_failed()
+    if reason is not None:
+        return f"failed: {reason}"
+    from pagedlm import cache
+
+    builder = _state.get("builder")
+    if (builder is not None and builder.poll() is None) or cache.claimed(library_path()):
+        return "building"
+    if ready():  # it finished between the two looks
+        return "ready"
+    return "failed: the build process exited without building the library"
+
+
+def build_failed() -> str | None:
+    """Why the background build (``ops(wait=False)``) of this machine's library failed, or None."""
+    try:
+        marker = Path(str(library_path()) + FAILED_SUFFIX)
+        return marker.read_text(errors="replace") if marker.exists() else None
+    except OSError:
+        return None
+
+
+FAILED_SUFFIX = ".failed"
+
+
+def _start_background_build(path: Path) -> None:
+    """Build the library in a process of its own (once per process; not when another process
+    already builds it). It runs at idle priority and outlives this process if need be."""
+    from pagedlm import cache
+
+    if "builder" in _state or cache.claimed(path) or Path(str(path) + FAILED_SUFFIX).exists():
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building pagedlm's CPU kernels in the background (once per machine); torch's kernels "
+             "multiply until then")
+    with open(path.parent / "build.log", "ab") as logf:
+        _state["builder"] = subprocess.Popen([sys.executable, "-m", "pagedlm.kernels"], stdin=subprocess.DEVNULL,
+                                             stdout=logf, stderr=logf, start_new_session=True)
+
+
+def build_main() -> int:
+    """``python -m pagedlm.kernels``: build this machine's library into the cache (at idle
+    priority), or write ``<library>.failed`` with the reason."""
+    from pagedlm import cache
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s pagedlm kernels %(process)d: %(message)s")
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        pass
+    path = library_path()
+    fd = cache.claim(path)
+    if fd is None:
+        return 0  # another process builds it
+    try:
+        with cache.locked(path):
+            if not path.exists():
+                t0 = time.perf_counter()
+                _build(path)
+                log.info("built %s in %.1f s", path.name, time.perf_counter() - t0)
+    except Exception as e:  # noqa: BLE001 - recorded for the engines waiting on it
+        log.error("the kernels did not build: %s", e)
+        cache.atomic_write(Path(str(path) + FAILED_SUFFIX), str(e).splitlines()[0].encode() if str(e) else b"failed")
+        return 1
+    finally:
+        os.close(fd)
+    return 0
 
 
 def _register_fakes() -> None:

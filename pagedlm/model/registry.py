@@ -122,10 +122,17 @@ def assign_quant_methods(model: nn.Module, quant: QuantConfig, device: torch.dev
 
 def load_model(path: str | ModelSource, cfg: ModelConfig, dtype: torch.dtype, device: str | torch.device = "cpu",
                quantization: str = "none", dense_min_rows: int | None = None,
-               parallel: ParallelState | None = None, **stage) -> nn.Module:
+               parallel: ParallelState | None = None, save_prepared: bool = False, prepared_rows="same",
+               **stage) -> nn.Module:
     """Build, load strictly, then quantize as ``quantization`` says (auto | none | int8 | int4;
     auto keeps a GGUF file's precision class per tensor and is none for HF directories).
-    ``path``: a model path or an open ``ModelSource`` (whose reader is then reused)."""
+    ``path``: a model path or an open ``ModelSource`` (whose reader is then reused).
+
+    A single-process CPU model is taken from the prepared-model cache when it is there
+    (``loader/prepared.py``); ``save_prepared`` writes it there after loading it. ``prepared_rows``
+    keys the entry with another ``dense_min_rows`` than the one used (the builder loads with the
+    crossover the engine measured: its entry is what an engine that measures would load)."""
+    from pagedlm.loader import prepared
     from pagedlm.loader.source import ModelSource
     from pagedlm.loader.weights import load_weights
     from pagedlm.model.layers.matmul import split_dtype
@@ -134,9 +141,18 @@ def load_model(path: str | ModelSource, cfg: ModelConfig, dtype: torch.dtype, de
     if not isinstance(path, ModelSource) and not os.path.exists(path):
         raise FileNotFoundError(f"model path does not exist: {path!r}")
     source = ModelSource.open(path)
+    entry = None
+    if parallel is None and not stage:
+        rows = dense_min_rows if prepared_rows == "same" else prepared_rows
+        entry = prepared.entry(source.weights_path, cfg, dtype, device, quantization, rows)
+        model = prepared.load(entry)
+        if model is not None:
+            return model
     types = source.tensor_types(cfg) if quantization == "auto" else {}
     quant = QuantConfig(quantization, types, dense_min_rows)
     model = build_model(cfg, dtype, device, quant, parallel, **stage)
     load_weights(model, source.weights(cfg, int4_codes=quantization in ("auto", "int4")))
     model.quant_counts = finalize_quantization(model, split_dtype(dtype, device)[1], quant)
+    if save_prepared:
+        prepared.save(model, entry)
     return model

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -75,6 +76,10 @@ class QuantizedWeight:
     kernel: object = None
     kernel_scales: torch.Tensor | None = None
     int8_act: bool = False  # int4 kernel: activations rounded to int8 per block (see pagedlm/kernels)
+    # Built while the kernels were still compiling (``kernels.ops(wait=False)``): what
+    # ``use_kernels`` switches to once they load (int4: the kernel's packed codes and scales; int8:
+    # True). None: nothing to switch.
+    pending_kernel: object = None
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (rows, in) -> (rows, out), in x's dtype."""
@@ -158,20 +163,74 @@ def quantize_int4(dense: torch.Tensor, compute_dtype: torch.dtype,
     scale, zero = scale.to(compute_dtype), zero.to(compute_dtype)
     # The dense copy is what the kernel computes with: codes with the scales as stored.
     deq = int4_dequantize(codes, scale.float(), zero.float()).to(dense.dtype)
-    ops = kernels.ops() if codes.device.type == "cpu" else None
+    ops = _kernel_ops() if codes.device.type == "cpu" else None
     if ops is not None:
-        # (q - 8) * scale + zero == q * scale + (zero - 8 * scale): the min folds the offset.
-        sm = torch.stack([scale.float(), zero.float() - 8 * scale.float()]).contiguous()  # (2, out, in / 32)
-        if torch.equal(sm.half().float(), sm):
-            # GGUF Q4_0 / Q4_1 scales and mins are float16 in the file: stored so they stay exact
-            # and a block reads 20 bytes instead of 24 (decode streams the weights from memory).
-            sm = sm.half()
-        qw = QuantizedWeight("int4", pack_int4(codes), sm, deq, kernel=ops.int4_mm, kernel_scales=sm,
-                             int8_act=INT4_INT8_ACTIVATIONS)
+        qw = QuantizedWeight("int4", *_int4_kernel_form(codes, scale, zero), deq)
+        qw.kernel, qw.kernel_scales, qw.int8_act = ops.int4_mm, qw.scales, INT4_INT8_ACTIVATIONS
         return qw
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
     sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (in / 32, out, 2)
-    return QuantizedWeight("int4", packed, sz, deq)
+    qw = QuantizedWeight("int4", packed, sz, deq)
+    if codes.device.type == "cpu" and kernels_coming():
+        qw.pending_kernel = _int4_kernel_form(codes, scale, zero)
+    return qw
+
+
+def _int4_kernel_form(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
+    """(packed codes, scales) in the layout of pagedlm's int4 kernel."""
+    # (q - 8) * scale + zero == q * scale + (zero - 8 * scale): the min folds the offset.
+    sm = torch.stack([scale.float(), zero.float() - 8 * scale.float()]).contiguous()  # (2, out, in / 32)
+    if torch.equal(sm.half().float(), sm):
+        # GGUF Q4_0 / Q4_1 scales and mins are float16 in the file: stored so they stay exact
+        # and a block reads 20 bytes instead of 24 (decode streams the weights from memory).
+        sm = sm.half()
+    return pack_int4(codes), sm
+
+
+# Set while a model loads with its kernels built off the request path (``kernels_in_background``).
+_BACKGROUND_KERNELS = False
+
+
+@contextlib.contextmanager
+def kernels_in_background(enabled: bool = True):
+    """While this is active, a quantization that finds pagedlm's kernels not built yet starts their
+    build in the background and takes torch's kernels, remembering what to switch to
+    (``QuantizedWeight.pending_kernel``, ``use_kernels``) instead of waiting for the compiler."""
+    global _BACKGROUND_KERNELS
+    old, _BACKGROUND_KERNELS = _BACKGROUND_KERNELS, enabled
+    try:
+        yield
+    finally:
+        _BACKGROUND_KERNELS = old
+
+
+def _kernel_ops():
+    return kernels.ops(wait=not _BACKGROUND_KERNELS)
+
+
+def kernels_coming() -> bool:
+    """Whether this model's weights should be ready to switch to the kernels once they build."""
+    return _BACKGROUND_KERNELS and os.environ.get("PAGEDLM_KERNELS", "1") != "0" and kernels.build_failed() is None
+
+
+def use_kernels(weights: list[QuantizedWeight]) -> int:
+    """Switch the weights quantized while the kernels were building to pagedlm's kernels (between
+    steps: the next step multiplies with them). They then equal weights quantized with the kernels
+    from the start. Returns how many switched; 0 when the kernels do not load."""
+    waiting = [w for w in weights if w.pending_kernel is not None]
+    ops = kernels.ops() if waiting else None
+    if ops is None:
+        return 0
+    for w in waiting:
+        if w.kind == "int4":
+            w.packed, w.scales = w.pending_kernel
+            w.kernel, w.kernel_scales, w.int8_act = ops.int4_mm, w.scales, INT4_INT8_ACTIVATIONS
+        else:
+            w.kernel, w.kernel_scales = ops.int8_mm, w.scales.float()
+        # As ``finalize_quantization`` sets it for kernels: verification rows stay on them.
+        w.dense_min_rows = max(w.dense_min_rows, KERNEL_ROWS + 1)
+        w.pending_kernel = None
+    return len(waiting)
 
 
 def quantize_int8(dense: torch.Tensor, compute_dtype: torch.dtype) -> QuantizedWeight:
@@ -181,9 +240,11 @@ def quantize_int8(dense: torch.Tensor, compute_dtype: torch.dtype) -> QuantizedW
     q = torch.round(w / safe[:, None]).clamp_(-127, 127).to(torch.int8)
     deq = (q.float() * scale[:, None]).to(dense.dtype)
     qw = QuantizedWeight("int8", q, scale.to(compute_dtype), deq)
-    ops = kernels.ops() if q.device.type == "cpu" and q.shape[1] % 16 == 0 else None
+    ops = _kernel_ops() if q.device.type == "cpu" and q.shape[1] % 16 == 0 else None
     if ops is not None:
         qw.kernel, qw.kernel_scales = ops.int8_mm, qw.scales.float()
+    elif q.device.type == "cpu" and q.shape[1] % 16 == 0 and kernels_coming():
+        qw.pending_kernel = True
     return qw
 
 
