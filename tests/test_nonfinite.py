@@ -138,6 +138,8 @@ def test_a_nonfinite_request_fails_alone_and_its_blocks_are_cleared(tiny_dir, ea
                                                                             use_tqdm=False)]
     _poison_embedding(llm, poison)
     engine = llm.engine
+    for cache in engine.runner.kv_caches:  # allocated uninitialised (any bits): start clean to see what
+        cache.zero_()                      # the poisoned request leaves behind
     forgotten: list[int] = []
     forget = engine.block_manager.forget
 

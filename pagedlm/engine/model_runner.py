@@ -191,8 +191,13 @@ class ModelRunner(ModelRunnerBase):
         # The compiled decode step pads batches with rows that write to one scratch block, past
         # the blocks the block manager hands out.
         extra = 1 if self.compiled is not None else 0
+        # Not zeroed on CPU: every slot is written before it is attended to, and attention gives a
+        # slot past a sequence's length no weight whatever it holds (NaN included: masked by select,
+        # model/layers/attention.py). The pool's pages are then touched as blocks fill, not all at
+        # start-up (~1 s for the default 1 GiB on 2 cores).
+        alloc = torch.empty if self.device.type == "cpu" else torch.zeros
         for a in self.model.attention_layers():  # each declares its cache (K|V heads, or MLA's latent)
-            cache = torch.zeros(a.kv_cache_shape(num_blocks + extra, block_size), dtype=self.compute_dtype, device=self.device)
+            cache = alloc(a.kv_cache_shape(num_blocks + extra, block_size), dtype=self.compute_dtype, device=self.device)
             a.kv_cache = cache
             self.kv_caches.append(cache)
         if self.compiled is not None:
