@@ -198,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto", help="with --launch: the dtype (default auto)")
     ap.add_argument("--quantization", default="auto", help="with --launch: the quantization (default auto)")
     ap.add_argument("--enforce-eager", action="store_true", help="with --launch: do not compile the decode step")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="ARG",
+                    help="with --launch: one more 'pagedlm serve' argument (repeat), e.g. --serve-arg=--engine-core "
+                         "--serve-arg=thread")
     ap.add_argument("--model", default=None, help="the 'model' field to send (default: omitted)")
     ap.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"))
     ap.add_argument("--concurrency", type=int, nargs="*", default=None, help="closed loop: clients in flight")
@@ -218,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     url = args.url
     if args.launch:
-        proc, url = launch_pagedlm(args)
+        proc, url = launch_pagedlm(args, args.serve_arg)
     failed = 0  # requests that failed or produced fewer tokens than asked, over every run
     try:
         runs = [("rate", args.request_rate)] if args.request_rate else [("concurrency", c) for c in args.concurrency]

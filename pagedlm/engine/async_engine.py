@@ -243,6 +243,18 @@ class AsyncLLMEngine:
     async def get_metrics(self) -> dict[str, float]:
         return await self.call(self.engine.get_metrics)
 
+    async def snapshot_state(self, include_blocks: bool = True) -> dict[str, Any]:
+        return await self.call(lambda: self.engine.snapshot_state(include_blocks))
+
+    async def block_detail(self, block_id: int) -> dict[str, Any]:
+        from pagedlm.engine import state
+
+        return await self.call(lambda: state.block_detail(self.engine, block_id))
+
+    async def warm_structured(self) -> None:
+        """Build the grammar tables now, not in a request's step."""
+        await self.call(self.engine.structured_outputs)
+
     # ---- the engine thread -----------------------------------------------------------------
     def _submit(self, fn: Callable[[], Any]) -> concurrent.futures.Future:
         fut: concurrent.futures.Future = concurrent.futures.Future()

@@ -126,8 +126,10 @@ def iter_gguf_weights(file: str | GGUFFile, cfg: ModelConfig,
             # llama.cpp's converter interleaved the two rope halves of each head's rows (weight
             # and bias); restore "rotate half" order.
             perm = torch.arange(shape[0]).view(heads, cfg.head_dim // 2, 2).transpose(1, 2).reshape(-1)
-            w = w[perm]
-            codes = None if codes is None else tuple(c[perm] for c in codes)
+            # index_select: advanced indexing takes a slow path for uint8 (2.3 ms vs 0.2 ms per code
+            # matrix of SmolLM2, measured; 60 layers x 3 tensors at every cold load).
+            w = w.index_select(0, perm)
+            codes = None if codes is None else tuple(c.index_select(0, perm) for c in codes)
         if cfg.norm_weight_offset and name.endswith("norm.weight"):
             w = w - cfg.norm_weight_offset  # llama.cpp stores Gemma's (1 + w)
         if codes is not None:

@@ -109,7 +109,7 @@ def _lifespan(async_engine: AsyncLLMEngine):
             try:
                 # every engine (data-parallel replicas: each its own, on its own thread)
                 for one in getattr(async_engine, "replicas", [async_engine]):
-                    await one.call(one.engine.structured_outputs)
+                    await one.warm_structured()
             except Exception as e:  # noqa: BLE001 - structured output is then refused per request
                 log.warning("structured output unavailable: %s", e)
         try:

@@ -63,6 +63,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0,
                    help="on SIGTERM/SIGINT, refuse new requests (503) and let running ones finish for up to "
                         "this many seconds before aborting them (default 30; 0 = abort at once)")
+    p.add_argument("--engine-core", choices=["process", "thread"],
+                   default=os.environ.get("PAGEDLM_ENGINE_CORE", "process"),
+                   help="where each engine replica steps: 'process' (default: a process of its own, so HTTP, "
+                        "JSON and SSE never take the engine's GIL) or 'thread' (in this process); torchrun "
+                        "always uses 'thread'")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     # The engine options are the ones generate / chat / bench take (one declaration).
     add_engine_args(p)
@@ -84,22 +89,42 @@ def serve(args: argparse.Namespace) -> int:
     if args.data_parallel_size > 1 and kwargs.get("launcher") == "torchrun":
         raise ValueError("--data-parallel-size is not supported under torchrun (each replica would need its "
                          "own ranks); start one torchrun job per replica behind a load balancer")
-    engines = [LLMEngine(EngineConfig(**kwargs)) for _ in range(args.data_parallel_size)]
-    engine = engines[0]
-    print(engine.cache_report() + (f"; {len(engines)} data-parallel replicas" if len(engines) > 1 else ""),
+    died: list[str] = []
+    server = None
+
+    def on_death(why: str) -> None:  # a core process died: every request in flight has failed
+        died.append(why)
+        if server is not None:
+            server.should_exit = True
+
+    if args.engine_core == "process" and kwargs.get("launcher") != "torchrun":
+        from pagedlm.engine.core_process import CoreEngineClient
+
+        # D replicas share the machine's cores: each core process takes its share of threads.
+        dp = args.data_parallel_size
+        threads = max(1, (os.cpu_count() or 1) // dp) if dp > 1 else None
+        replicas = [CoreEngineClient(kwargs, max_waiting=args.max_waiting, on_death=on_death, threads=threads)
+                    for _ in range(dp)]
+    else:
+        replicas = [AsyncLLMEngine(LLMEngine(EngineConfig(**kwargs)), max_waiting=args.max_waiting)
+                    for _ in range(args.data_parallel_size)]
+    engine = replicas[0].engine
+    print(engine.cache_report() + (f"; {len(replicas)} data-parallel replicas" if len(replicas) > 1 else ""),
           file=sys.stderr, flush=True)
     name = args.served_model_name or default_served_name(engine.model_path)
-    async_engine = AsyncLLMEngine(engine, max_waiting=args.max_waiting)
-    if len(engines) > 1:
+    async_engine = replicas[0]
+    if len(replicas) > 1:
         from pagedlm.server.replicas import ReplicaRouter
 
-        async_engine = ReplicaRouter([async_engine] + [AsyncLLMEngine(e, max_waiting=args.max_waiting)
-                                                       for e in engines[1:]])
+        async_engine = ReplicaRouter(replicas)
     app = build_app(async_engine, ServerConfig(served_model_name=name, api_key=args.api_key or None,
                                                max_body_bytes=args.max_body_size))
     server = make_server(app, async_engine, args.host, args.port, log_level=args.log_level,
                          shutdown_timeout=args.shutdown_timeout)
     server.run()
+    if died:
+        print(f"pagedlm serve: {died[0]}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

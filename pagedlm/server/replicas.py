@@ -143,6 +143,17 @@ class ReplicaRouter:
         """Run ``fn`` on replica 0's engine thread (the app's tokenizer is replica 0's)."""
         return await self.replicas[0].call(fn)
 
+    async def snapshot_state(self, include_blocks: bool = True) -> dict:
+        """Replica 0's engine view (as ``call``)."""
+        return await self.replicas[0].snapshot_state(include_blocks)
+
+    async def block_detail(self, block_id: int) -> dict:
+        return await self.replicas[0].block_detail(block_id)
+
+    async def warm_structured(self) -> None:
+        for r in self.replicas:
+            await r.warm_structured()
+
     async def get_metrics(self) -> dict:
         """Summed engine metrics, with each replica's own under "replicas" (label engine="i")."""
         per = await asyncio.gather(*(r.get_metrics() for r in self.replicas))

@@ -27,7 +27,6 @@ from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
-from pagedlm.engine import state as engine_state
 from pagedlm.engine.async_engine import AsyncLLMEngine, EngineDeadError
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -55,7 +54,7 @@ class StateFeed:
             cached = self._latest.get(include_blocks)
             if cached is not None and time.monotonic() - cached[0] < max_age:
                 return cached[1]
-            snap = await self._engine.call(lambda: self._engine.engine.snapshot_state(include_blocks))
+            snap = await self._engine.snapshot_state(include_blocks)
             text = _dumps(snap)
             self.snapshots_taken += 1
             self._latest[include_blocks] = (time.monotonic(), text)
@@ -64,7 +63,6 @@ class StateFeed:
 
 def install_ui(app: FastAPI, async_engine: AsyncLLMEngine, sse_headers: dict[str, str]) -> StateFeed:
     """Add the page, its static files and the engine-state routes to ``app``."""
-    engine = async_engine.engine
     feed = StateFeed(async_engine)
     app.state.state_feed = feed
 
@@ -79,7 +77,7 @@ def install_ui(app: FastAPI, async_engine: AsyncLLMEngine, sse_headers: dict[str
     @app.get("/v1/engine/state", tags=["engine view"])
     async def engine_state_snapshot(blocks: bool = blocks_q):
         """A snapshot of the KV blocks, the queues and the engine's counters (see docs/server.md)."""
-        snap = await async_engine.call(lambda: engine.snapshot_state(blocks))
+        snap = await async_engine.snapshot_state(blocks)
         return Response(_dumps(snap), media_type="application/json")
 
     @app.get("/v1/engine/state/stream", tags=["engine view"],
@@ -95,7 +93,7 @@ def install_ui(app: FastAPI, async_engine: AsyncLLMEngine, sse_headers: dict[str
     @app.get("/v1/engine/blocks/{block_id}", tags=["engine view"])
     async def engine_block(block_id: int = PathParam(ge=0, description="index in the KV block pool")):
         """One block: state, owning sequences and the text of its tokens."""
-        detail = await async_engine.call(lambda: engine_state.block_detail(engine, block_id))
+        detail = await async_engine.block_detail(block_id)
         return Response(_dumps(detail), media_type="application/json")
 
     return feed

@@ -1,0 +1,455 @@
+"""The engine core in a process of its own, for the server (``pagedlm serve``; issue 23).
+
+In one process the scheduler, the model step, the HTTP handlers, JSON and SSE encoding and the
+event loop take turns on one GIL, and a streamed request's tokens wait for them. Here the
+``LLMEngine`` runs in a child process whose loop does nothing but take commands and step; the
+API server's process keeps HTTP, chat templates, tokenization and the event loop. Both talk over
+one pipe (``multiprocessing.connection``: pickled messages; tensors never cross):
+
+    server -> core   ("add", call_id, request_id, prompt, params, prompt_token_ids, lora_request)
+                     ("abort", request_id)      ("abort_all", reason)
+                     ("call", call_id, name, args)   name in CALLS: metrics, engine view, warm-up
+                     ("stop",)
+    core -> server   ("ready", facts) | ("failed", why)     once, after the model loaded
+                     ("outputs", [RequestOutput, ...])      every step that produced some
+                     ("reply", call_id, ok, value)          value, or the exception raised
+                     ("aborted", [request_id, ...], why)    abort_all / a failed step
+                     ("buckets", {bucket: state})           when a decode bucket changes state
+
+``CoreEngineClient`` offers the ``AsyncLLMEngine`` surface the app uses (the app does not know
+which it has). Its ``engine`` is ``EngineFacts``: what the core reported at start-up (limits,
+model config, adapters) plus a tokenizer loaded in this process. A core that dies is seen by
+the reader thread at once (the pipe closes): every in-flight request ends with
+``EngineDeadError``, ``/health`` turns 503, and ``on_death`` (the CLI: exit non-zero) is told why.
+
+Detokenization and stop strings still run in the core (``OutputProcessor``): its outputs carry
+text. The offline ``LLM`` never uses this module: it calls the same ``LLMEngine`` in-process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import itertools
+import logging
+import queue
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+from pagedlm.engine.async_engine import (
+    EngineOverloadedError,
+    RequestAbortedError,
+    RequestStream,
+    _Aborted,
+    _deliver,
+)
+from pagedlm.errors import EngineDeadError, RequestFailedError
+from pagedlm.outputs import RequestOutput
+from pagedlm.sampling_params import SamplingParams
+
+log = logging.getLogger(__name__)
+
+BUCKET_POLL_S = 0.5  # how often the core looks for decode-bucket state changes
+
+
+@dataclass
+class EngineFacts:
+    """What the API server reads from the engine, reported by the core once it is loaded."""
+
+    model_path: str
+    weights_path: str
+    model_config: Any  # ModelConfig
+    config: Any  # EngineConfig
+    max_model_len: int
+    num_kv_blocks: int
+    lora_requests: dict
+    report: str  # LLMEngine.cache_report()
+    tokenizer: Any = None  # loaded in the server's process (ModelSource: from its cache)
+    dead: Any = None  # why the core is gone (None while it runs)
+
+    def cache_report(self) -> str:
+        return self.report
+
+
+# ---- the core process ------------------------------------------------------------------------
+
+def _facts(engine) -> EngineFacts:
+    return EngineFacts(engine.model_path, engine.weights_path, engine.model_config, engine.config,
+                       engine.max_model_len, engine.num_kv_blocks, dict(engine.lora_requests),
+                       engine.cache_report())
+
+
+def _call(engine, name: str, args: tuple) -> Any:
+    from pagedlm.engine import state
+
+    if name == "metrics":
+        return engine.get_metrics()
+    if name == "snapshot":
+        return engine.snapshot_state(*args)
+    if name == "block":
+        return state.block_detail(engine, *args)
+    if name == "warm_structured":
+        engine.structured_outputs()
+        return None
+    raise ValueError(f"unknown engine call {name!r}")
+
+
+def core_main(conn, engine_kwargs: dict, max_waiting: int | None, log_level: int, threads: int | None = None) -> None:
+    """The child process: build the engine, report, then take commands and step until "stop"."""
+    logging.basicConfig(level=log_level, format="%(levelname)s %(name)s (core): %(message)s")
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    from pagedlm.engine.engine import EngineConfig, LLMEngine
+    from pagedlm.engine.state import decode_buckets
+
+    try:
+        engine = LLMEngine(EngineConfig(**engine_kwargs))
+    except BaseException as e:  # noqa: BLE001 - reported to the server, which fails its start
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ready", _facts(engine)))
+    buckets, next_bucket_poll = None, 0.0
+
+    def abort_everything(why: str) -> None:
+        ids = list(engine.requests)
+        for rid in ids:
+            engine.abort_request(rid)
+        if ids:
+            conn.send(("aborted", ids, why))
+
+    while True:
+        # Commands first; block for one only when there is nothing to step.
+        while conn.poll(0 if engine.has_unfinished_requests() else BUCKET_POLL_S):
+            msg = conn.recv()
+            kind = msg[0]
+            if kind == "stop":
+                abort_everything("the server is shutting down")
+                conn.send(("stopped",))
+                return
+            if kind == "add":
+                _, cid, rid, prompt, params, ids, lora = msg
+                try:
+                    if max_waiting is not None:
+                        waiting = engine.get_metrics()["num_requests_waiting"]
+                        if waiting >= max_waiting:
+                            raise EngineOverloadedError(
+                                f"server overloaded: {waiting} sequences already wait for a slot (--max-waiting "
+                                f"{max_waiting}); retry later")
+                    engine.add_request(rid, prompt, params, prompt_token_ids=ids, lora_request=lora)
+                    conn.send(("reply", cid, True, None))
+                except Exception as e:  # noqa: BLE001 - the request's own error, for its caller
+                    conn.send(("reply", cid, False, e))
+            elif kind == "abort":
+                if msg[1] in engine.requests:
+                    engine.abort_request(msg[1])
+            elif kind == "abort_all":
+                abort_everything(msg[1])
+            elif kind == "call":
+                _, cid, name, args = msg
+                try:
+                    conn.send(("reply", cid, True, _call(engine, name, args)))
+                except Exception as e:  # noqa: BLE001
+                    conn.send(("reply", cid, False, e))
+        now = time.monotonic()
+        if now >= next_bucket_poll:
+            next_bucket_poll = now + BUCKET_POLL_S
+            if (b := decode_buckets(engine)) != buckets:
+                buckets = b
+                conn.send(("buckets", b))
+        if not engine.has_unfinished_requests():
+            continue
+        try:
+            outputs = engine.step()
+        except Exception:  # noqa: BLE001 - a bug in a step fails the batch, not the server
+            why = traceback.format_exc(limit=3)
+            log.error("engine step failed; aborting all requests:\n%s", why)
+            abort_everything(f"the engine step failed: {why.strip().splitlines()[-1]}")
+            continue
+        if outputs:
+            conn.send(("outputs", outputs))
+
+
+# ---- the server's side -----------------------------------------------------------------------
+
+class CoreEngineClient:
+    """An ``LLMEngine`` in a child process behind the ``AsyncLLMEngine`` interface.
+
+    The constructor starts the core and waits until its model is loaded (raising what the core
+    raised if it could not start). ``on_death(why)`` is called (from the reader thread) once if
+    the core process dies while the server runs."""
+
+    def __init__(self, engine_kwargs: dict, max_waiting: int | None = None,
+                 on_death: Callable[[str], None] | None = None, start_timeout: float = 1800.0,
+                 threads: int | None = None):
+        if max_waiting is not None and (not isinstance(max_waiting, int) or max_waiting < 0):
+            raise ValueError(f"max_waiting must be a non-negative integer, got {max_waiting!r}")
+        self.max_waiting = max_waiting
+        self.on_death = on_death
+        # A fresh interpreter (not fork: this process may hold torch's threads; not
+        # multiprocessing's spawn: it re-imports the caller's main module) joined by a socket pair.
+        ours, theirs = socket.socketpair()
+        self.process = subprocess.Popen([sys.executable, "-m", "pagedlm.engine.core_process", str(theirs.fileno())],
+                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        self._conn = Connection(ours.detach())
+        self._conn.send((engine_kwargs, max_waiting, logging.getLogger().getEffectiveLevel(), threads))
+        deadline = time.monotonic() + start_timeout
+        while not self._conn.poll(0.2):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                self.process.wait()
+                raise EngineDeadError("the engine core " + (
+                    f"exited while starting (exit code {self.process.returncode})" if time.monotonic() <= deadline
+                    else f"did not start within {start_timeout:.0f} s"))
+        try:
+            kind, value = self._conn.recv()
+        except (EOFError, OSError):
+            self.process.wait()
+            raise EngineDeadError(f"the engine core exited while starting (exit code {self.process.returncode})") from None
+        if kind != "ready":
+            self.process.wait()
+            raise EngineDeadError(f"the engine core could not start: {value}")
+        self.engine: EngineFacts = value
+        from pagedlm.loader.source import ModelSource
+
+        self.engine.tokenizer = ModelSource.open(self.engine.model_path).tokenizer()
+        self._buckets: dict | None = None
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()
+        self._replies: dict[int, concurrent.futures.Future] = {}
+        self._ids = itertools.count()
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._draining = False
+        self._stopping = False
+        self._started = False
+        # Tokenizer work (``call``) runs on one thread: a fast tokenizer is not shared between threads.
+        self._tok_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedlm-tokenizer")
+        self._reader = threading.Thread(target=self._read, name="pagedlm-core-reader", daemon=True)
+        self._writer = threading.Thread(target=self._write, name="pagedlm-core-writer", daemon=True)
+
+    # ---- life cycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._started:
+            raise RuntimeError("the engine core client is already started")
+        self._started = True
+        self._reader.start()
+        self._writer.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._started and self.engine.dead is None and not self._stopping
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def num_in_flight(self) -> int:
+        with self._lock:
+            return len(self._streams)
+
+    def decode_buckets(self) -> dict[str, str] | None:
+        return self._buckets
+
+    def health_error(self) -> str | None:
+        if self.engine.dead is not None:
+            return f"the engine is dead: {self.engine.dead}"
+        if self._draining:
+            return "the server is shutting down"
+        if not self.is_running:
+            return "the engine is not running"
+        return None
+
+    def stop_admitting(self) -> None:
+        self._draining = True
+
+    def drain(self) -> None:
+        self._draining = True
+        self.abort_all()
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Abort every request, stop the core and wait for it. Safe to call twice."""
+        if self._stopping:
+            return
+        self._stopping = True
+        if self.process.poll() is None and self.engine.dead is None:
+            self._outbox.put(("stop",))
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout)
+        if self.process.poll() is None:
+            log.error("the engine core did not stop within %.0f s; killing it", timeout)
+            self.process.kill()
+            self.process.wait()
+        self._outbox.put(None)
+        self._fail_all(EngineDeadError("the server is shutting down"))
+        self._tok_pool.shutdown(wait=False)
+
+    # ---- requests --------------------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
+                          prompt_token_ids: list[int] | None = None, lora_request=None) -> RequestStream:
+        if self._draining:
+            raise EngineDeadError("the server is shutting down")
+        if self.engine.dead is not None:
+            raise EngineDeadError(f"the engine is dead: {self.engine.dead}")
+        stream = RequestStream(request_id, self)
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+        try:
+            await self._request("add", request_id, prompt, params, prompt_token_ids, lora_request)
+        except BaseException:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            self.abort(request_id)  # cancelled after the core took it: do not leave it running
+            raise
+        return stream
+
+    async def generate(self, request_id: str, prompt: str | None, params: SamplingParams,
+                       prompt_token_ids: list[int] | None = None, lora_request=None) -> AsyncIterator[RequestOutput]:
+        stream = await self.add_request(request_id, prompt, params, prompt_token_ids, lora_request)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request (thread-safe, returns at once); its stream ends now."""
+        self._outbox.put(("abort", request_id))
+        self._post_aborted([request_id], None)
+
+    def abort_all(self, reason: str = "the server is shutting down") -> None:
+        self._outbox.put(("abort_all", reason))
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` (tokenizer work) off the event loop, on this process's tokenizer thread."""
+        return await asyncio.wrap_future(self._tok_pool.submit(fn))
+
+    async def get_metrics(self) -> dict[str, float]:
+        return await self._request("call", "metrics", ())
+
+    async def snapshot_state(self, include_blocks: bool = True) -> dict[str, Any]:
+        return await self._request("call", "snapshot", (include_blocks,))
+
+    async def block_detail(self, block_id: int) -> dict[str, Any]:
+        return await self._request("call", "block", (block_id,))
+
+    async def warm_structured(self) -> None:
+        await self._request("call", "warm_structured", ())
+
+    # ---- the pipe --------------------------------------------------------------------------
+    async def _request(self, kind: str, *args) -> Any:
+        if self.engine.dead is not None:
+            raise EngineDeadError(f"the engine is dead: {self.engine.dead}")
+        cid = next(self._ids)
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._replies[cid] = fut
+        self._outbox.put((kind, cid, *args))
+        return await asyncio.wrap_future(fut)
+
+    def _write(self) -> None:
+        while (msg := self._outbox.get()) is not None:
+            try:
+                self._conn.send(msg)
+            except (OSError, ValueError):  # the core is gone: the reader reports it
+                return
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            kind = msg[0]
+            if kind == "outputs":
+                self._post(msg[1])
+            elif kind == "reply":
+                _, cid, ok, value = msg
+                with self._lock:
+                    fut = self._replies.pop(cid, None)
+                if fut is not None:
+                    fut.set_result(value) if ok else fut.set_exception(value)
+            elif kind == "aborted":
+                self._post_aborted(msg[1], RequestAbortedError(msg[2]))
+            elif kind == "buckets":
+                self._buckets = msg[1]
+            elif kind == "stopped":
+                break
+        if self._stopping:
+            return
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(1)
+        why = f"the engine core process exited (exit code {self.process.returncode})"
+        self.engine.dead = why
+        log.error("%s; failing every request in flight", why)
+        # In-flight requests end with this error (a stream gets it as its last event), not as
+        # an abort: nobody asked for them to stop.
+        self._fail_all(RequestFailedError(f"the request failed: {why}"), EngineDeadError(why))
+        if self.on_death is not None:
+            self.on_death(why)
+
+    def _fail_all(self, error: BaseException, reply_error: BaseException | None = None) -> None:
+        with self._lock:
+            ids = list(self._streams)
+            replies, self._replies = self._replies, {}
+        for fut in replies.values():
+            if not fut.done():
+                fut.set_exception(reply_error or error)
+        self._post_aborted(ids, error)
+
+    def _post_aborted(self, ids: list[str], error: BaseException | None) -> None:
+        self._post([(rid, _Aborted(error)) for rid in ids], raw=True)
+
+    def _post(self, items, raw: bool = False) -> None:
+        """Hand each output to its stream's event loop, one call per loop."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for entry in items:
+                rid, item = entry if raw else (entry.request_id, entry)
+                stream = self._streams.get(rid)
+                if stream is None:
+                    continue  # aborted, or its client left
+                if isinstance(item, _Aborted) or item.finished:
+                    del self._streams[rid]
+                by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pagedlm.engine.core_process FD``: the core, on the socket ``FD`` its server passed."""
+    fd = int((sys.argv[1:] if argv is None else argv)[0])
+    conn = Connection(fd)
+    try:
+        engine_kwargs, max_waiting, log_level, threads = conn.recv()
+    except (EOFError, OSError):
+        return 1
+    try:
+        core_main(conn, engine_kwargs, max_waiting, log_level, threads)
+    except (EOFError, OSError, BrokenPipeError):  # the server is gone
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    # Run the importable module's copy: what the core pickles must name pagedlm.engine.core_process,
+    # not __main__.
+    from pagedlm.engine import core_process
+
+    sys.exit(core_process.main())

@@ -1,0 +1,210 @@
+"""The engine core in its own process (engine/core_process.py) behind the unchanged server: the
+same answers as the in-process engine, aborts that free blocks, and a core that dies seen at once."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from pagedlm.engine.async_engine import AsyncLLMEngine
+from pagedlm.engine.core_process import CoreEngineClient
+from pagedlm.engine.engine import EngineConfig, LLMEngine
+from pagedlm.server.app import ServerConfig, build_app
+from tests.server_fixtures import ServerThread, launch_serve, stop_serve, tiny_model_dir
+
+CONFIG = dict(dtype="float32", kv_cache_memory=4 << 20, max_num_seqs=16, seed=0, max_model_len=512)
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return tiny_model_dir(tmp_path_factory)
+
+
+def _serve(aeng):
+    return ServerThread(build_app(aeng, ServerConfig(served_model_name="tiny")), aeng)
+
+
+@pytest.fixture(scope="module")
+def both(model_dir):
+    """(in-process server URL, core-process server URL, the core client)."""
+    core = CoreEngineClient({"model": model_dir, **CONFIG})
+    local = AsyncLLMEngine(LLMEngine(EngineConfig(model=model_dir, **CONFIG)))
+    with _serve(local) as a, _serve(core) as b:
+        yield a.url, b.url, core
+    assert core.process.poll() is not None  # stopped with its server
+
+
+def _strip(resp: dict) -> dict:
+    return {k: v for k, v in resp.items() if k not in ("id", "created", "timings")}
+
+
+REQUESTS = [
+    ("/v1/completions", {"prompt": "The quick brown fox", "max_tokens": 24, "temperature": 0}),
+    ("/v1/completions", {"prompt": ["one two", "three four five"], "max_tokens": 12, "temperature": 0.9,
+                         "seed": 7, "n": 2, "logprobs": 2}),
+    ("/v1/completions", {"prompt": "Count: 1 2 3", "max_tokens": 30, "temperature": 0, "stop": [" 7"]}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 16,
+                              "temperature": 0, "logprobs": True, "top_logprobs": 3}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a person"}], "max_tokens": 40,
+                              "temperature": 0,
+                              "response_format": {"type": "json_schema",
+                                                  "json_schema": {"name": "p", "schema": SCHEMA}}}),
+]
+
+
+@pytest.mark.parametrize("path,body", REQUESTS, ids=[f"{i}" for i in range(len(REQUESTS))])
+def test_the_core_process_answers_as_the_in_process_engine(both, path, body):
+    local, remote, _ = both
+    answers = [httpx.post(url + path, json={"model": "tiny", **body}, timeout=60) for url in (local, remote)]
+    assert [a.status_code for a in answers] == [200, 200], answers[1].text
+    # Logprobs to float32 rounding: a batch may be stepped in other groupings in the two servers
+    # (timing), and a GEMM of other rows rounds differently in the last bits.
+    _same(_strip(answers[0].json()), _strip(answers[1].json()))
+
+
+def _same(a, b, where: str = "") -> None:
+    """Equal, floats to a relative 1e-4 (logprobs; everything else exactly)."""
+    if isinstance(a, float) or isinstance(b, float):
+        assert b == pytest.approx(a, rel=1e-4, abs=1e-5), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), where
+        for k in a:
+            _same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, list):
+        assert isinstance(b, list) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def test_streams_match_too(both):
+    local, remote, _ = both
+    body = {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 32, "temperature": 0, "stream": True}
+    texts = []
+    for url in (local, remote):
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        texts.append("".join(c["choices"][0]["text"] for c in chunks))
+    assert texts[0] == texts[1] and texts[0]
+
+
+def test_bad_requests_get_the_same_errors(both):
+    local, remote, _ = both
+    for body in ({"prompt": [1, 2, 10**6], "max_tokens": 4}, {"prompt": "x", "max_tokens": -1},
+                 {"prompt": "x", "logit_bias": {"999999": 5}},
+                 {"prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                     "type": "nope"}}}}):
+        answers = [httpx.post(url + "/v1/completions", json={"model": "tiny", **body}, timeout=30)
+                   for url in (local, remote)]
+        assert answers[0].status_code == answers[1].status_code and 400 <= answers[0].status_code < 500
+        assert answers[0].json() == answers[1].json()
+
+
+def test_engine_view_metrics_and_health_come_from_the_core(both):
+    local, remote, core = both
+    health = httpx.get(remote + "/health").json()
+    assert health == httpx.get(local + "/health").json() and health["status"] == "ok"
+    state = httpx.get(remote + "/v1/engine/state").json()
+    assert state["num_blocks"] == core.engine.num_kv_blocks
+    assert httpx.get(remote + "/v1/engine/blocks/0").status_code == 200
+    metrics = httpx.get(remote + "/metrics").text  # the core's counters reach /metrics
+    generated = [s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+                 if s.name == "vllm:generation_tokens_total"]
+    assert generated and generated[0] > 0
+
+
+def test_a_client_that_leaves_frees_its_blocks_in_the_core(both):
+    _, remote, core = both
+    body = {"model": "tiny", "prompt": "a long story", "max_tokens": 400, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", remote + "/v1/completions", json=body, timeout=60) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                break  # one token, then hang up
+    deadline = time.monotonic() + 10
+    while True:
+        m = httpx.get(remote + "/v1/engine/state?blocks=false").json()
+        if m["metrics"]["num_free_blocks"] == m["num_blocks"] and not any(m["queues"].values()):
+            break
+        assert time.monotonic() < deadline, m
+        time.sleep(0.05)
+
+
+def test_a_killed_core_fails_requests_and_health_at_once(model_dir):
+    died: list[str] = []
+    core = CoreEngineClient({"model": model_dir, **CONFIG}, on_death=died.append)
+    with _serve(core) as srv:
+        client = openai.OpenAI(base_url=srv.url + "/v1", api_key="x", max_retries=0, timeout=30)
+        errors: list[BaseException] = []
+
+        def stream() -> None:
+            try:
+                for _ in client.completions.create(model="tiny", prompt="hi", max_tokens=1000, stream=True,
+                                                   extra_body={"ignore_eos": True}):
+                    pass
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+        t = threading.Thread(target=stream)
+        t.start()
+        time.sleep(0.5)
+        os.kill(core.process.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        while httpx.get(srv.url + "/health").status_code != 503:
+            assert time.monotonic() - t0 < 1.0, "health did not turn 503 within a second"
+            time.sleep(0.02)
+        t.join(10)
+        assert not t.is_alive()
+        assert died and "exit code -9" in died[0]
+        after = httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2})
+        assert after.status_code == 503 and "engine" in after.json()["error"]["message"]
+    assert errors  # the stream in flight ended with the error, not silently
+
+
+def test_serve_runs_the_core_in_a_process_and_exits_nonzero_when_it_dies(model_dir):
+    proc, url = launch_serve(model_dir, "--max-model-len", "256", "--kv-cache-memory", "4M")
+    try:
+        r = httpx.post(url + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=30)
+        assert r.status_code == 200
+        import psutil
+
+        cores = [c for c in psutil.Process(proc.pid).children() if "pagedlm.engine.core_process" in " ".join(c.cmdline())]
+        assert len(cores) == 1
+        cores[0].kill()
+        proc.wait(15)
+        assert proc.returncode == 1
+    finally:
+        if proc.poll() is None:
+            stop_serve(proc)
+
+
+def test_data_parallel_core_processes_behind_one_server(model_dir):
+    from pagedlm.server.replicas import ReplicaRouter
+
+    cores = [CoreEngineClient({"model": model_dir, **CONFIG}, threads=1) for _ in range(2)]
+    router = ReplicaRouter(cores)
+    with _serve(router) as srv:
+        body = {"model": "tiny", "max_tokens": 8, "temperature": 0}
+        from concurrent.futures import ThreadPoolExecutor
+
+        def one(i: int) -> str:  # in flight together: the least loaded replica takes the next
+            return httpx.post(srv.url + "/v1/completions", json={**body, "max_tokens": 48, "prompt": f"prompt {i}"},
+                              timeout=60).json()["choices"][0]["text"]
+        with ThreadPoolExecutor(6) as pool:
+            texts = list(pool.map(one, range(6)))
+        assert all(texts)
+        metrics = httpx.get(srv.url + "/metrics").text
+        served = {s.labels.get("engine"): s.value for f in text_string_to_metric_families(metrics) for s in f.samples
+                  if s.name == "vllm:prompt_tokens_total"}
+        assert set(served) == {"0", "1"} and all(v > 0 for v in served.values())  # both replicas served
+    assert all(c.process.poll() is not None for c in cores)
