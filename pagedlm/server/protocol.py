@@ -382,6 +382,15 @@ class DetokenizeResponse(BaseModel):
     prompt: str
 
 
+class TokenizerInfoResponse(BaseModel):
+    """vLLM's ``GET /tokenizer_info``: the tokenizer's configuration (its ``tokenizer_config.json``
+    as loaded: special tokens, ``added_tokens_decoder``, ``chat_template``, ...) and its class.
+    Only what the tokenizer holds; fields it does not know are absent."""
+
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
+
+
 class HealthResponse(BaseModel):
     status: str
     # Each decode batch bucket: compiled, compiling (built in the background; eager meanwhile) or
