@@ -406,7 +406,9 @@ def test_logit_bias_echo_and_best_of(client):
 
 @pytest.mark.parametrize("path, body, param, needle", [
     ("/v1/completions", {"prompt": "a", "suffix": "b"}, "suffix", "suffix is not supported"),
-    ("/v1/completions", {"prompt": "a", "echo": True, "logprobs": 1}, "echo", "echo with logprobs"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens", "0 is accepted with echo only"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 0, "echo": True, "min_tokens": 1}, "min_tokens",
+     "must be 0 when max_tokens is 0"),
     ("/v1/completions", {"prompt": "a", "best_of": 1, "n": 2}, "best_of", "must be >= n"),
     ("/v1/completions", {"prompt": "a", "best_of": 3, "stream": True}, "best_of", "cannot be streamed"),
     ("/v1/completions", {"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias", "not a token id"),
