@@ -132,6 +132,11 @@ def test_tokenizer_config_keeps_what_json_can_say():
                                        "added_tokens_decoder": {"0": "<unk>", "1": {"content": "<s>"}},
                                        "tokenizer_class": "Tok"}
 
+    class Built(Tok):  # a tokenizer built from GGUF metadata: its own added tokens, none in init_kwargs
+        added_tokens_decoder = {5: AddedToken("<x>")}
+
+    assert tokenizer_config(Built())["added_tokens_decoder"] == {"5": "<x>"}
+
 
 def test_completion_usage_timings_and_stream_match(client, http):
     before = scrape(http)

@@ -41,6 +41,9 @@ def tokenizer_config(tokenizer) -> dict[str, Any]:
     its class name, as vLLM's endpoint does. A ``model_max_length`` that is transformers'
     "unknown" placeholder is left out."""
     config = {k: v for k, v in (getattr(tokenizer, "init_kwargs", None) or {}).items() if k not in _PATH_KEYS}
+    live = getattr(tokenizer, "added_tokens_decoder", None)
+    if isinstance(live, dict):  # the tokenizer's own, also when built from GGUF metadata (its init_kwargs: {})
+        config["added_tokens_decoder"] = live
     config = _jsonable(config)
     if isinstance(config.get("model_max_length"), (int, float)) and config["model_max_length"] >= _UNKNOWN_MAX_LENGTH:
         del config["model_max_length"]
