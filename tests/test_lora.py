@@ -399,6 +399,30 @@ def test_bad_adapter_is_a_clear_error_and_others_unaffected(lora_llm, tmp_path, 
     assert len(out.outputs[0].token_ids) == 3
 
 
+def test_a_refused_request_loads_no_adapter(lora_llm, tmp_path, monkeypatch):
+    """A new adapter is read from disk only once its request passed every other check: a
+    refused request must not stall the engine's thread loading it."""
+    eng = lora_llm.engine
+    manager = eng.runner.lora
+    loads = []
+    real_load = manager._load
+    monkeypatch.setattr(manager, "_load", lambda req: loads.append(req.lora_name) or real_load(req))
+    lora = LoRARequest("late", 77, _write_adapter(tmp_path / "late", _cfg(), _q()))
+    vocab = eng.model_config.vocab_size
+    for prompt, params, match in [
+        ({"prompt_token_ids": [vocab]}, SamplingParams(max_tokens=2), "outside the vocabulary"),
+        ({"prompt_token_ids": [5] * eng.max_model_len}, SamplingParams(max_tokens=2), "max_model_len"),
+        ("hello", SamplingParams(max_tokens=2, logit_bias={vocab: 1.0}), "logit_bias"),
+        ("hello", SamplingParams(max_tokens=2, structured_outputs={"regex": r"[^\x00-\U0010FFFF]"}),
+         "cannot be satisfied"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            lora_llm.generate(prompt, params, use_tqdm=False, lora_request=lora)
+        assert not loads and 77 not in manager.adapters and not eng.requests
+    out = lora_llm.generate("hello", SamplingParams(max_tokens=2, ignore_eos=True), use_tqdm=False, lora_request=lora)
+    assert loads == ["late"] and 77 in manager.adapters and len(out[0].outputs[0].token_ids) == 2
+
+
 def test_bad_requests(tiny_llama_dir, lora_llm, adapters):
     paths, _ = adapters
     with pytest.raises(ValueError, match="LoRA is not enabled"):

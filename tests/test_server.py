@@ -96,9 +96,46 @@ def test_models_health_and_metrics_names(server, client, http):
                  "vllm:e2e_request_latency_seconds_count"):
         assert name in m, name
     schema = httpx.get(server.url + "/openapi.json").json()
-    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize"):
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/models", "/tokenize", "/detokenize",
+                 "/tokenizer_info"):
         assert path in schema["paths"]
     assert "CompletionRequest" in schema["components"]["schemas"]
+
+
+def test_tokenizer_info_is_the_tokenizers_own_configuration(server, http):
+    """GET /tokenizer_info, as vLLM's: the configuration the tokenizer was loaded with, its chat
+    template and class; nothing it does not hold (no file paths, no unknown model_max_length)."""
+    tok = server.engine.tokenizer
+    r = http.get("/tokenizer_info")
+    assert r.status_code == 200, r.text
+    info = r.json()
+    assert info["tokenizer_class"] == type(tok).__name__
+    assert info["chat_template"] == tok.chat_template and info["chat_template"]
+    assert info["eos_token"] == "<|im_end|>" and info["bos_token"] == "<|endoftext|>"
+    assert info["added_tokens_decoder"]["2"] == "<|im_end|>" == tok.convert_ids_to_tokens(2)
+    assert not {"vocab_file", "merges_file", "tokenizer_file", "model_max_length"} & set(info)
+    assert httpx.get(server.url + "/tokenizer_info").status_code == 401  # behind the API key, as /tokenize
+
+
+def test_tokenizer_config_keeps_what_json_can_say():
+    from tokenizers import AddedToken
+
+    from pagedlm.server.serving_tokenization import tokenizer_config
+
+    class Tok:
+        chat_template = None
+        init_kwargs = {"eos_token": AddedToken("</s>", special=True), "model_max_length": 4096,
+                       "vocab_file": "/srv/models/vocab.json", "extra_ids": (1, 2), "odd": object(),
+                       "added_tokens_decoder": {0: AddedToken("<unk>"), 1: {"content": "<s>", "x": object()}}}
+
+    assert tokenizer_config(Tok()) == {"eos_token": "</s>", "model_max_length": 4096, "extra_ids": [1, 2],
+                                       "added_tokens_decoder": {"0": "<unk>", "1": {"content": "<s>"}},
+                                       "tokenizer_class": "Tok"}
+
+    class Built(Tok):  # a tokenizer built from GGUF metadata: its own added tokens, none in init_kwargs
+        added_tokens_decoder = {5: AddedToken("<x>")}
+
+    assert tokenizer_config(Built())["added_tokens_decoder"] == {"5": "<x>"}
 
 
 def test_completion_usage_timings_and_stream_match(client, http):

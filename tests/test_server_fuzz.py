@@ -36,7 +36,7 @@ def api_schema(fuzz_server):
 
 
 OPERATIONS = ["POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize", "POST /detokenize",
-              "GET /v1/models", "GET /health", "GET /metrics",
+              "GET /tokenizer_info", "GET /v1/models", "GET /health", "GET /metrics",
               "GET /v1/engine/state", "GET /v1/engine/blocks/{block_id}"]
 EXAMPLES = {"POST /v1/completions": 15, "POST /v1/chat/completions": 25}
 
@@ -51,7 +51,7 @@ def error_body_is_openai_shaped(response) -> None:
 
 # These GET operations take no parameters: there is nothing invalid to send them, so they are
 # fuzzed with valid requests only. (The engine-state stream never ends by itself: not fuzzed.)
-NO_PARAMS = {"GET /v1/models", "GET /health", "GET /metrics"}
+NO_PARAMS = {"GET /tokenizer_info", "GET /v1/models", "GET /health", "GET /metrics"}
 CASES = [(label, mode) for label in OPERATIONS for mode in ("positive", "negative")
          if not (mode == "negative" and label in NO_PARAMS)]
 

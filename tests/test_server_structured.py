@@ -15,6 +15,7 @@ import pytest
 
 from pagedlm.engine.async_engine import AsyncLLMEngine
 from pagedlm.engine.engine import EngineConfig, LLMEngine
+from pagedlm.server import protocol as P
 from pagedlm.server import tools as T
 from pagedlm.server.app import ServerConfig, build_app
 from tests.helpers import train_tokenizer
@@ -140,6 +141,17 @@ def test_required_calls_stream_as_they_are_generated():
     # cut short before any name: the text is content, as the unstreamed reply gives it
     ts = T.ToolStream(plan)
     assert ts.update('[{"na', False) == ("", []) and ts.update("", True) == ('[{"na', [])
+    assert T.reply_calls(plan, '[{"na') == ('[{"na', [])
+    # cut inside a call's arguments: the calls so far, the last one's arguments cut, both ways
+    cut = text[:text.index('"tz"') + 3]
+    assert T.reply_calls(plan, cut) == (None, [want[1][0], ("get_time", '{"tz')])
+    ts = T.ToolStream(plan)
+    deltas = ts.update(cut[:30], False)[1] + ts.update(cut[30:], True)[1]
+    assert [(d.function.name, d.function.arguments) for d in deltas if d.function.name] == [
+        ("get_weather", ""), ("get_time", "")]
+    assert "".join(d.function.arguments or "" for d in deltas if d.index == 1) == '{"tz'
+    named = T.ToolPlan("named", [WEATHER], named="get_weather")
+    assert T.reply_calls(named, '{"location": "Pa') == (None, [("get_weather", '{"location": "Pa')])
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -162,6 +174,93 @@ def test_tool_choice_named_and_required(client, stream):
     lenient = {"type": "function", "function": {"name": "f", "parameters": NOT_SCHEMA}}
     _, calls, _ = chat(client, stream, tools=[lenient], tool_choice={"type": "function", "function": {"name": "f"}})
     assert 0 <= json.loads(calls[0][2])["n"] <= 9
+
+
+# A function whose schema does not say whether other properties are allowed.
+OPEN_ARGS = {"type": "object", "properties": {
+    "location": {"type": "string", "maxLength": 10},
+    "where": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}}}}, "required": ["location"]}
+OPEN = {"type": "function", "function": {"name": "find", "parameters": OPEN_ARGS}}
+
+
+def test_closed_objects_reads_only_schemas():
+    got = T.closed_objects({
+        "type": "object", "additionalProperties": True,
+        "properties": {"properties": {"type": "object", "properties": {}},  # a property named "properties"
+                       "c": {"const": {"properties": {}}}, "d": {"default": {"properties": {}}},
+                       "l": {"type": "array", "items": {"properties": {"k": {}}}},
+                       "u": {"anyOf": [{"properties": {}}, {"type": "string"}]}, "r": {"$ref": "#/$defs/d"}},
+        "$defs": {"d": {"patternProperties": {"^x": {}}}},
+        "allOf": [{"properties": {"a": {}}}, {"properties": {"b": {"properties": {}}}}]})
+    assert got["additionalProperties"] is True  # the schema said so
+    p = got["properties"]
+    assert p["properties"] == {"type": "object", "properties": {}, "additionalProperties": False}
+    assert p["c"] == {"const": {"properties": {}}} and p["d"] == {"default": {"properties": {}}}  # data
+    assert p["l"]["items"]["additionalProperties"] is False and p["u"]["anyOf"][0]["additionalProperties"] is False
+    assert got["$defs"]["d"]["additionalProperties"] is False
+    # allOf members stay open (closing each would forbid the others' properties), their insides do not
+    assert "additionalProperties" not in got["allOf"][0] and "additionalProperties" not in got["allOf"][1]
+    assert got["allOf"][1]["properties"]["b"]["additionalProperties"] is False
+    assert "additionalProperties" not in OPEN_ARGS  # a copy: the request's schema is untouched
+
+
+def test_forced_calls_allow_no_properties_beyond_the_schema():
+    """A named or required call's arguments may hold only the properties the schema lists
+    (unless it allows others), at every depth: the grammar refuses the first extra key."""
+    from pagedlm.engine.structured import GrammarManager
+    from pagedlm.sampling_params import StructuredOutputsParams
+
+    tok = train_tokenizer()
+    grammars = GrammarManager(tok, 384, 1)
+
+    def accepts(params, text: str) -> bool:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        return grammars.compiled(params).deep_copy().validate_tokens(ids) == len(ids)
+
+    def plan(choice, tools=(OPEN, TIME)):
+        return T.plan_tools(P.ChatCompletionRequest(messages=MSGS, tools=list(tools), tool_choice=choice))
+
+    named = plan({"type": "function", "function": {"name": "find"}}).structured
+    required = plan("required").structured
+    as_written = StructuredOutputsParams(json=OPEN_ARGS)
+    # (the grammar writes JSON without whitespace)
+    for extra in ('{"location":"x","other":1', '{"location":"x","where":{"city":"y","z":2'):
+        assert accepts(as_written, extra)  # JSON Schema's own default allows them
+        assert not accepts(named, extra)
+        assert not accepts(required, '[{"name":"find","parameters":' + extra)
+    assert accepts(named, '{"location":"x","where":{"city":"y"}}')
+    assert accepts(required, '[{"name":"find","parameters":{"location":"x","where":{}}}]')
+    # an explicit additionalProperties is kept
+    allows = {"type": "function", "function": {"name": "find", "parameters": {**OPEN_ARGS, "additionalProperties": True}}}
+    assert accepts(plan({"type": "function", "function": {"name": "find"}}, [allows]).structured,
+                   '{"location":"x","other":1}')
+
+
+@pytest.mark.parametrize("choice", ["named", "required"])
+def test_forced_call_cut_short_is_the_same_call_streamed_or_not(client, choice):
+    """A forced call cut by max_tokens is a call with the arguments generated so far and
+    finish_reason "length", streamed or not (OpenAI's answer; unstreamed used to return the text
+    as content while the stream sent the call); uncut, it obeys the schema without extra keys."""
+    tool_choice = {"type": "function", "function": {"name": "find"}} if choice == "named" else "required"
+    kw = dict(tools=[OPEN, TIME], tool_choice=tool_choice)
+    cut_calls = 0
+    for max_tokens in (3, 8, 14, 20, 26):
+        content, calls, finish = chat(client, max_tokens=max_tokens, **kw)
+        s_content, s_calls, s_finish = chat(client, True, max_tokens=max_tokens, **kw)
+        assert (content, [c[1:] for c in calls], finish) == (s_content, [c[1:] for c in s_calls], s_finish)
+        if finish != "length":
+            assert finish == "tool_calls" and content is None
+        elif calls:
+            assert content is None and {c[1] for c in calls} <= {"find", "get_time"}
+            cut_calls += 1
+        else:  # required, cut before the first call had its name: the text is content
+            assert choice == "required" and content.startswith("[")
+    assert cut_calls >= 2
+    closed = T.closed_objects(OPEN_ARGS)
+    content, calls, finish = chat(client, max_tokens=400, **kw)
+    assert content is None and finish == "tool_calls"
+    for _, name, args in calls:
+        jsonschema.validate(json.loads(args), closed if name == "find" else TIME["function"]["parameters"])
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -307,7 +406,9 @@ def test_logit_bias_echo_and_best_of(client):
 
 @pytest.mark.parametrize("path, body, param, needle", [
     ("/v1/completions", {"prompt": "a", "suffix": "b"}, "suffix", "suffix is not supported"),
-    ("/v1/completions", {"prompt": "a", "echo": True, "logprobs": 1}, "echo", "echo with logprobs"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 0}, "max_tokens", "0 is accepted with echo only"),
+    ("/v1/completions", {"prompt": "a", "max_tokens": 0, "echo": True, "min_tokens": 1}, "min_tokens",
+     "must be 0 when max_tokens is 0"),
     ("/v1/completions", {"prompt": "a", "best_of": 1, "n": 2}, "best_of", "must be >= n"),
     ("/v1/completions", {"prompt": "a", "best_of": 3, "stream": True}, "best_of", "cannot be streamed"),
     ("/v1/completions", {"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias", "not a token id"),

@@ -348,7 +348,6 @@ class LLMEngine:
             raise EngineDeadError(f"the engine is shut down: {self.dead}")
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
-        lora = self._lora_adapter(lora_request)
         if prompt_token_ids is None:
             if not isinstance(prompt, str):
                 raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -372,6 +371,9 @@ class LLMEngine:
         if bad:
             raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {vocab})")
         grammar = self._grammar_template(params)
+        # Last of the checks: a new adapter is read from disk here, on the thread that steps the
+        # batch, so a request that is refused anyway must not pay (and make everyone wait) for it.
+        lora = self._lora_adapter(lora_request)
         now = time.perf_counter() if arrival_time is None else arrival_time
         req = Request(request_id, list(prompt_token_ids), params, now)
         for i in range(params.n):

@@ -1,8 +1,8 @@
 """The OpenAI-compatible HTTP API over an ``AsyncLLMEngine``: ``build_app`` wires the routes.
 
 ``build_app(async_engine, ServerConfig(...))`` returns a FastAPI app with /v1/completions,
-/v1/chat/completions (both with SSE streaming), /v1/models, /tokenize, /detokenize, /health and
-/metrics. The requests are handled by the serving classes (``serving_completion.py``,
+/v1/chat/completions (both with SSE streaming), /v1/models, /tokenize, /detokenize,
+/tokenizer_info, /health and /metrics. The requests are handled by the serving classes (``serving_completion.py``,
 ``serving_chat.py``, ``serving_tokenization.py`` over ``serving.py``); every error becomes an
 OpenAI-style body ``{"error": {"message", "type", "param", "code"}}`` through ``errors.py``.
 This module holds only the routes, the API-key and body-size middleware, and the lifespan.
@@ -84,6 +84,10 @@ def build_app(async_engine: AsyncLLMEngine, config: ServerConfig) -> FastAPI:
     async def detokenize(req: P.DetokenizeRequest):
         return await tokenization.detokenize(req)
 
+    @app.get("/tokenizer_info", response_model=P.TokenizerInfoResponse, responses=ERROR_RESPONSES)
+    async def tokenizer_info():
+        return await tokenization.tokenizer_info()
+
     stream_200 = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream=true"}}
 
     @app.post("/v1/completions", response_model=P.CompletionResponse, responses={**ERROR_RESPONSES, **stream_200})
@@ -124,7 +128,7 @@ class _BodyLimitAndAuth:
     """Pure ASGI middleware: API key on /v1/* (and the tokenizer routes), then a body size limit
     (413). Bodies without Content-Length are buffered up to the limit and replayed."""
 
-    PROTECTED = ("/v1/", "/tokenize", "/detokenize")
+    PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 
     def __init__(self, app, api_key: str | None, max_body_bytes: int):
         self.app, self.api_key, self.max_body = app, api_key, max_body_bytes

@@ -106,9 +106,11 @@ class CompletionRequest(_SamplingFields):
              | TokenIds
              | Annotated[list[TokenIds], Field(min_length=1, max_length=64)]) = Field(
         ..., description="A string, a list of strings, a list of token ids, or a list of token id lists.")
-    max_tokens: int | None = Field(16, ge=1, le=INT64_MAX, description="Default 16; null = up to the context length.")
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Top logprobs per generated token.")
-    echo: bool = Field(False, description="Prepend the prompt to each choice's text.")
+    max_tokens: int | None = Field(16, ge=0, le=INT64_MAX, description="Default 16; null = up to the context length; "
+                                   "0 only with echo (the prompt alone, scored).")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="Top logprobs per token (with echo: the "
+                                 "prompt's tokens too, the first one's null).")
+    echo: bool = Field(False, description="Prepend the prompt to each choice's text (and its tokens to logprobs).")
     suffix: str | None = Field(None, description="Not supported: must be null.")
     best_of: int | None = Field(None, ge=1, le=128, description="Generate best_of samples, return the n likeliest "
                                 "(by cumulative logprob); not with stream.")
@@ -380,6 +382,15 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+class TokenizerInfoResponse(BaseModel):
+    """vLLM's ``GET /tokenizer_info``: the tokenizer's configuration (its ``tokenizer_config.json``
+    as loaded: special tokens, ``added_tokens_decoder``, ``chat_template``, ...) and its class.
+    Only what the tokenizer holds; fields it does not know are absent."""
+
+    model_config = ConfigDict(extra="allow")
+    tokenizer_class: str
 
 
 class HealthResponse(BaseModel):

@@ -116,10 +116,13 @@ def _timings(metrics: list[RequestMetrics]) -> P.Timings:
 
 
 class Usage:
-    """The latest output of each prompt of a request, for its usage and timings."""
+    """The latest output of each prompt of a request, for its usage and timings.
+    ``completion=False``: the engine's tokens are not part of the reply (completions' ``echo``
+    with ``max_tokens`` 0 generates one and drops it), so ``completion_tokens`` is 0."""
 
-    def __init__(self, outputs: list[RequestOutput] | None = None):
+    def __init__(self, outputs: list[RequestOutput] | None = None, completion: bool = True):
         self.outputs: dict[int, RequestOutput] = dict(enumerate(outputs or []))
+        self.completion = completion
 
     def add(self, i: int, out: RequestOutput) -> None:
         self.outputs[i] = out
@@ -127,7 +130,7 @@ class Usage:
     def usage(self) -> P.Usage:
         outs = list(self.outputs.values())
         prompt = sum(len(o.prompt_token_ids) for o in outs)
-        completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        completion = sum(len(c.token_ids) for o in outs for c in o.outputs) if self.completion else 0
         cached = sum(o.metrics.num_cached_tokens for o in outs if o.metrics is not None)
         return P.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                        prompt_tokens_details=P.PromptTokensDetails(cached_tokens=cached))
@@ -197,6 +200,7 @@ class StreamContext:
     num_prompts: int
     created: int = field(default_factory=lambda: int(time.time()))
     choices: dict[tuple[int, int], ChoiceState] = field(default_factory=dict)
+    completion: bool = True  # False: the engine's tokens are dropped from the reply (``Usage``)
 
     def __post_init__(self) -> None:
         n = self.params.n
@@ -263,13 +267,14 @@ class OpenAIServing:
             raise APIError(400, str(e), param=e.param, code="invalid_value") from e
 
     def make_params(self, req: P._SamplingFields, max_tokens: int | None, logprobs: int | None, constraint=None,
-                    n: int | None = None) -> SamplingParams:
+                    n: int | None = None, prompt_logprobs: int | None = None) -> SamplingParams:
         kw: dict[str, Any] = dict(
             n=req.n if n is None else n, max_tokens=max_tokens, logit_bias=self._logit_bias(req),
             structured_outputs=constraint if constraint is not None else self.structured(req),
             min_tokens=req.min_tokens, ignore_eos=req.ignore_eos, stop=req.stop,
             stop_token_ids=req.stop_token_ids, include_stop_str_in_output=req.include_stop_str_in_output,
-            skip_special_tokens=req.skip_special_tokens, seed=req.seed, logprobs=logprobs)
+            skip_special_tokens=req.skip_special_tokens, seed=req.seed, logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs)
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             v = getattr(req, name)
@@ -392,6 +397,11 @@ class OpenAIServing:
         """Choices of a first chunk sent before any output (none by default)."""
         return []
 
+    def prompt_choices(self, ctx: StreamContext, i: int, out: RequestOutput) -> list:
+        """Choices of a chunk sent before the one of prompt ``i``'s output ``out`` (none by
+        default; completions' ``echo`` with ``logprobs``: the prompt, once its logprobs are known)."""
+        return []
+
     def stream_choice(self, ctx: StreamContext, ch: ChoiceState, c: CompletionOutput) -> Any | None:
         """The chunk choice for output ``c``'s deltas, or None when it has nothing to send."""
         raise NotImplementedError
@@ -403,7 +413,7 @@ class OpenAIServing:
     async def stream(self, ctx: StreamContext, streams: list[RequestStream]) -> AsyncIterator[str]:
         """The SSE events of a streamed response: chunks as outputs come (the last content chunk
         carries the timings), usage if asked, abort or error, then ``[DONE]``."""
-        usage = Usage()
+        usage = Usage(completion=ctx.completion)
         unfinished = len(ctx.choices)
         include_usage = bool(ctx.req.stream_options and ctx.req.stream_options.include_usage)
         model = self.models.response_name(ctx.req.model)
@@ -417,6 +427,9 @@ class OpenAIServing:
                 yield chunk(head)
             async for i, out in self.each_output(streams):
                 usage.add(i, out)
+                first = self.prompt_choices(ctx, i, out)
+                if first:
+                    yield chunk(first)
                 chs = []
                 for c in out.outputs:
                     ch = ctx.choices[(i, c.index)]

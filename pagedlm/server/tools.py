@@ -9,6 +9,9 @@
   arguments object, grammar-constrained to that function's ``parameters`` schema.
   ``required``: the output is a JSON array (``[{"name": ..., "parameters": {...}}, ...]``, one
   item when ``parallel_tool_calls`` is false) constrained to the tools' names and schemas.
+  Forced calls allow no properties beyond those a schema lists unless it says otherwise
+  (``closed_objects``); one cut short (``max_tokens``) is still a call, with the arguments
+  generated so far and ``finish_reason`` "length", streamed or not.
 * **Formats read for auto**: Hermes ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``
   blocks (any number, text around them is content), and a bare JSON reply that is one such
   object or a list of them (``arguments`` or ``parameters``). A block naming an unknown tool, or
@@ -50,8 +53,46 @@ class ToolPlan:
         return {t["function"]["name"] for t in self.tools}
 
 
+# Where a JSON schema holds subschemas: maps of them, one of them, or lists of them. Values under
+# other keywords (const, enum, default, examples) are data and are never touched.
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SUBSCHEMA = ("items", "additionalItems", "additionalProperties", "unevaluatedProperties", "unevaluatedItems",
+              "contains", "propertyNames", "not", "if", "then", "else")
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "prefixItems", "items")
+
+
+def closed_objects(schema: Any, close: bool = True) -> Any:
+    """A copy of ``schema`` in which every object schema that lists its properties
+    (``properties`` / ``patternProperties``) but does not say whether others are allowed
+    (``additionalProperties``, ``unevaluatedProperties``) allows none, as vLLM's grammar
+    backends read a tool's schema (xgrammar's strict mode). Without it, a small model forced to
+    call a function can add properties of its own, nested ever deeper, until ``max_tokens``.
+    The members of an ``allOf`` are left open (``close=False``): closing each would forbid the
+    properties the others declare."""
+    if not isinstance(schema, dict):
+        return schema
+    out = dict(schema)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(out.get(key), dict):
+            out[key] = {name: closed_objects(sub) for name, sub in out[key].items()}
+    for key in _SUBSCHEMA:
+        if isinstance(out.get(key), dict):
+            out[key] = closed_objects(out[key])
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(out.get(key), list):
+            out[key] = [closed_objects(sub) for sub in out[key]]
+    if isinstance(out.get("allOf"), list):
+        out["allOf"] = [closed_objects(sub, close=False) for sub in out["allOf"]]
+    if (close and ("properties" in out or "patternProperties" in out)
+            and "additionalProperties" not in out and "unevaluatedProperties" not in out):
+        out["additionalProperties"] = False
+    return out
+
+
 def _params_schema(fn: P.FunctionDef) -> dict[str, Any]:
-    return fn.parameters if fn.parameters else {"type": "object", "properties": {}}
+    """The schema a forced call's arguments are constrained to: the function's ``parameters``
+    with no properties beyond those it lists (``closed_objects``), ``{}`` without parameters."""
+    return closed_objects(fn.parameters if fn.parameters else {"type": "object", "properties": {}})
 
 
 def plan_tools(req: P.ChatCompletionRequest) -> ToolPlan:
@@ -200,15 +241,14 @@ def parse_auto(text: str, names: set[str], parallel: bool = True) -> tuple[str |
 
 
 def calls_from_constrained(text: str, plan: ToolPlan) -> list[tuple[str, str]] | None:
-    """The calls of a grammar-constrained reply (None when it was cut short, e.g. by max_tokens).
-    Arguments are the text as generated, as a stream sends them."""
-    try:
-        json.loads(text)
-    except ValueError:
-        return None
+    """The calls of a grammar-constrained reply, arguments as the text generated (as a stream
+    sends them). A reply cut short (``max_tokens``, a stop string) keeps the calls begun, the
+    last one with its arguments cut, as OpenAI returns a forced call cut by ``max_tokens`` and
+    as the stream has already sent them; None only for a ``required`` reply cut before its
+    first call had a name (its text is then content)."""
     if plan.mode == "named":
         return [(plan.named, text)]
-    return [(name, args) for name, args, _ in required_calls(text)]
+    return [(name, args) for name, args, _ in required_calls(text) if name is not None] or None
 
 
 class RequiredCallScanner:
