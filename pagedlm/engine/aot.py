@@ -138,13 +138,20 @@ def _settings(model: nn.Module, bucket: int) -> list:
 _SOURCE_DIGEST: str | None = None
 
 
+# Packages no traced step or loaded model is made of: changing them keeps the caches.
+_UNTRACED = ("server", "train")
+
+
 def source_digest() -> str:
-    """A hash of pagedlm's Python and C++ source (what the traced step is made of)."""
+    """A hash of pagedlm's Python and C++ source (what the traced step is made of), less the HTTP
+    server and the training code."""
     global _SOURCE_DIGEST
     if _SOURCE_DIGEST is None:
         root = Path(__file__).resolve().parent.parent
         h = hashlib.sha256()
         for p in sorted(root.rglob("*")):
+            if p.relative_to(root).parts[0] in _UNTRACED:
+                continue
             if p.suffix in (".py", ".cpp") and p.is_file():
                 h.update(str(p.relative_to(root)).encode())
                 h.update(p.read_bytes())
