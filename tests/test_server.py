@@ -36,13 +36,28 @@ def _engine(model_dir: str, **kw) -> LLMEngine:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    engine = _engine(tiny_model_dir(tmp_path_factory), max_model_len=MAX_MODEL_LEN)
-    aeng = AsyncLLMEngine(engine)
+    """The in-process engine (a thread); ``PAGEDLM_TEST_ENGINE_CORE=process`` runs the same tests
+    against the engine core in its own process (``serve``'s default)."""
+    model = tiny_model_dir(tmp_path_factory)
+    if os.environ.get("PAGEDLM_TEST_ENGINE_CORE") == "process":
+        from pagedlm.engine.core_process import CoreEngineClient
+
+        aeng = CoreEngineClient(dict(model=model, dtype="float32", kv_cache_memory=4 << 20, max_num_seqs=64, seed=0,
+                                     max_model_len=MAX_MODEL_LEN))
+    else:
+        aeng = AsyncLLMEngine(_engine(model, max_model_len=MAX_MODEL_LEN))
     app = build_app(aeng, ServerConfig(served_model_name=MODEL, api_key=API_KEY, max_body_bytes=64 * 1024))
     with ServerThread(app, aeng) as srv:
-        srv.engine = engine
+        srv.engine = aeng.engine
         yield srv
     assert not any(t.name == "pagedlm-engine" for t in threading.enumerate())
+
+
+def assert_all_blocks_free(http: httpx.Client) -> None:
+    """Every KV block free and no request left in the engine (read through the engine view)."""
+    state = http.get("/v1/engine/state", params={"blocks": False}).json()
+    assert state["metrics"]["num_free_blocks"] == state["num_blocks"]
+    assert not any(state["queues"].values()) and not state["sequences"]
 
 
 @pytest.fixture(scope="module")
@@ -282,8 +297,7 @@ def test_32_concurrent_streams_complete_and_free_everything(server, client, http
     assert [r[0] for r in results] == expected
     assert all(r[1] in ("stop", "length") and r[2] >= 1 for r in results)
     m = wait_idle(http)
-    assert server.engine.block_manager.num_free_blocks == server.engine.num_kv_blocks
-    assert not server.engine.requests
+    assert_all_blocks_free(http)
     assert m["vllm:num_preemptions_total"] >= 0
     new_threads = [t for t in threading.enumerate() if t.ident not in threads_before]
     assert not new_threads, new_threads
@@ -304,7 +318,7 @@ def test_stream_disconnect_aborts_and_frees_blocks(server, http):
     # The server notices the closed connection, aborts the request and frees its blocks.
     after = wait_idle(http, timeout=5)
     assert after["vllm:generation_tokens_total"] - before["vllm:generation_tokens_total"] < 400
-    assert server.engine.block_manager.num_free_blocks == server.engine.num_kv_blocks
+    assert_all_blocks_free(http)
 
 
 def test_blocking_request_disconnect_aborts(server, http):
