@@ -309,31 +309,6 @@ def _load_model(spec: StepSpec):
                       prepared_rows=None if spec.crossover_measured else spec.dense_min_rows)
 
 
-# ---- the engine's share of the cores while builders run beside it -----------------------------
-
-_yielded: set[str] = set()
-_threads_before: list[int] = []
-
-
-def yield_core(who: str) -> None:
-    """A builder process (``who``: the compiled steps, the kernels) starts beside the engine: its
-    steps use one thread fewer until every builder is done (``reclaim_core``). OpenMP threads
-    that wait for a core at every parallel region cost far more than a thread: eager decode ran
-    4x slower sharing two cores with a builder than on one."""
-    if not _yielded and torch.get_num_threads() > 1:
-        _threads_before.append(torch.get_num_threads())
-        torch.set_num_threads(_threads_before[-1] - 1)
-    _yielded.add(who)
-
-
-def reclaim_core(who: str) -> None:
-    if who not in _yielded:
-        return
-    _yielded.discard(who)
-    if not _yielded and _threads_before:
-        torch.set_num_threads(_threads_before.pop())
-
-
 FAILED_SUFFIX = ".failed"  # beside an entry: why the builder could not make it (read once, then removed)
 
 

@@ -170,6 +170,7 @@ class CompiledDecode:
         # bucket -> moving average of the wall time of its compiled step (not the compiling call):
         # what a row costs on this machine, for speculative decoding's AdaptivePolicy.
         self.step_seconds: dict[int, float] = {}
+        self.governor = None  # the runner's ThreadGovernor (engine/threads.py), fed each step's time
         self.num_steps = 0  # timed (not compiling) calls so far, and the time of the latest
         self.last_step_seconds = 0.0
 
@@ -494,7 +495,8 @@ class CompiledDecode:
         if self.kernels_pending:  # a package is keyed with the kernels its step calls: wait for them
             return
         from pagedlm import cache
-        from pagedlm.engine.aot import builder_command, yield_core
+        from pagedlm.engine.aot import builder_command
+        from pagedlm.engine.threads import yield_core
 
         buckets = sorted(self.queued)
         self.queued = []
@@ -527,7 +529,8 @@ class CompiledDecode:
             return
         self._next_poll = now + 0.2
         from pagedlm import cache
-        from pagedlm.engine.aot import FAILED_SUFFIX, reclaim_core
+        from pagedlm.engine.aot import FAILED_SUFFIX
+        from pagedlm.engine.threads import reclaim_core
 
         exited = self.builder is None or self.builder.poll() is not None
         for b, path in list(self.pending.items()):
@@ -646,6 +649,8 @@ class CompiledDecode:
             if not batch.lora:  # what a base row costs (speculative decoding's policy)
                 prev = self.step_seconds.get(batch.bucket)
                 self.step_seconds[batch.bucket] = elapsed if prev is None else prev + 0.1 * (elapsed - prev)
+                if batch.sched is not None and self.governor is not None:
+                    self.governor.record(f"compiled batch-{batch.bucket}", elapsed)
             self.num_steps += 1
             self.last_step_seconds = elapsed
         logits = logits[: batch.num_rows]

@@ -23,10 +23,11 @@ import torch
 
 from pagedlm import kernels
 from pagedlm.config import ModelConfig
-from pagedlm.engine.aot import quantized_weights, reclaim_core, yield_core
+from pagedlm.engine.aot import quantized_weights
 from pagedlm.engine.compiled import SelfCheck
 from pagedlm.engine.scheduler import SchedulerOutput
 from pagedlm.engine.sequence import Sequence
+from pagedlm.engine.threads import ThreadGovernor, reclaim_core, yield_core
 from pagedlm.model.layers.attention import AttentionMetadata, PrefillSegment
 from pagedlm.model.layers.quant import kernels_in_background, use_kernels
 from pagedlm.model.registry import load_model
@@ -107,6 +108,8 @@ class ModelRunner(ModelRunnerBase):
         self._next_kernel_poll = 0.0
         if self._waiting_kernels:
             yield_core("kernels")
+        # One thread or all for the decode steps, by their measured times (CPU only).
+        self.governor = ThreadGovernor() if self.device.type == "cpu" and parallel is None else None
         self.quant_counts: dict[str, int] = getattr(self.model, "quant_counts", {})
         self.kv_caches: list[torch.Tensor] = []
         self.block_size = 0
@@ -123,6 +126,7 @@ class ModelRunner(ModelRunnerBase):
                 aot = self._step_spec(*self._spec_args)
             self.compiled = CompiledDecode(self.model, self.device, max_num_seqs, self.lora, self._precision(), aot)
             self.compiled.kernels_pending = bool(self._waiting_kernels)
+            self.compiled.governor = self.governor
 
     def _precision(self) -> torch.dtype:
         """The self-check's tolerance follows the lower of the weights' and activations' precisions;
@@ -281,7 +285,12 @@ class ModelRunner(ModelRunnerBase):
                 return logits
             inputs = self.prepare(inputs.compiled.sched)  # compiled step failed: now eager, same rows
         with torch.inference_mode():
-            return self._execute_eager(inputs)
+            if self.governor is None or inputs.meta.prefills or not inputs.meta.num_decodes:
+                return self._execute_eager(inputs)
+            t0 = time.perf_counter()
+            logits = self._execute_eager(inputs)
+            self.governor.record(f"eager {inputs.meta.num_decodes}-row", time.perf_counter() - t0)
+            return logits
 
     def _execute_eager(self, inputs: StepInputs) -> torch.Tensor | None:
         hidden = self.model(inputs.input_ids, inputs.positions, inputs.meta)
