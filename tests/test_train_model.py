@@ -138,18 +138,30 @@ def test_trainable_build_initialises_and_trains(tmp_path):
     assert not frozen.training and not frozen.model.layers["0"].self_attn.qkv_proj.weight.requires_grad
 
 
+TILE_CASES = {
+    # several examples per tile and several tiles per row, padding inside and at the end of rows
+    "regrouped": [[0] * 9 + [1] * 3 + [2] * 14 + [-1] * 6, [0] * 20 + [1] * 7 + [-1] * 5,
+                  [-1] * 4 + [3] * 10 + [4] * 18],
+    "one-per-row-padded": [[0] * 21 + [-1] * 3, [0] * 24],  # plain causal per tile, gathered
+    "rows": [[0] * 16, [0] * 16],  # pretraining rows: the tiles are the rows
+}
+
+
+@pytest.mark.parametrize("case", sorted(TILE_CASES))
 @pytest.mark.parametrize("window", [None, 6])
-def test_causal_tiles_equal_dense_block_diagonal_attention(window):
-    """Packed examples regrouped into tiles (several tiles, padding inside and at the end of
-    rows) give the dense block-diagonal mask's outputs and gradients; padding outputs are zero."""
+def test_causal_tiles_equal_dense_block_diagonal_attention(case, window):
+    """Packed examples regrouped into tiles give the dense block-diagonal mask's outputs and
+    gradients; padding outputs are zero."""
     from pagedlm.model.layers.attention import causal_tiles
 
     torch.manual_seed(0)
     heads, kvh, d = 4, 2, 8
-    rows = [[0] * 9 + [1] * 3 + [2] * 14 + [-1] * 6, [0] * 20 + [1] * 7 + [-1] * 5, [-1] * 4 + [3] * 10 + [4] * 18]
-    seg = torch.tensor(rows)
+    seg = torch.tensor(TILE_CASES[case])
     b, t = seg.shape
-    assert causal_tiles(seg, window).n > b  # really regrouped, not one tile per row
+    tiles = causal_tiles(seg, window)
+    assert (tiles.n > b) == (case == "regrouped")  # really regrouped, not one tile per row
+    assert tiles.identity == (case == "rows")
+    assert (tiles.mask is None) == (case != "regrouped" and window is None)
     q = torch.randn(b * t, heads, d, requires_grad=True)
     k = torch.randn(b * t, kvh, d, requires_grad=True)
     v = torch.randn(b * t, kvh, d, requires_grad=True)

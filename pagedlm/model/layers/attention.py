@@ -344,9 +344,12 @@ class CausalTiles:
 
     gather: torch.Tensor  # (n * size,) flat token index of each slot (0 for an empty slot)
     scatter: torch.Tensor  # (batch * seq_len,) slot of each token; n * size (a zero row) for padding
-    mask: torch.Tensor  # (n, 1, size, size) bool, True where a query slot may attend a key slot
+    mask: torch.Tensor | None  # (n, 1, size, size) bool, True where a query slot may attend a key
+    # slot; None: plain causal is exact (one example per tile, no window: the empty slots at a
+    # tile's end come after its example and their outputs are dropped)
     n: int
     size: int
+    identity: bool  # the tiles are the rows themselves (no gather or scatter needed)
 
 
 def causal_tiles(segment_ids: torch.Tensor, window: int | None, min_size: int = 16) -> CausalTiles:
@@ -381,12 +384,15 @@ def causal_tiles(segment_ids: torch.Tensor, window: int | None, min_size: int = 
             slot_seg[i, at:at + length] = j
             scatter[start:start + length] = torch.arange(i * size + at, i * size + at + length)
             at += length
+    dev = segment_ids.device
+    identity = n * size == b * t and bool((scatter == torch.arange(b * t)).all())
+    if window is None and all(len(tile) == 1 for tile in tiles):
+        return CausalTiles(gather.reshape(-1).to(dev), scatter.to(dev), None, n, size, identity)
     k = torch.arange(size)
     mask = (k[None, :] <= k[:, None])[None] & (slot_seg[:, :, None] == slot_seg[:, None, :])  # (n, size, size)
     if window is not None:  # within an example, slot distance == position distance
         mask = mask & (k[None, :] > k[:, None] - window)[None]
-    dev = segment_ids.device
-    return CausalTiles(gather.reshape(-1).to(dev), scatter.to(dev), mask[:, None].to(dev), n, size)
+    return CausalTiles(gather.reshape(-1).to(dev), scatter.to(dev), mask[:, None].to(dev), n, size, identity)
 
 
 @dataclass
@@ -437,12 +443,16 @@ class CausalAttentionBackend:
         h, d, kvh, dv = q.shape[1], q.shape[2], k.shape[1], v.shape[2]
         if meta.segment_ids is not None:
             tl = meta.tiles(window)
-            # (tiles, heads, size, hd): each tile's slots, gathered from the flat tokens
-            qt = q.index_select(0, tl.gather).view(tl.n, tl.size, h, d).transpose(1, 2)
-            kt = k.index_select(0, tl.gather).view(tl.n, tl.size, kvh, d).transpose(1, 2)
-            vt = v.index_select(0, tl.gather).view(tl.n, tl.size, kvh, dv).transpose(1, 2)
-            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=tl.mask, scale=scale, enable_gqa=True)
+            if not tl.identity:  # each tile's slots, gathered from the flat tokens
+                q, k, v = q.index_select(0, tl.gather), k.index_select(0, tl.gather), v.index_select(0, tl.gather)
+            qt = q.view(tl.n, tl.size, h, d).transpose(1, 2)  # (tiles, heads, size, hd)
+            kt = k.view(tl.n, tl.size, kvh, d).transpose(1, 2)  # (tiles, kv_heads, size, hd)
+            vt = v.view(tl.n, tl.size, kvh, dv).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=tl.mask, is_causal=tl.mask is None,
+                                               scale=scale, enable_gqa=True)
             o = o.transpose(1, 2).reshape(tl.n * tl.size, h, dv)
+            if tl.identity:
+                return o
             # back to token order; padding tokens read the appended zero row
             return torch.cat((o, o.new_zeros(1, h, dv))).index_select(0, tl.scatter)
         b, t = meta.batch, meta.seq_len
