@@ -342,14 +342,36 @@ class CausalTiles:
     examples packed into long rows nearly all of those would be masked, and SDPA's CPU kernels
     compute masked blocks all the same."""
 
-    gather: torch.Tensor  # (n * size,) flat token index of each slot (0 for an empty slot)
-    scatter: torch.Tensor  # (batch * seq_len,) slot of each token; n * size (a zero row) for padding
+    gather: torch.Tensor  # (n * size,) flat token index of each slot; batch * seq_len (zero) if empty
+    scatter: torch.Tensor  # (batch * seq_len,) slot of each token; n * size (zero) for padding
     mask: torch.Tensor | None  # (n, 1, size, size) bool, True where a query slot may attend a key
     # slot; None: plain causal is exact (one example per tile, no window: the empty slots at a
     # tile's end come after its example and their outputs are dropped)
     n: int
     size: int
     identity: bool  # the tiles are the rows themselves (no gather or scatter needed)
+
+
+def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of x; index len(x) gives a zero row."""
+    return torch.cat((x, x.new_zeros(1, *x.shape[1:]))).index_select(0, index)
+
+
+class _Regroup(torch.autograd.Function):
+    """``_take_rows(x, index)`` whose backward is another gather, by ``inverse``: index and inverse
+    are one-to-one between the rows that matter (tokens and the slots that hold them), and the
+    rows that do not (padding tokens, empty slots) get zero. index_select's own backward is an
+    index_add (a scatter with duplicate handling: several times slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return _take_rows(x, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return _take_rows(grad.contiguous(), inverse), None, None
 
 
 def causal_tiles(segment_ids: torch.Tensor, window: int | None, min_size: int = 16) -> CausalTiles:
@@ -374,7 +396,7 @@ def causal_tiles(segment_ids: torch.Tensor, window: int | None, min_size: int = 
         tiles[-1].append(run)
         used += run[1]
     n = max(1, len(tiles))
-    gather = torch.zeros(n, size, dtype=torch.long)
+    gather = torch.full((n, size), b * t, dtype=torch.long)
     slot_seg = torch.full((n, size), -1, dtype=torch.long)  # empty slots: their own "example"
     scatter = torch.full((b * t,), n * size, dtype=torch.long)
     for i, tile in enumerate(tiles):
@@ -444,7 +466,7 @@ class CausalAttentionBackend:
         if meta.segment_ids is not None:
             tl = meta.tiles(window)
             if not tl.identity:  # each tile's slots, gathered from the flat tokens
-                q, k, v = q.index_select(0, tl.gather), k.index_select(0, tl.gather), v.index_select(0, tl.gather)
+                q, k, v = (_Regroup.apply(x, tl.gather, tl.scatter) for x in (q, k, v))
             qt = q.view(tl.n, tl.size, h, d).transpose(1, 2)  # (tiles, heads, size, hd)
             kt = k.view(tl.n, tl.size, kvh, d).transpose(1, 2)  # (tiles, kv_heads, size, hd)
             vt = v.view(tl.n, tl.size, kvh, dv).transpose(1, 2)
@@ -453,8 +475,7 @@ class CausalAttentionBackend:
             o = o.transpose(1, 2).reshape(tl.n * tl.size, h, dv)
             if tl.identity:
                 return o
-            # back to token order; padding tokens read the appended zero row
-            return torch.cat((o, o.new_zeros(1, h, dv))).index_select(0, tl.scatter)
+            return _Regroup.apply(o, tl.scatter, tl.gather)  # token order; padding tokens get zeros
         b, t = meta.batch, meta.seq_len
         qb = q.view(b, t, h, d).transpose(1, 2)  # (b, heads, t, hd)
         kb = k.view(b, t, kvh, d).transpose(1, 2)  # (b, kv_heads, t, hd)
