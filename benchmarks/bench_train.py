@@ -226,17 +226,29 @@ def bench_pretrain(args) -> dict:
     os.makedirs(OUT, exist_ok=True)
     corpus = kjv_text(os.path.join(OUT, "kjv.txt"))
     out = os.path.join(OUT, "pretrain")
+
+    def run(directory: str, steps: int) -> None:
+        rc = main(["pretrain", "--data", corpus, "--output", directory, "--vocab-size", "8192",
+                   "--hidden-size", str(args.hidden), "--layers", str(args.layers), "--heads", str(args.heads),
+                   "--kv-heads", str(args.kv_heads), "--intermediate-size", str(args.intermediate),
+                   "--seq-len", str(args.seq_len), "--batch-size", str(args.batch), "--steps", str(steps),
+                   "--lr", "3e-3", "--warmup-steps", str(max(5, steps // 20)),
+                   "--eval-every", str(max(1, steps // 10)), "--eval-fraction", "0.005", "--samples", "2",
+                   "--no-progress"])
+        assert rc == 0
+
+    if args.minutes:
+        # As many steps as fit: time a few steps first (the schedule needs the count up front).
+        calib = os.path.join(OUT, "pretrain-calibration")
+        run(calib, 4)
+        with open(os.path.join(calib, "log.jsonl")) as f:
+            tps = [json.loads(line)["tokens_per_s"] for line in f if '"loss"' in line][1:]
+        args.steps = max(10, int(args.minutes * 60 * min(tps) / (args.batch * args.seq_len)))
+        print(f"calibration: {min(tps):.0f} tokens/s -> {args.steps} steps", file=sys.stderr, flush=True)
     # The machine's fp32 GEMM rate, measured before and after the run (the higher one is the
     # reference for the model's share of it).
     gemm = [measure_matmul(torch.float32, 1024)]
-    rc = main(["pretrain", "--data", corpus, "--output", out, "--vocab-size", "8192",
-               "--hidden-size", str(args.hidden), "--layers", str(args.layers), "--heads", str(args.heads),
-               "--kv-heads", str(args.kv_heads), "--intermediate-size", str(args.intermediate),
-               "--seq-len", str(args.seq_len), "--batch-size", str(args.batch), "--steps", str(args.steps),
-               "--lr", "3e-3", "--warmup-steps", str(max(5, args.steps // 20)),
-               "--eval-every", str(max(1, args.steps // 10)), "--eval-fraction", "0.005", "--samples", "2",
-               "--no-progress"])
-    assert rc == 0
+    run(out, args.steps)
     gemm.append(measure_matmul(torch.float32, 1024))
     _keep_plot(out, "pretrain-loss.png")
     with open(os.path.join(out, "log.jsonl")) as f:
@@ -265,6 +277,8 @@ def main_() -> None:
     g.add_argument("--kv-heads", type=int, default=2)
     g.add_argument("--intermediate", type=int, default=768)
     g.add_argument("--seq-len", type=int, default=256)
+    g.add_argument("--minutes", type=float, default=None,
+                   help="pretrain: as many steps as fit this many minutes (timed on a few steps first)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
