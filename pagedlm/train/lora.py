@@ -4,7 +4,8 @@ A targeted layer keeps its frozen weight and gets a ``LoRAParams`` child holding
 projection (q, k, v of ``qkv_proj``; gate, up of ``gate_up_proj``; the layer itself otherwise),
 A (r, in) and B (rows, r), PEFT's initialisation (A Kaiming-uniform, B zero: the adapter starts
 as the identity). Its ``quant_method`` becomes ``TrainLoRAMethod``: base output plus
-``scale * (x @ A^T) @ B^T`` in that projection's slice of the output. Names follow the HF modules
+``scale * (x @ A^T) @ B^T`` in that projection's slice of the output, all projections of a fused
+layer (q/k/v, gate/up) in one pair of GEMMs. Names follow the HF modules
 (``model.layers.0.self_attn.q_proj``), so the adapter is written in PEFT's layout directly.
 """
 
@@ -59,21 +60,31 @@ class TrainLoRAMethod(LinearMethod):
         y = self.base.apply(layer, x, weight, bias)
         p = self.params
         xd = nn.functional.dropout(x, self.dropout, layer.training) if self.dropout else x
+        # All projections of the layer in two GEMMs: x @ [A_q; A_k; A_v]^T -> (tokens, parts * r),
+        # then times B placed block-diagonally in the projections' output rows (zero rows between
+        # targeted projections), added into y with the scale: y + scale * (x A^T) B^T.
+        a = torch.cat([p.A[n] for n in self.order]) if len(self.order) > 1 else p.A[self.order[0]]
+        b = self._b_full()
+        shape = y.shape
+        y2 = torch.addmm(y.reshape(-1, shape[-1]), xd.reshape(-1, xd.shape[-1]) @ a.t(), b.t(), alpha=self.scale)
+        return y2.view(shape)
+
+    def _b_full(self) -> torch.Tensor:
+        """(out_features, parts * r): each projection's B in its output rows and its columns."""
+        p = self.params
         if self.whole:
-            n = self.order[0]
-            return y + (xd @ p.A[n].t()) @ p.B[n].t() * self.scale
-        # Deltas of the targeted projections in their output rows, zeros between (concatenated:
-        # autograd needs no in-place write into y).
-        chunks, at = [], 0
-        for n in self.order:
+            return p.B[self.order[0]]
+        k, r = len(self.order), p.B[self.order[0]].shape[1]
+        pieces, at = [], 0
+        for j, n in enumerate(self.order):
             start, rows = p.parts[n]
             if start > at:
-                chunks.append(y.new_zeros(*y.shape[:-1], start - at))
-            chunks.append((xd @ p.A[n].t()) @ p.B[n].t() * self.scale)
+                pieces.append(p.B[n].new_zeros(start - at, k * r))
+            pieces.append(nn.functional.pad(p.B[n], (j * r, (k - 1 - j) * r)))
             at = start + rows
         if at < self.out_features:
-            chunks.append(y.new_zeros(*y.shape[:-1], self.out_features - at))
-        return y + torch.cat(chunks, dim=-1)
+            pieces.append(pieces[-1].new_zeros(self.out_features - at, k * r))
+        return torch.cat(pieces)
 
 
 def linear_modules(model: nn.Module) -> dict[str, tuple[str, dict[str, tuple[int, int]]]]:

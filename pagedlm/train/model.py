@@ -91,14 +91,26 @@ class Batch:
 
 def token_losses(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of every trained token, (n,) float32, and the flat indices it belongs to.
-    Logits are computed only where a label is (an assistant-only mask skips most of the head)."""
+    Packed rows run padding-free: their padding tokens are dropped before the model and the
+    examples of all rows form one varlen batch (segment ids made unique across rows). Logits are
+    computed only where a label is (an assistant-only mask skips most of the head)."""
     b, t = batch.input_ids.shape
-    meta = CausalMetadata(b, t, batch.segment_ids)
-    hidden = model(batch.input_ids.reshape(-1), batch.positions.reshape(-1), meta)  # (B*T, hidden)
-    labels = batch.labels.reshape(-1)
+    ids, pos, labels = batch.input_ids.reshape(-1), batch.positions.reshape(-1), batch.labels.reshape(-1)
+    keep = None
+    if batch.segment_ids is not None:
+        seg = batch.segment_ids
+        real = (seg >= 0).reshape(-1)
+        uniq = (seg + torch.arange(b, device=seg.device)[:, None] * t).reshape(-1)  # (B*T,)
+        if not bool(real.all()):
+            keep = real.nonzero().squeeze(1)
+            ids, pos, labels, uniq = ids[keep], pos[keep], labels[keep], uniq[keep]
+        meta = CausalMetadata(1, ids.numel(), uniq[None])
+    else:
+        meta = CausalMetadata(b, t)
+    hidden = model(ids, pos, meta)  # (tokens, hidden)
     idx = (labels != IGNORE).nonzero().squeeze(1)
     logits = model.compute_logits(hidden[idx]).float()  # (n, vocab)
-    return F.cross_entropy(logits, labels[idx], reduction="none"), idx
+    return F.cross_entropy(logits, labels[idx], reduction="none"), (idx if keep is None else keep[idx])
 
 
 def loss_sum(model: nn.Module, batch: Batch) -> torch.Tensor:

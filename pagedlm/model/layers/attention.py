@@ -334,51 +334,149 @@ class Attention(nn.Module):
 # ---- training: causal attention over whole sequences, no KV cache -------------------------------
 
 @dataclass
+class CausalTiles:
+    """A packed batch regrouped for attention: whole examples (runs of one segment id in a row)
+    placed greedily, in order, into ``n`` tiles of ``size`` slots, each tile holding as many
+    examples as fit. Attention of a tile is block-diagonal causal over its examples, so SDPA works
+    on n x size^2 scores instead of batch x seq_len^2 (the dense block-diagonal mask): with short
+    examples packed into long rows nearly all of those would be masked, and SDPA's CPU kernels
+    compute masked blocks all the same."""
+
+    gather: torch.Tensor  # (n * size,) flat token index of each slot; batch * seq_len (zero) if empty
+    scatter: torch.Tensor  # (batch * seq_len,) slot of each token; n * size (zero) for padding
+    mask: torch.Tensor | None  # (n, 1, size, size) bool, True where a query slot may attend a key
+    # slot; None: plain causal is exact (one example per tile, no window: the empty slots at a
+    # tile's end come after its example and their outputs are dropped)
+    n: int
+    size: int
+    identity: bool  # the tiles are the rows themselves (no gather or scatter needed)
+
+
+def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows of x; index len(x) gives a zero row."""
+    return torch.cat((x, x.new_zeros(1, *x.shape[1:]))).index_select(0, index)
+
+
+class _Regroup(torch.autograd.Function):
+    """``_take_rows(x, index)`` whose backward is another gather, by ``inverse``: index and inverse
+    are one-to-one between the rows that matter (tokens and the slots that hold them), and the
+    rows that do not (padding tokens, empty slots) get zero. index_select's own backward is an
+    index_add (a scatter with duplicate handling: several times slower on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return _take_rows(x, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return _take_rows(grad.contiguous(), inverse), None, None
+
+
+def causal_tiles(segment_ids: torch.Tensor, window: int | None, min_size: int = 16) -> CausalTiles:
+    """Tiles for ``segment_ids`` (batch, seq_len); tokens with a negative id are padding (their
+    attention output is zero). The tile size is the longest example (rounded up to 8 slots)."""
+    b, t = segment_ids.shape
+    seg = segment_ids.cpu()
+    new = torch.ones_like(seg, dtype=torch.bool)  # a run starts at each row start and id change
+    new[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    starts = new.reshape(-1).nonzero().squeeze(1)
+    lengths = torch.diff(starts, append=torch.tensor([b * t]))
+    real = seg.reshape(-1)[starts] >= 0
+    runs = list(zip(starts[real].tolist(), lengths[real].tolist()))
+    size = max([min_size] + [n for _, n in runs])
+    size = -(-size // 8) * 8
+    tiles: list[list[tuple[int, int]]] = []
+    used = size
+    for run in runs:
+        if used + run[1] > size:
+            tiles.append([])
+            used = 0
+        tiles[-1].append(run)
+        used += run[1]
+    n = max(1, len(tiles))
+    gather = torch.full((n, size), b * t, dtype=torch.long)
+    slot_seg = torch.full((n, size), -1, dtype=torch.long)  # empty slots: their own "example"
+    scatter = torch.full((b * t,), n * size, dtype=torch.long)
+    for i, tile in enumerate(tiles):
+        at = 0
+        for j, (start, length) in enumerate(tile):
+            gather[i, at:at + length] = torch.arange(start, start + length)
+            slot_seg[i, at:at + length] = j
+            scatter[start:start + length] = torch.arange(i * size + at, i * size + at + length)
+            at += length
+    dev = segment_ids.device
+    identity = n * size == b * t and bool((scatter == torch.arange(b * t)).all())
+    if window is None and all(len(tile) == 1 for tile in tiles):
+        return CausalTiles(gather.reshape(-1).to(dev), scatter.to(dev), None, n, size, identity)
+    k = torch.arange(size)
+    mask = (k[None, :] <= k[:, None])[None] & (slot_seg[:, :, None] == slot_seg[:, None, :])  # (n, size, size)
+    if window is not None:  # within an example, slot distance == position distance
+        mask = mask & (k[None, :] > k[:, None] - window)[None]
+    return CausalTiles(gather.reshape(-1).to(dev), scatter.to(dev), mask[:, None].to(dev), n, size, identity)
+
+
+@dataclass
 class CausalMetadata:
     """A training batch: ``batch`` rows of ``seq_len`` tokens, flattened row-major into the model's
-    token dimension. ``segment_ids`` (batch, seq_len) marks packed examples: a token attends to
-    earlier tokens of its own segment only (block-diagonal causal mask; positions reset per
-    segment are the caller's). None: one sequence per row, padding only at the end (plain causal
-    attention is exact for every real token)."""
+    token dimension. ``segment_ids`` (batch, seq_len) marks packed examples (-1: padding): a token
+    attends to earlier tokens of its own segment only (block-diagonal causal attention, computed
+    in tiles of whole examples: ``CausalTiles``; positions reset per segment are the caller's).
+    None: one sequence per row, padding only at the end (plain causal attention is exact for every
+    real token)."""
 
     batch: int
     seq_len: int
     segment_ids: torch.Tensor | None = None
     uses_kv_cache = False
-    _mask_cache: dict = field(default_factory=dict, repr=False)
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def backend(self):
         return CausalAttentionBackend
 
     def mask(self, window: int | None, device: torch.device) -> torch.Tensor | None:
-        """(batch | 1, 1, T, T) bool, True where a query may attend a key; None for plain causal."""
-        need_window = window is not None and self.seq_len > window
-        if self.segment_ids is None and not need_window:
+        """Unpacked rows: (1, 1, T, T) bool, True where a query may attend a key; None for plain
+        causal."""
+        if window is None or self.seq_len <= window:
             return None
-        if window not in self._mask_cache:
+        if ("mask", window) not in self._cache:
             i = torch.arange(self.seq_len, device=device)
-            m = (i[None, :] <= i[:, None])[None]  # (1, T, T) causal
-            if need_window:  # within a segment, index distance == position distance
-                m = m & (i[None, :] > i[:, None] - window)[None]
-            if self.segment_ids is not None:
-                s = self.segment_ids
-                m = m & (s[:, :, None] == s[:, None, :])
-            self._mask_cache[window] = m[:, None]
-        return self._mask_cache[window]
+            self._cache["mask", window] = ((i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window))[None, None]
+        return self._cache["mask", window]
+
+    def tiles(self, window: int | None) -> CausalTiles:
+        """Packed rows: the tiles of their examples (built once per batch and window)."""
+        if ("tiles", window) not in self._cache:
+            self._cache["tiles", window] = causal_tiles(self.segment_ids, window)
+        return self._cache["tiles", window]
 
 
 class CausalAttentionBackend:
     """Training and scoring: every token of a row attends causally to its row (its segment when
-    packed) in one SDPA call; differentiable, nothing cached. Inference never meets it."""
+    packed); differentiable, nothing cached. Inference never meets it."""
 
     name = "causal"
 
     @staticmethod
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor | None,
                 meta: CausalMetadata, scale: float, window: int | None) -> torch.Tensor:
-        b, t = meta.batch, meta.seq_len
         h, d, kvh, dv = q.shape[1], q.shape[2], k.shape[1], v.shape[2]
+        if meta.segment_ids is not None:
+            tl = meta.tiles(window)
+            if not tl.identity:  # each tile's slots, gathered from the flat tokens
+                q, k, v = (_Regroup.apply(x, tl.gather, tl.scatter) for x in (q, k, v))
+            qt = q.view(tl.n, tl.size, h, d).transpose(1, 2)  # (tiles, heads, size, hd)
+            kt = k.view(tl.n, tl.size, kvh, d).transpose(1, 2)  # (tiles, kv_heads, size, hd)
+            vt = v.view(tl.n, tl.size, kvh, dv).transpose(1, 2)
+            o = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=tl.mask, is_causal=tl.mask is None,
+                                               scale=scale, enable_gqa=True)
+            o = o.transpose(1, 2).reshape(tl.n * tl.size, h, dv)
+            if tl.identity:
+                return o
+            return _Regroup.apply(o, tl.scatter, tl.gather)  # token order; padding tokens get zeros
+        b, t = meta.batch, meta.seq_len
         qb = q.view(b, t, h, d).transpose(1, 2)  # (b, heads, t, hd)
         kb = k.view(b, t, kvh, d).transpose(1, 2)  # (b, kv_heads, t, hd)
         vb = v.view(b, t, kvh, dv).transpose(1, 2)
