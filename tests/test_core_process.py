@@ -172,7 +172,7 @@ def test_a_killed_core_fails_requests_and_health_at_once(model_dir):
 
 
 def test_serve_runs_the_core_in_a_process_and_exits_nonzero_when_it_dies(model_dir):
-    proc, url = launch_serve(model_dir, "--max-model-len", "256", "--kv-cache-memory", "4M")
+    proc, url = launch_serve(model_dir, "--max-model-len", "256", "--kv-cache-memory", "4M", "--engine-core", "process")
     try:
         r = httpx.post(url + "/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=30)
         assert r.status_code == 200

@@ -286,8 +286,9 @@ class PackagedStep:
 
     def __init__(self, path: Path, weights: list[torch.Tensor], caches: list[torch.Tensor], buffers) -> None:
         self.path = path
-        self.model = torch._inductor.aoti_load_package(str(path))
-        self.loader = self.model.loader
+        # The C++ loader itself: ``torch._inductor.aoti_load_package`` would first import
+        # inductor and Dynamo (~2 s of a warm start), which running a package never needs.
+        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         self.args = [buffers.ids, buffers.pos, buffers.slots, None, buffers.lens, *weights, *caches]
 
     def __call__(self, tables: torch.Tensor) -> torch.Tensor:

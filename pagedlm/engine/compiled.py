@@ -594,7 +594,8 @@ class CompiledDecode:
             return None
         buf = self.buffers[batch.bucket]
         tables = buf.tables[: batch.bucket * batch.width].view(batch.bucket, batch.width)
-        torch._dynamo.maybe_mark_dynamic(tables, 1)
+        if batch.bucket not in self.packages or batch.lora:  # Dynamo's graphs only (a package never imports it)
+            torch._dynamo.maybe_mark_dynamic(tables, 1)
         done = self.lora_buckets if batch.lora else self.compiled_buckets
         first = batch.bucket not in done
         if first and batch.sched is not None and batch.bucket not in self.packages:

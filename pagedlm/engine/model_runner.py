@@ -89,6 +89,10 @@ class ModelRunnerBase(abc.ABC):
 
 
 class ModelRunner(ModelRunnerBase):
+    # Defaults for runners that do not load a model here (DistributedModelRunner's ranks do).
+    _waiting_kernels: list = []  # quantized weights waiting for pagedlm's kernels (``_poll_kernels``)
+    governor = None  # ThreadGovernor of the decode steps' threads (CPU, single process)
+    compiled = None
     def __init__(self, model_path: str, cfg: ModelConfig, dtype: torch.dtype, device: str = "cpu",
                  quantization: str = "none", enforce_eager: bool = True, dense_min_rows: int | None = None,
                  max_num_seqs: int = 64, max_loras: int = 0, max_lora_rank: int = 16, parallel=None,

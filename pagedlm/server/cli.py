@@ -63,11 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", type=_non_negative_float, default=30.0,
                    help="on SIGTERM/SIGINT, refuse new requests (503) and let running ones finish for up to "
                         "this many seconds before aborting them (default 30; 0 = abort at once)")
-    p.add_argument("--engine-core", choices=["process", "thread"],
-                   default=os.environ.get("PAGEDLM_ENGINE_CORE", "process"),
-                   help="where each engine replica steps: 'process' (default: a process of its own, so HTTP, "
-                        "JSON and SSE never take the engine's GIL) or 'thread' (in this process); torchrun "
-                        "always uses 'thread'")
+    p.add_argument("--engine-core", choices=["auto", "process", "thread"],
+                   default=os.environ.get("PAGEDLM_ENGINE_CORE", "auto"),
+                   help="where each engine replica steps: 'process' (a process of its own, so HTTP, JSON and "
+                        "SSE never take the engine's GIL) or 'thread' (in this process); 'auto' (default): "
+                        "'process' where the machine has a core to spare beside the engine's threads, else "
+                        "'thread' (measured on 2 cores: the server's process then takes cores from the "
+                        "engine's OpenMP threads, docs/benchmarks.md); torchrun always uses 'thread'")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     # The engine options are the ones generate / chat / bench take (one declaration).
     add_engine_args(p)
@@ -97,7 +99,12 @@ def serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    if args.engine_core == "process" and kwargs.get("launcher") != "torchrun":
+    core = args.engine_core
+    if core == "auto":
+        import torch
+
+        core = "process" if (os.cpu_count() or 1) > torch.get_num_threads() else "thread"
+    if core == "process" and kwargs.get("launcher") != "torchrun":
         from pagedlm.engine.core_process import CoreEngineClient
 
         # D replicas share the machine's cores: each core process takes its share of threads.
