@@ -28,7 +28,8 @@ class EngineOverloadedError(PagedLMError):
     """The waiting queue is full (``max_waiting``): try again later (HTTP 503)."""
 
 
-__all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineOverloadedError", "RequestAbortedError", "RequestStream"]
+__all__ = ["AsyncLLMEngine", "EngineDeadError", "EngineOverloadedError", "RequestAbortedError", "RequestStream",
+           "StreamHost"]
 
 
 class RequestAbortedError(PagedLMError):
@@ -97,7 +98,83 @@ def _merge(old: RequestOutput, new: RequestOutput) -> RequestOutput:
     return new
 
 
-class AsyncLLMEngine:
+class StreamHost:
+    """The request streams of an engine front (``AsyncLLMEngine``, ``core_process.CoreEngineClient``):
+    registration, ``generate``, and handing outputs to each stream's event loop."""
+
+    def __init__(self) -> None:
+        self._streams: dict[str, RequestStream] = {}  # guarded by _lock: event loops and the engine side
+        self._lock = threading.Lock()
+        self._draining = False  # shutting down: refuse new requests
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def health_error(self) -> str | None:
+        """Why the engine cannot take requests (None: healthy), for /health."""
+        if self.engine.dead is not None:
+            return f"the engine is dead: {self.engine.dead}"
+        if self._draining:
+            return "the server is shutting down"
+        if not self.is_running:
+            return "the engine is not running"
+        return None
+
+    def stop_admitting(self) -> None:
+        """Graceful shutdown, step one (thread-safe): refuse new requests (503); running ones go on."""
+        self._draining = True
+
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests whose streams have not ended (graceful shutdown waits for 0)."""
+        with self._lock:
+            return len(self._streams)
+
+    def _register(self, request_id: str) -> RequestStream:
+        stream = RequestStream(request_id, self)
+        with self._lock:
+            if request_id in self._streams:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._streams[request_id] = stream
+        return stream
+
+    def _forget(self, request_id: str) -> None:
+        """The request was refused or cancelled before the engine took it: abort it anyway."""
+        with self._lock:
+            self._streams.pop(request_id, None)
+        self.abort(request_id)  # cancelled after the engine took it: do not leave it running
+
+    async def generate(self, request_id: str, prompt: str | None, params: SamplingParams,
+                       prompt_token_ids: list[int] | None = None, lora_request=None) -> AsyncIterator[RequestOutput]:
+        """Outputs of one request as they come; leaving the loop early aborts the request."""
+        stream = await self.add_request(request_id, prompt, params, prompt_token_ids, lora_request)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()
+
+    def _post(self, items: list[tuple[str, RequestOutput | _Aborted]]) -> None:
+        """Hand each output to its stream's event loop, one call per loop (thread-safe)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        with self._lock:
+            for request_id, item in items:
+                stream = self._streams.get(request_id)
+                if stream is None:
+                    continue  # aborted, or its client left
+                if isinstance(item, _Aborted) or item.finished:
+                    del self._streams[request_id]
+                by_loop.setdefault(stream.loop, []).append((stream, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                pass
+
+
+class AsyncLLMEngine(StreamHost):
     """Runs an ``LLMEngine`` on its own thread; ``generate`` streams ``RequestOutput``s.
 
     ``max_waiting``: refuse new requests (``EngineOverloadedError``) while that many sequences
@@ -107,15 +184,13 @@ class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine, max_waiting: int | None = None):
         if max_waiting is not None and (not isinstance(max_waiting, int) or max_waiting < 0):
             raise ValueError(f"max_waiting must be a non-negative integer, got {max_waiting!r}")
+        super().__init__()
         self.engine = engine
         self.max_waiting = max_waiting
         self._cond = threading.Condition()
         self._commands: list[Callable[[], None]] = []
         self._stopping = False
-        self._draining = False  # shutting down: refuse new requests, finish nothing new
         self._thread: threading.Thread | None = None
-        self._streams: dict[str, RequestStream] = {}  # guarded by _lock: event loops and engine thread
-        self._lock = threading.Lock()
         self.error: BaseException | None = None  # the last engine error, for /health
 
     # ---- life cycle ------------------------------------------------------------------------
@@ -131,36 +206,12 @@ class AsyncLLMEngine:
     def is_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
     def decode_buckets(self) -> dict[str, str] | None:
         """Each decode bucket's state (compiled / compiling / eager): read-only membership tests
         on the engine thread's dicts, safe from the event loop."""
         from pagedlm.engine.state import decode_buckets
 
         return decode_buckets(self.engine)
-
-    def health_error(self) -> str | None:
-        """Why the engine cannot take requests (None: healthy), for /health."""
-        if self.engine.dead is not None:
-            return f"the engine is dead: {self.engine.dead}"
-        if self._draining:
-            return "the server is shutting down"
-        if not self.is_running:
-            return "the engine is not running"
-        return None
-
-    @property
-    def num_in_flight(self) -> int:
-        """Requests whose streams have not ended (graceful shutdown waits for 0)."""
-        with self._lock:
-            return len(self._streams)
-
-    def stop_admitting(self) -> None:
-        """Graceful shutdown, step one (thread-safe): refuse new requests (503); running ones go on."""
-        self._draining = True
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort every request, stop the thread and wait for it. Safe to call twice."""
@@ -180,11 +231,7 @@ class AsyncLLMEngine:
         ``EngineOverloadedError`` when the waiting queue is full."""
         if self._draining:
             raise EngineDeadError("the server is shutting down")
-        stream = RequestStream(request_id, self)
-        with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = stream
+        stream = self._register(request_id)
 
         def add() -> None:
             if self.max_waiting is not None:
@@ -199,21 +246,9 @@ class AsyncLLMEngine:
         try:
             await self.call(add)
         except BaseException:
-            with self._lock:
-                self._streams.pop(request_id, None)
-            self.abort(request_id)  # cancelled after the engine took it: do not leave it running
+            self._forget(request_id)
             raise
         return stream
-
-    async def generate(self, request_id: str, prompt: str | None, params: SamplingParams,
-                       prompt_token_ids: list[int] | None = None, lora_request=None) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as they come; leaving the loop early aborts the request."""
-        stream = await self.add_request(request_id, prompt, params, prompt_token_ids, lora_request)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.abort()
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, returns at once). Unknown or finished ids are ignored."""
@@ -274,23 +309,6 @@ class AsyncLLMEngine:
             self._commands.append(run)
             self._cond.notify()
         return fut
-
-    def _post(self, items: list[tuple[str, RequestOutput | _Aborted]]) -> None:
-        """On the engine thread: hand each output to its stream's event loop, one call per loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        with self._lock:
-            for request_id, item in items:
-                stream = self._streams.get(request_id)
-                if stream is None:
-                    continue  # aborted, or its client left
-                if isinstance(item, _Aborted) or item.finished:
-                    del self._streams[request_id]
-                by_loop.setdefault(stream.loop, []).append((stream, item))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, batch)
-            except RuntimeError:  # that loop is closed: nobody is listening any more
-                pass
 
     def _abort_everything(self, error: BaseException) -> None:
         ids = list(self.engine.requests)

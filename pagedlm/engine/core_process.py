@@ -40,7 +40,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -49,11 +49,10 @@ from pagedlm.engine.async_engine import (
     EngineOverloadedError,
     RequestAbortedError,
     RequestStream,
+    StreamHost,
     _Aborted,
-    _deliver,
 )
 from pagedlm.errors import EngineDeadError, RequestFailedError
-from pagedlm.outputs import RequestOutput
 from pagedlm.sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -182,7 +181,7 @@ def core_main(conn, engine_kwargs: dict, max_waiting: int | None, log_level: int
 
 # ---- the server's side -----------------------------------------------------------------------
 
-class CoreEngineClient:
+class CoreEngineClient(StreamHost):
     """An ``LLMEngine`` in a child process behind the ``AsyncLLMEngine`` interface.
 
     The constructor starts the core and waits until its model is loaded (raising what the core
@@ -194,6 +193,7 @@ class CoreEngineClient:
                  threads: int | None = None):
         if max_waiting is not None and (not isinstance(max_waiting, int) or max_waiting < 0):
             raise ValueError(f"max_waiting must be a non-negative integer, got {max_waiting!r}")
+        super().__init__()
         self.max_waiting = max_waiting
         self.on_death = on_death
         # A fresh interpreter (not fork: this process may hold torch's threads; not
@@ -225,12 +225,9 @@ class CoreEngineClient:
 
         self.engine.tokenizer = ModelSource.open(self.engine.model_path).tokenizer()
         self._buckets: dict | None = None
-        self._streams: dict[str, RequestStream] = {}
-        self._lock = threading.Lock()
         self._replies: dict[int, concurrent.futures.Future] = {}
         self._ids = itertools.count()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._draining = False
         self._stopping = False
         self._started = False
         # Tokenizer work (``call``) runs on one thread: a fast tokenizer is not shared between threads.
@@ -250,29 +247,8 @@ class CoreEngineClient:
     def is_running(self) -> bool:
         return self._started and self.engine.dead is None and not self._stopping
 
-    @property
-    def draining(self) -> bool:
-        return self._draining
-
-    @property
-    def num_in_flight(self) -> int:
-        with self._lock:
-            return len(self._streams)
-
     def decode_buckets(self) -> dict[str, str] | None:
         return self._buckets
-
-    def health_error(self) -> str | None:
-        if self.engine.dead is not None:
-            return f"the engine is dead: {self.engine.dead}"
-        if self._draining:
-            return "the server is shutting down"
-        if not self.is_running:
-            return "the engine is not running"
-        return None
-
-    def stop_admitting(self) -> None:
-        self._draining = True
 
     def drain(self) -> None:
         self._draining = True
@@ -302,28 +278,13 @@ class CoreEngineClient:
             raise EngineDeadError("the server is shutting down")
         if self.engine.dead is not None:
             raise EngineDeadError(f"the engine is dead: {self.engine.dead}")
-        stream = RequestStream(request_id, self)
-        with self._lock:
-            if request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = stream
+        stream = self._register(request_id)
         try:
             await self._request("add", request_id, prompt, params, prompt_token_ids, lora_request)
         except BaseException:
-            with self._lock:
-                self._streams.pop(request_id, None)
-            self.abort(request_id)  # cancelled after the core took it: do not leave it running
+            self._forget(request_id)
             raise
         return stream
-
-    async def generate(self, request_id: str, prompt: str | None, params: SamplingParams,
-                       prompt_token_ids: list[int] | None = None, lora_request=None) -> AsyncIterator[RequestOutput]:
-        stream = await self.add_request(request_id, prompt, params, prompt_token_ids, lora_request)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.abort()
 
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, returns at once); its stream ends now."""
@@ -375,7 +336,7 @@ class CoreEngineClient:
                 break
             kind = msg[0]
             if kind == "outputs":
-                self._post(msg[1])
+                self._post([(out.request_id, out) for out in msg[1]])
             elif kind == "reply":
                 _, cid, ok, value = msg
                 with self._lock:
@@ -411,25 +372,7 @@ class CoreEngineClient:
         self._post_aborted(ids, error)
 
     def _post_aborted(self, ids: list[str], error: BaseException | None) -> None:
-        self._post([(rid, _Aborted(error)) for rid in ids], raw=True)
-
-    def _post(self, items, raw: bool = False) -> None:
-        """Hand each output to its stream's event loop, one call per loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        with self._lock:
-            for entry in items:
-                rid, item = entry if raw else (entry.request_id, entry)
-                stream = self._streams.get(rid)
-                if stream is None:
-                    continue  # aborted, or its client left
-                if isinstance(item, _Aborted) or item.finished:
-                    del self._streams[rid]
-                by_loop.setdefault(stream.loop, []).append((stream, item))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, batch)
-            except RuntimeError:  # that loop is closed: nobody is listening any more
-                pass
+        self._post([(rid, _Aborted(error)) for rid in ids])
 
 
 def main(argv: list[str] | None = None) -> int:
