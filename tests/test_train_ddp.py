@@ -50,6 +50,10 @@ def _worker(rank: int, world: int, init: str, model_dir: str, out: str) -> None:
                 json.dump(hist, f)
     finally:
         dist.destroy_process_group()
+    # The work is done and written: leave without the interpreter's teardown, where both ranks
+    # were seen (2 CI runs in 3) to abort in C++ destructors ("terminate called without an active
+    # exception", SIGABRT) after the losses were already written and correct.
+    os._exit(0)
 
 
 @pytest.mark.timeout(300)
