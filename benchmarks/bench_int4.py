@@ -7,7 +7,8 @@ Kernels: torch's ``_weight_int4pack_mm_for_cpu``, pagedlm's ``int4_mm`` with flo
 (codes converted to float, FMA) and with int8 activations (vpmaddubsw / vpdpbusd), over the 30
 layers' int4 projections (fused qkv 960x576, o 576x576, fused gate/up 3072x576, down 576x1536:
 random weights of the real shapes, 30 copies each so they stream from memory as in a real step),
-and the int8 output head (49152x576): torch's ``_weight_int8pack_mm`` and pagedlm's ``int8_mm``.
+and the int8 output head (49152x576): torch's ``_weight_int8pack_mm`` and pagedlm's ``int8_mm`` (float or
+int8 activations).
 Rounds alternate the kernels (a busy machine slows all alike); the best round of each is kept.
 GB/s counts the bytes each kernel reads: its packed weights and scales.
 """
@@ -30,7 +31,7 @@ LAYERS = 30
 
 def int4_sets():
     from pagedlm import kernels
-    from pagedlm.model.layers.quant import GROUP, pack_int4
+    from pagedlm.model.layers.quant import GROUP, pack_int4, tile_int4_scales
 
     ops = kernels.ops()
     if ops is None:
@@ -41,9 +42,10 @@ def int4_sets():
             codes = torch.randint(0, 16, (n, k), dtype=torch.uint8)
             s, z = torch.rand(n, k // GROUP) * 0.01, torch.randn(n, k // GROUP) * 0.01
             tpack = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+            # Ours with float16 scales and mins, as the shipped GGUF's Q4_1 blocks repack (exactly).
             layers.append((k, tpack, torch.stack([s, z], -1).transpose(0, 1).contiguous(), pack_int4(codes),
-                           s, z - 8 * s))
-    nbytes = sum(p.numel() + sz.numel() * 4 for _, _, sz, p, _, _ in layers)  # ours; torch's: as many
+                           tile_int4_scales(s.half()), tile_int4_scales((z - 8 * s).half()), n))
+    nbytes = sum(p.numel() + 2 * s.numel() * 2 for _, _, _, p, s, _, _ in layers)  # ours (torch's: float32 scales)
 
     def torch_int4(xs):
         for k, tp, sz, *_ in layers:
@@ -51,8 +53,8 @@ def int4_sets():
 
     def ours(int8_act):
         def run(xs):
-            for k, _, _, p, s, m in layers:
-                ops.int4_mm(xs[k], p, s, m, int8_act)
+            for k, _, _, p, s, m, n in layers:
+                ops.int4_mm(xs[k], p, s, m, int8_act, n)
         return run
 
     head_q = torch.randint(-127, 128, (49152, 576), dtype=torch.int8)
@@ -60,7 +62,8 @@ def int4_sets():
     head_bytes = head_q.numel() + head_s.numel() * 4
     int4 = {"torch int4": torch_int4, "pagedlm int4, float act": ours(False), "pagedlm int4, int8 act": ours(True)}
     head = {"torch int8 head": lambda xs: torch.ops.aten._weight_int8pack_mm(xs[576], head_q, head_s),
-            "pagedlm int8 head": lambda xs: ops.int8_mm(xs[576], head_q, head_s)}
+            "pagedlm int8 head, float act": lambda xs: ops.int8_mm(xs[576], head_q, head_s, False),
+            "pagedlm int8 head, int8 act": lambda xs: ops.int8_mm(xs[576], head_q, head_s, True)}
     return int4, nbytes, head, head_bytes
 
 

@@ -16,7 +16,14 @@ import torch
 
 from pagedlm import kernels
 from pagedlm.loader.gguf_quant import int4_codes
-from pagedlm.model.layers.quant import GROUP, int4_codes_from_dense, pack_int4, quantize_int4
+from pagedlm.model.layers.quant import (
+    GROUP,
+    int4_codes_from_dense,
+    pack_int4,
+    quantize_int4,
+    tile_int4_scales,
+    untile_int4_scales,
+)
 
 ops = kernels.ops()
 needs_kernels = pytest.mark.skipif(ops is None, reason="no C++ compiler: pagedlm's kernels are not built here")
@@ -38,6 +45,13 @@ def _random_int4(n: int, k: int, seed: int = 0, dtype: torch.dtype = torch.float
     return codes, scale, mins, w
 
 
+def _int4(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor, int8_act: bool,
+          op=None) -> torch.Tensor:
+    """``int4_mm`` over codes, scales and mins (out, ...) packed into the kernel's tiled layout."""
+    op = op or ops.int4_mm
+    return op(x, pack_int4(codes), tile_int4_scales(scale), tile_int4_scales(mins), int8_act, codes.shape[0])
+
+
 def _int8_act_bound(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """Largest error rounding x to int8 per block of 32 can cause: half a step of x's block
     (absmax / 127 / 2) times the block's |scale| * sum of codes, summed over blocks."""
@@ -56,11 +70,10 @@ def _int8_act_bound(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -
 def test_int4_mm_equals_the_dequantised_reference(shape, int8_act, sdtype):
     n, k = shape
     codes, scale, mins, w = _random_int4(n, k, seed=n + k, dtype=sdtype)
-    packed = pack_int4(codes)
     for rows in (1, 2, 3, 4, 5, 8, 11) if n * k < 1 << 20 else (1, 4, 9):
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
         ref = x.double() @ w.t()
-        y = ops.int4_mm(x, packed, scale, mins, int8_act).double()
+        y = _int4(x, codes, scale, mins, int8_act).double()
         # float32 rounding of a k-term sum, plus (int8 activations) x's rounding to 8 bits.
         tol = 1e-5 * (x.double().abs() @ w.abs().t()) + 1e-6
         if int8_act:
@@ -75,26 +88,25 @@ def test_int4_mm_equals_the_dequantised_reference(shape, int8_act, sdtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("sdtype", [torch.float32, torch.float16], ids=["f32-scales", "f16-scales"])
 def test_int4_mm_rows_are_independent_bit_for_bit(int8_act, dtype, sdtype):
-    codes, scale, mins, _ = _random_int4(203, 200, seed=3, dtype=sdtype)  # tiles of 4 / 2 / 1 and a padded block
-    packed = pack_int4(codes)
+    codes, scale, mins, _ = _random_int4(203, 200, seed=3, dtype=sdtype)  # a padded tile and a padded block
     x = torch.randn(11, 200).to(dtype)
-    alone = torch.cat([ops.int4_mm(x[i:i + 1], packed, scale, mins, int8_act) for i in range(11)])
+    alone = torch.cat([_int4(x[i:i + 1], codes, scale, mins, int8_act) for i in range(11)])
     for rows in range(2, 12):
-        assert torch.equal(ops.int4_mm(x[:rows], packed, scale, mins, int8_act), alone[:rows]), rows
-    assert torch.equal(ops.int4_mm(x[5:8], packed, scale, mins, int8_act), alone[5:8])
+        assert torch.equal(_int4(x[:rows], codes, scale, mins, int8_act), alone[:rows]), rows
+    assert torch.equal(_int4(x[5:8], codes, scale, mins, int8_act), alone[5:8])
 
 
 @needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int4_mm_does_not_depend_on_the_thread_count(threads):
     codes, scale, mins, _ = _random_int4(1000, 576, seed=4)
-    packed, x = pack_int4(codes), torch.randn(3, 576)
+    x = torch.randn(3, 576)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = ops.int4_mm(x, packed, scale, mins, True)
+        one = _int4(x, codes, scale, mins, True)
         torch.set_num_threads(threads)
-        assert torch.equal(ops.int4_mm(x, packed, scale, mins, True), one)
+        assert torch.equal(_int4(x, codes, scale, mins, True), one)
     finally:
         torch.set_num_threads(before)
 
@@ -116,14 +128,22 @@ def test_quantize_int4_uses_the_kernel_close_to_torchs_int4_kernel(shape):
         ours = qw.mm(x).double()
         tol = 1e-5 * (x.abs() @ qw.dense.abs().t()).double() + 1e-6
         if qw.int8_act:
-            tol = tol + _int8_act_bound(x, codes, qw.kernel_scales[0].float())
+            tol = tol + _int8_act_bound(x, codes, untile_int4_scales(qw.kernel_scales[0].float(), n))
         assert ((ours - theirs).abs() <= tol).all(), rows
 
 
-def _unpack(packed: torch.Tensor, k: int) -> torch.Tensor:
-    """The kernel's layout back to codes (out, k), independently of pack_int4."""
-    b = packed.reshape(packed.shape[0], -1, 16)
-    return torch.cat([b & 15, b >> 4], -1).reshape(packed.shape[0], -1)[:, :k]
+def _unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The kernel's layout back to codes (n, k), independently of pack_int4: per tile and block,
+    chunk h's byte 4 r + i holds row r's inputs 4 h + i and 16 + 4 h + i."""
+    tiles = packed.shape[0]
+    out = torch.zeros(tiles * 8, packed.shape[1] // 4, dtype=torch.uint8)
+    for t in range(tiles):
+        for b in range(packed.shape[1] // 128):
+            blk = packed[t, b * 128:(b + 1) * 128].reshape(4, 8, 4)  # chunk h, row r, i
+            for h in range(4):
+                out[t * 8:(t + 1) * 8, b * 32 + 4 * h:b * 32 + 4 * h + 4] = blk[h] & 15
+                out[t * 8:(t + 1) * 8, b * 32 + 16 + 4 * h:b * 32 + 16 + 4 * h + 4] = blk[h] >> 4
+    return out[:n, :k]
 
 
 @needs_kernels
@@ -137,15 +157,15 @@ def test_gguf_blocks_repack_exactly_into_the_kernels_layout(qtype):
     raw = quants.quantize(w, t)
     ref = torch.from_numpy(quants.dequantize(raw, t).reshape(40, 256))
     qw = quantize_int4(ref, torch.float32, int4_codes(raw, qtype, 256))
-    scale, mins = qw.kernel_scales
+    scale, mins = (untile_int4_scales(v, 40) for v in qw.kernel_scales)
     assert scale.dtype == torch.float16  # the file's own float16 d and m, kept exact in 2 bytes
     # q * scale + min in float32 is gguf's own dequantisation (d * q + m, d * (q - 8)) exactly.
-    codes = _unpack(qw.packed, 256).float()
+    codes = _unpack(qw.packed, 40, 256).float()
     mine = codes * scale.float().repeat_interleave(GROUP, 1) + mins.float().repeat_interleave(GROUP, 1)
     assert torch.equal(mine, ref)
     # One-hot rows pick single weights: the float-activation kernel returns them exactly.
     eye = torch.eye(256)[::7]
-    assert torch.equal(ops.int4_mm(eye, qw.packed, scale, mins, False), ref.t()[::7])
+    assert torch.equal(ops.int4_mm(eye, qw.packed, *qw.kernel_scales, False, 40), ref.t()[::7])
 
 
 @needs_kernels
@@ -160,8 +180,8 @@ def test_gguf_q4k_blocks_repack_into_the_kernels_layout():
         cols = int(t.shape[0])
         ref = torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(-1, cols))
         qw = quantize_int4(ref, torch.float32, int4_codes(t.data, "Q4_K", cols))
-        scale, mins = qw.kernel_scales
-        mine = (_unpack(qw.packed, cols).float() * scale.float().repeat_interleave(GROUP, 1)
+        scale, mins = (untile_int4_scales(v, ref.shape[0]) for v in qw.kernel_scales)
+        mine = (_unpack(qw.packed, ref.shape[0], cols).float() * scale.float().repeat_interleave(GROUP, 1)
                 + mins.float().repeat_interleave(GROUP, 1))
         # The min is zero - 8 * scale recomputed in float32: at most an ulp of the weight off.
         torch.testing.assert_close(mine, ref, atol=1e-6, rtol=1e-6)
@@ -228,17 +248,26 @@ def test_portable_path_builds_and_matches_the_reference(tmp_path):
 import torch, sys
 sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
 torch.ops.load_library({lib!r})
-from tests.test_int4_kernel import _random_int4, _int8_act_bound
-from pagedlm.model.layers.quant import pack_int4
+from tests.test_int4_kernel import _random_int4, _int8_act_bound, _int4
 assert torch.ops.pagedlm.isa() == "scalar"
 x = torch.randn(5, 70)
 for act, sd in ((False, torch.float32), (True, torch.float32), (True, torch.float16)):
     codes, scale, mins, w = _random_int4(37, 70, seed=5, dtype=sd)
     ref = x.double() @ w.t()
-    y = torch.ops.pagedlm.int4_mm(x, pack_int4(codes), scale, mins, act).double()
+    y = _int4(x, codes, scale, mins, act, torch.ops.pagedlm.int4_mm).double()
     tol = 1e-5 * (x.double().abs() @ w.abs().t()) + 1e-6 + (_int8_act_bound(x, codes, scale) if act else 0)
     assert ((y - ref).abs() <= tol).all(), act
-    alone = torch.cat([torch.ops.pagedlm.int4_mm(x[i:i + 1], pack_int4(codes), scale, mins, act) for i in range(5)])
+    alone = torch.cat([_int4(x[i:i + 1], codes, scale, mins, act, torch.ops.pagedlm.int4_mm) for i in range(5)])
+    assert torch.equal(alone.double(), y)
+from pagedlm.model.layers.quant import round_activations_int8
+w8 = torch.randint(-127, 128, (37, 64), dtype=torch.int8)
+s8 = torch.rand(37) * 0.01
+x8 = torch.randn(5, 64)
+for act, xr in ((False, x8), (True, round_activations_int8(x8))):
+    y = torch.ops.pagedlm.int8_mm(x8, w8, s8, act).double()
+    ref = (xr.double() @ w8.double().t()) * s8.double()
+    assert ((y - ref).abs() <= 1e-5 * (xr.double().abs() @ w8.double().abs().t()) * s8.double() + 1e-6).all(), act
+    alone = torch.cat([torch.ops.pagedlm.int8_mm(x8[i:i + 1], w8, s8, act) for i in range(5)])
     assert torch.equal(alone.double(), y)
 print("ok")
 """
@@ -256,7 +285,7 @@ def test_int8_activations_round_as_in_the_kernel(k):
     codes, scale, mins, w = _random_int4(50, k, seed=k)
     x = torch.randn(6, k) * torch.logspace(-3, 1, 6)[:, None]
     x[0, :5] = 0  # an all-zero block where k allows
-    y = ops.int4_mm(x, pack_int4(codes), scale, mins, True).double()
+    y = _int4(x, codes, scale, mins, True).double()
     ref = round_activations_int8(x).double() @ w.t()
     assert ((y - ref).abs() <= 1e-5 * (x.double().abs() @ w.abs().t()) + 1e-6).all()
     xr = round_activations_int8(x)
@@ -266,26 +295,33 @@ def test_int8_activations_round_as_in_the_kernel(k):
 @needs_kernels
 @pytest.mark.slow
 def test_greedy_speculation_on_smollm2_auto_is_plain_greedy(smollm2):
-    """The shipped model as shipped (Q4_1 through the int4 kernel, int8 head): n-gram speculation
-    verifies 1 + k rows per step, plain decoding 1; the rows agree bit for bit, so the tokens do."""
+    """The shipped model as shipped (Q4_1 through the int4 kernel, int8 head, both with int8
+    activations): n-gram speculation verifies 1 + k rows per step, plain decoding 1; the rows agree
+    bit for bit, so the tokens do."""
     from pagedlm import LLM, SamplingParams
-    from pagedlm.model.layers.quant import QuantizedWeight
+    from pagedlm.engine.aot import quantized_weights
 
     text = ("def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\n"
             "Rewrite the two functions above exactly:\n\ndef add(a, b):\n")
-    sp = SamplingParams(max_tokens=24, temperature=0)
+    sp = SamplingParams(max_tokens=24, temperature=0, logprobs=2)
     # The crossover fixed for both engines: measured on a busy machine it can differ between them,
     # and the prompt's prefill would then take the kernel in one and the dense GEMM in the other.
+    # Eager: plain decode rows and verification rows take the same attention call per row.
     fixed = {"dense_min_rows": 64}
-    plain = LLM(smollm2, kv_cache_memory=64 << 20, extra=fixed)
-    want = plain.generate([text], sp, use_tqdm=False)[0].outputs[0].token_ids
-    int4 = [q for m in plain.engine.runner.model.modules()
-            if isinstance(q := getattr(getattr(m, "quant_method", None), "qweight", None), QuantizedWeight)]
-    assert int4 and all(q.kind == "int4" and q.kernel is not None for q in int4)
-    spec = LLM(smollm2, kv_cache_memory=64 << 20, extra=fixed, speculative_config={
+    plain = LLM(smollm2, kv_cache_memory=64 << 20, extra=fixed, enforce_eager=True)
+    want = plain.generate([text], sp, use_tqdm=False)[0].outputs[0]
+    qws = quantized_weights(plain.engine.runner.model)
+    assert qws and all(q.kernel is not None and q.int8_act for q in qws)
+    assert {q.kind for q in qws} == {"int4", "int8"}  # the projections and the head
+    spec = LLM(smollm2, kv_cache_memory=64 << 20, extra=fixed, enforce_eager=True, speculative_config={
         "method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 3, "prompt_lookup_min": 1})
     got = spec.generate([text], sp, use_tqdm=False)[0]
-    assert got.outputs[0].token_ids == want
+    assert got.outputs[0].token_ids == want.token_ids
+    # Not only the argmax: every row's top-2 and their log-probabilities (the logits are the same
+    # bits; the log-softmax over 1 or 1 + k rows may round its sum differently in the last bit).
+    assert [list(d) for d in got.outputs[0].logprobs] == [list(d) for d in want.logprobs]
+    for g, w in zip(got.outputs[0].logprobs, want.logprobs):
+        assert [v.logprob for v in g.values()] == pytest.approx([v.logprob for v in w.values()], rel=1e-6, abs=1e-6)
     assert got.metrics.spec_decode.num_accepted_tokens > 0
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from pagedlm import kernels
-from pagedlm.model.layers.quant import quantize_int4, quantize_int8
+from pagedlm.model.layers.quant import quantize_int4, quantize_int8, round_activations_int8
 
 ops = kernels.ops()
 needs_kernels = pytest.mark.skipif(ops is None, reason="no C++ compiler: pagedlm's kernels are not built here")
@@ -24,50 +24,90 @@ def _weights(n: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]
     return w, scale
 
 
+ACTS = pytest.mark.parametrize("act", [False, True], ids=["float-act", "int8-act"])
+
+
 @needs_kernels
+@ACTS
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 8, 9, 17])
-def test_int8_mm_equals_float64_reference(rows):
+def test_int8_mm_equals_float64_reference(rows, act):
+    """Float activations: exact up to float32 rounding. int8 activations: exact up to float32
+    rounding against x rounded per block of 32 (``round_activations_int8``, what the dense GEMM
+    past the crossover multiplies), and within the rounding's own bound against x."""
     w, scale = _weights(203, 96, seed=rows)  # 203 output rows: blocks of 4 / 2 and a tail of 1
     x = torch.randn(rows, 96, generator=torch.Generator().manual_seed(1))
-    y = ops.int8_mm(x, w, scale)
-    ref = (x.double() @ w.double().t()) * scale.double()
+    y = ops.int8_mm(x, w, scale, act)
     assert y.dtype == torch.float32 and y.shape == (rows, 203)
+    exact = (x.double() @ w.double().t()) * scale.double()
+    if not act:
+        torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5)
+        return
+    ref = (round_activations_int8(x).double() @ w.double().t()) * scale.double()
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    # Each x rounds by at most half a step (absmax of its block / 127 / 2).
+    step = x.abs().reshape(rows, 3, 32).amax(-1).repeat_interleave(32, 1).double() / 127 / 2
+    bound = (step @ w.double().abs().t()) * scale.double() + 1e-5
+    assert ((y.double() - exact).abs() <= bound).all()
+    assert not torch.allclose(y.double(), exact, rtol=1e-7, atol=1e-7)  # the rounding shows: int8 ran
 
 
 @needs_kernels
+@ACTS
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_mm_rows_are_independent_bit_for_bit(dtype):
+def test_int8_mm_rows_are_independent_bit_for_bit(dtype, act):
     """A row's result must not depend on which other rows share the call: a 1-row decode step and
     a k-row speculative verification then produce the same logits, so greedy speculation is
     exactly plain greedy decoding."""
-    w, scale = _weights(1000, 576)
+    w, scale = _weights(1003, 576)  # 1003: not a multiple of the 64-output chunks or the tiles
     x = torch.randn(11, 576, generator=torch.Generator().manual_seed(2)).to(dtype)
-    alone = torch.cat([ops.int8_mm(x[i:i + 1], w, scale) for i in range(11)])
+    alone = torch.cat([ops.int8_mm(x[i:i + 1], w, scale, act) for i in range(11)])
     for rows in range(1, 12):
-        together = ops.int8_mm(x[:rows], w, scale)
+        together = ops.int8_mm(x[:rows], w, scale, act)
         assert together.dtype == dtype
         assert torch.equal(together, alone[:rows]), rows
+    assert torch.equal(ops.int8_mm(x[4:9], w, scale, act), alone[4:9])
+
+
+@needs_kernels
+def test_int8_mm_extreme_values_do_not_saturate():
+    """|w| = 127 against x rounding to 127 everywhere: vpmaddubsw's int16 pairs at their largest
+    (2 x 127 x 127) must not saturate."""
+    w = torch.full((8, 64), 127, dtype=torch.int8)
+    w[1::2] = -127
+    x = torch.ones(2, 64)
+    x[1] = -1
+    y = ops.int8_mm(x, w, torch.ones(8), True)
+    expected = torch.tensor([[127.0 * 64, -127.0 * 64] * 4, [-127.0 * 64, 127.0 * 64] * 4])
+    assert torch.equal(y, expected)
 
 
 @needs_kernels
 def test_int8_mm_rejects_bad_shapes():
     w, scale = _weights(32, 40)  # 40: not a multiple of 16
     with pytest.raises(RuntimeError, match="multiple of 16"):
-        ops.int8_mm(torch.randn(2, 40), w, scale)
+        ops.int8_mm(torch.randn(2, 40), w, scale, False)
     w, scale = _weights(32, 48)
+    with pytest.raises(RuntimeError, match="multiple of 32"):  # int8 activations need whole blocks
+        ops.int8_mm(torch.randn(2, 48), w, scale, True)
     with pytest.raises(RuntimeError, match="shapes"):
-        ops.int8_mm(torch.randn(2, 32), w, scale)
+        ops.int8_mm(torch.randn(2, 32), w, scale, False)
 
 
 @needs_kernels
 def test_quantized_int8_layer_uses_the_kernel_and_falls_back_where_it_cannot():
     dense = torch.randn(64, 96) * 0.05
     qw = quantize_int8(dense, torch.float32)
-    assert qw.kernel is not None
+    assert qw.kernel is not None and qw.int8_act  # 96: whole blocks of 32
     x = torch.randn(3, 96)
-    expected = torch.ops.aten._weight_int8pack_mm(x, qw.packed, qw.scales)
+    expected = torch.ops.aten._weight_int8pack_mm(round_activations_int8(x), qw.packed, qw.scales)
     torch.testing.assert_close(qw.mm(x), expected, rtol=1e-5, atol=1e-5)
+    # Past the crossover the dense GEMM takes x rounded the same way.
+    qw.dense_min_rows = 2
+    torch.testing.assert_close(qw.mm(x), expected, rtol=1e-5, atol=1e-5)
+    qw = quantize_int8(torch.randn(64, 48) * 0.05, torch.float32)
+    assert qw.kernel is not None and not qw.int8_act  # 48: float activations
+    torch.testing.assert_close(qw.mm(x[:, :48]), torch.ops.aten._weight_int8pack_mm(x[:, :48], qw.packed, qw.scales),
+                               rtol=1e-5, atol=1e-5)
     assert quantize_int8(torch.randn(64, 40), torch.float32).kernel is None  # input size 40
 
 

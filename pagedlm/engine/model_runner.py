@@ -234,7 +234,7 @@ class ModelRunner(ModelRunnerBase):
         slots: list[int] = []
         decode_tables: list[list[int]] = []
         decode_lens: list[int] = []
-        prefill_specs: list[tuple[int, int, int, list[int]]] = []
+        prefill_specs: list[tuple[int, int, int, list[int], bool]] = []
         logit_rows: list[int] = []
         samples: list[tuple[Sequence, int]] = []
         prompt_rows: list[tuple[Sequence, int, int, int]] = []
@@ -249,7 +249,7 @@ class ModelRunner(ModelRunnerBase):
                 decode_tables.append(table)
                 decode_lens.append(start + 1)
             else:  # a prefill chunk, or a speculating sequence's 1 + k verification rows
-                prefill_specs.append((q_start, n, start + n, table))
+                prefill_specs.append((q_start, n, start + n, table, start == seq.num_tokens - 1))
             if seq.params.prompt_logprobs is not None and start < seq.num_prompt_tokens:
                 # logits at position p score token p + 1: rows for p in [start, min(end, prompt - 1)).
                 # A chunk's last row scores the next chunk's first token: it is kept.
@@ -274,8 +274,9 @@ class ModelRunner(ModelRunnerBase):
             meta.decode_context_lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
             meta.decode_max_context = max(decode_lens)
         meta.prefills = [
-            PrefillSegment(q, n, ctx, torch.tensor(t[: (ctx + bs - 1) // bs], dtype=torch.long, device=dev))
-            for q, n, ctx, t in prefill_specs
+            PrefillSegment(q, n, ctx, torch.tensor(t[: (ctx + bs - 1) // bs], dtype=torch.long, device=dev),
+                           decode_rows=verifying)
+            for q, n, ctx, t, verifying in prefill_specs
         ]
         return StepInputs(torch.tensor(ids, dtype=torch.long, device=dev),
                           torch.tensor(pos, dtype=torch.long, device=dev), meta, logit_rows, samples, prompt_rows)

@@ -215,9 +215,9 @@ def _register_fakes() -> None:
     """Shapes for torch.compile's tracing (no data)."""
 
     @torch.library.register_fake("pagedlm::int8_mm")
-    def _(x, w, scale):
+    def _(x, w, scale, int8_act):
         return x.new_empty((x.shape[0], w.shape[0]))
 
     @torch.library.register_fake("pagedlm::int4_mm")
-    def _(x, codes, scale, mins, int8_act):
-        return x.new_empty((x.shape[0], codes.shape[0]))
+    def _(x, codes, scale, mins, int8_act, n):
+        return x.new_empty((x.shape[0], n))

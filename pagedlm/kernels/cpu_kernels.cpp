@@ -102,51 +102,33 @@ using RowsFn = void (*)(const float*, const int8_t*, const float*, float*, int64
 constexpr RowsFn kRows[kMaxRows + 1] = {nullptr,        int8_rows<1>, int8_rows<2>, int8_rows<3>, int8_rows<4>,
                                         int8_rows<5>,   int8_rows<6>, int8_rows<7>, int8_rows<8>};
 
-// x (rows, K) float/bf16/half, w (N, K) int8, scale (N,) float32 -> (rows, N) in x's dtype.
-at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_mm: shapes ", x.sizes(), " and ",
-              w.sizes());
-  TORCH_CHECK(w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, "int8_mm: int8 weight and "
-              "float32 scales expected");
-  const int64_t rows = x.size(0), N = w.size(0), K = w.size(1);
-  TORCH_CHECK(K % 16 == 0, "int8_mm: the input size must be a multiple of 16, got ", K);
-  const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const at::Tensor wc = w.contiguous(), sc = scale.contiguous();
-  at::Tensor y = at::empty({rows, N}, x.options().dtype(at::kFloat));
-  const float* xp = xf.data_ptr<float>();
-  const int8_t* wp = wc.data_ptr<int8_t>();
-  const float* sp = sc.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
-    const int64_t m = std::min<int64_t>(kMaxRows, rows - r0);
-    const RowsFn fn = kRows[m];
-    at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
-      fn(xp + r0 * K, wp, sp, yp + r0 * N, N, K, n0, n1);
-    });
-  }
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
-}
-
 // ---- int4: weights in blocks of 32 along the input, w = q * scale + min, q in 0..15 ------------
 //
-// Layout (pagedlm/model/layers/quant.py packs it; GGUF Q4_0 / Q4_1 / Q4_K repack into it exactly):
-//   codes (N, Kp / 2) uint8: per block of 32 weights, 16 bytes; byte i holds weight i in its low
-//         nibble and weight i + 16 in its high nibble (GGUF's own order, so one shift and one mask
-//         unpack a block into 32 bytes in input order);
-//   scale, mins (N, Kp / 32) float32, or float16 where all are exactly float16 (GGUF Q4_0 / Q4_1).
-// Kp is K rounded up to the block; the kernel pads x with zeros, so padded weights never count.
+// Layout (pagedlm/model/layers/quant.py ``pack_int4``; GGUF Q4_0 / Q4_1 / Q4_K repack into it
+// exactly): output rows in tiles of 8 (N a multiple of 8), so that a vector's 8 lanes are 8
+// outputs and no horizontal sums are needed;
+//   codes (N / 8, nb * 128) uint8: per tile and block of 32 inputs, 4 chunks of 32 bytes; in chunk
+//         h, byte 4 r + i holds weight (row r, input 4 h + i) in its low nibble and (row r, input
+//         16 + 4 h + i) in its high nibble. One mask (and one shift) turn a chunk into the codes of
+//         4 consecutive inputs for the 8 rows: 8 such vectors per block, one per group of 4 inputs;
+//   scale, mins (N / 8, nb * 8): per tile and block, the 8 rows' values; float32, or float16 where
+//         all are exactly float16 (GGUF Q4_0 / Q4_1: 20 bytes per 32 weights instead of 24).
+// nb = ceil(K / 32); the kernel pads x with zeros, so padded weights never count.
 //
 // y[m, n] = sum_b scale[n, b] * dot(q[n, b], x[m, b]) + sum_b mins[n, b] * sum(x[m, b])
-// The second sum is a dot product of two short vectors (the row's block sums of x are computed
-// once per call), so the inner loop only multiplies codes by activations. Two ways to do that:
-//   act=float: codes converted to float, times scale, FMA with x (exact up to float32 rounding);
-//   act=int8:  x quantised per block of 32 to int8 (absmax / 127), codes times int8 activations
-//              with vpmaddubsw + vpmaddwd (AVX2) or vpdpbusd (AVX512-VNNI), as llama.cpp's
-//              Q4_1 x Q8_1 product: 4x fewer instructions per weight, x rounded to 8 bits.
+// The second sum runs over the blocks' sums of x (computed once per call). For the first:
+//   act=int8:  x quantised per block of 32 to int8 (absmax / 127), as llama.cpp's Q4_1 x Q8_1:
+//              per group of 4 inputs, vpmaddubsw of the 8 rows' codes with the 4 activations
+//              broadcast; a block's 8 groups add up exactly in int16 (|sum| <= 8 * 2 * 15 * 127),
+//              then one vpmaddwd to int32, one conversion and one FMA per block for 8 outputs
+//              (AVX512-VNNI: vpdpbusd per group). ~4 instructions per 32 weights;
+//   act=float: codes converted to float per input, FMA with x broadcast (exact up to float32
+//              rounding).
 // Rows stay independent: each row's x is converted on its own, and every (row, output) pair runs the
 // same instructions in the same order whatever the number of rows or the tiling.
 
 constexpr int kBlock = 32;
+constexpr int kTile = 8;  // output rows per tile of the int4 layout
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 constexpr const char* kIsa = "avx512vnni";
@@ -158,7 +140,7 @@ constexpr const char* kIsa = "scalar";
 
 struct Int4Args {
   const uint8_t* codes;
-  const void* scale;  // float32 or float16 (S below), (N, nb)
+  const void* scale;  // S below, (N / 8, nb * 8)
   const void* mins;
   const float* xf;   // act=float: (rows, Kp) float, zero-padded
   const int8_t* xq;  // act=int8: (rows, Kp) int8
@@ -168,8 +150,7 @@ struct Int4Args {
   int64_t N, nb;
 };
 
-// Scales and mins as stored: float32, or float16 (uint16_t bits) where every value is exactly a
-// float16 (GGUF Q4_0 / Q4_1 store theirs so): 20 bytes per 32 weights instead of 24.
+// Scales and mins as stored: float32, or float16 (uint16_t bits).
 template <typename S>
 inline float sval(const void* p, int64_t i) {
   if constexpr (std::is_same_v<S, float>) {
@@ -183,38 +164,6 @@ inline float sval(const void* p, int64_t i) {
   }
 }
 
-// The min term of one (row, output) pair: a fixed-order dot product over blocks.
-template <typename S>
-inline float min_term(const void* mins_, int64_t off, const float* sx, int64_t nb) {
-#if defined(__AVX2__) && defined(__FMA__)
-  __m256 acc = _mm256_setzero_ps();
-  int64_t b = 0;
-  for (; b + 8 <= nb; b += 8) {
-    __m256 mv;
-    if constexpr (std::is_same_v<S, float>) {
-      mv = _mm256_loadu_ps(static_cast<const float*>(mins_) + off + b);
-    } else {
-#if defined(__F16C__)
-      mv = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(mins_) + off + b)));
-#else
-      float t[8];
-      for (int i = 0; i < 8; ++i) t[i] = sval<S>(mins_, off + b + i);
-      mv = _mm256_loadu_ps(t);
-#endif
-    }
-    acc = _mm256_fmadd_ps(mv, _mm256_loadu_ps(sx + b), acc);
-  }
-  float t[8];
-  _mm256_storeu_ps(t, acc);
-  float s = ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]));
-#else
-  float s = 0.f;
-  int64_t b = 0;
-#endif
-  for (; b < nb; ++b) s += sval<S>(mins_, off + b) * sx[b];
-  return s;
-}
-
 #if defined(__AVX2__) && defined(__FMA__)
 inline float hsum8(__m256 v) {
   const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -222,118 +171,162 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
 }
 
-// 16 bytes of a block -> 32 codes (0..15), one byte each, in input order.
-inline __m256i unpack32(const uint8_t* p) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m256i both = _mm256_set_m128i(_mm_srli_epi16(b, 4), b);
-  return _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+// 8 scales (or mins) of one tile and block as floats.
+template <typename S>
+inline __m256 load8(const void* p, int64_t i) {
+  if constexpr (std::is_same_v<S, float>) {
+    return _mm256_loadu_ps(static_cast<const float*>(p) + i);
+  } else {
+#if defined(__F16C__)
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+#else
+    float t[8];
+    for (int r = 0; r < 8; ++r) t[r] = sval<S>(p, i + r);
+    return _mm256_loadu_ps(t);
+#endif
+  }
 }
 
-// Codes (unsigned) times int8 activations, summed in 8 int32 lanes.
-inline __m256i dot_u4s8(__m256i q, __m256i x) {
+// One tile's block of codes: 8 vectors, group g = the codes of inputs 4 g .. 4 g + 3 for the 8 rows.
+inline void unpack_tile_block(const uint8_t* c, __m256i v[8]) {
+  const __m256i low = _mm256_set1_epi8(0x0F);
+  for (int h = 0; h < 4; ++h) {
+    const __m256i ch = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c + 32 * h));
+    v[h] = _mm256_and_si256(ch, low);
+    v[h + 4] = _mm256_and_si256(_mm256_srli_epi16(ch, 4), low);
+  }
+}
+
+// The exact integer dot products of one block of 32 inputs, for the 8 rows of a tile.
+inline __m256i block_dot_i8(const __m256i v[8], const int8_t* xq) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), q, x);
+  __m256i s = _mm256_setzero_si256();
+  for (int g = 0; g < 8; ++g) {
+    int32_t x4;
+    std::memcpy(&x4, xq + 4 * g, 4);
+    s = _mm256_dpbusd_epi32(s, v[g], _mm256_set1_epi32(x4));
+  }
+  return s;
 #else
-  // |q * x| <= 15 * 128, pairs fit int16 without saturating.
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
+  __m256i s16 = _mm256_setzero_si256();
+  for (int g = 0; g < 8; ++g) {
+    int32_t x4;
+    std::memcpy(&x4, xq + 4 * g, 4);
+    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(v[g], _mm256_set1_epi32(x4)));
+  }
+  return _mm256_madd_epi16(s16, _mm256_set1_epi16(1));
 #endif
 }
 
-template <typename S, int M, int NB>
-inline void int4_block_i8(const Int4Args& a, int64_t n) {
-  __m256 acc[NB][M];
-  for (int j = 0; j < NB; ++j)
-    for (int m = 0; m < M; ++m) acc[j][m] = _mm256_setzero_ps();
-  const int64_t rb = a.nb * 16;  // bytes of codes per weight row
-  for (int64_t b = 0; b < a.nb; ++b) {
-    __m256i q[NB];
-    __m256 s[NB];
-    for (int j = 0; j < NB; ++j) {
-      q[j] = unpack32(a.codes + (n + j) * rb + b * 16);
-      s[j] = _mm256_set1_ps(sval<S>(a.scale, (n + j) * a.nb + b));
-    }
-    for (int m = 0; m < M; ++m) {
-      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m * a.nb + b) * kBlock));
-      const __m256 d = _mm256_set1_ps(a.dx[m * a.nb + b]);
-      for (int j = 0; j < NB; ++j)
-        acc[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_u4s8(q[j], xv)), _mm256_mul_ps(s[j], d), acc[j][m]);
-    }
+// The 8 outputs of tile t of a row of y (fewer in a last, padded tile).
+inline void store_tile(float* yrow, int64_t t, int64_t N, __m256 v) {
+  if ((t + 1) * kTile <= N) {
+    _mm256_storeu_ps(yrow + t * kTile, v);
+  } else {
+    float tmp[kTile];
+    _mm256_storeu_ps(tmp, v);
+    for (int64_t r = 0; t * kTile + r < N; ++r) yrow[t * kTile + r] = tmp[r];
   }
-  for (int j = 0; j < NB; ++j)
-    for (int m = 0; m < M; ++m)
-      a.y[m * a.N + n + j] = hsum8(acc[j][m]) + min_term<S>(a.mins, (n + j) * a.nb, a.sx + m * a.nb, a.nb);
 }
 
-template <typename S, int M, int NB>
-inline void int4_block_f32(const Int4Args& a, int64_t n) {
-  __m256 acc[NB][M];
-  for (int j = 0; j < NB; ++j)
-    for (int m = 0; m < M; ++m) acc[j][m] = _mm256_setzero_ps();
-  const int64_t rb = a.nb * 16;
+template <typename S>
+inline __m256 min_terms(const Int4Args& a, int64_t t, const float* sx) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t b = 0; b < a.nb; ++b)
+    acc = _mm256_fmadd_ps(load8<S>(a.mins, (t * a.nb + b) * kTile), _mm256_set1_ps(sx[b]), acc);
+  return acc;
+}
+
+template <typename S, int M>
+inline void int4_tile_i8(const Int4Args& a, int64_t t) {
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  const uint8_t* c = a.codes + t * a.nb * 128;
   for (int64_t b = 0; b < a.nb; ++b) {
-    __m256 w[NB][4];
-    for (int j = 0; j < NB; ++j) {
-      const __m256i q = unpack32(a.codes + (n + j) * rb + b * 16);
-      const __m256 s = _mm256_set1_ps(sval<S>(a.scale, (n + j) * a.nb + b));
-      const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-      w[j][0] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s);
-      w[j][1] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s);
-      w[j][2] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s);
-      w[j][3] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s);
-    }
+    __m256i v[8];
+    unpack_tile_block(c + b * 128, v);
+    const __m256 s = load8<S>(a.scale, (t * a.nb + b) * kTile);
     for (int m = 0; m < M; ++m) {
-      const float* xp = a.xf + (m * a.nb + b) * kBlock;
-      for (int i = 0; i < 4; ++i) {
-        const __m256 xv = _mm256_loadu_ps(xp + 8 * i);
-        for (int j = 0; j < NB; ++j) acc[j][m] = _mm256_fmadd_ps(w[j][i], xv, acc[j][m]);
-      }
+      const __m256i d = block_dot_i8(v, a.xq + (m * a.nb + b) * kBlock);
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s, _mm256_set1_ps(a.dx[m * a.nb + b])), acc[m]);
     }
   }
-  for (int j = 0; j < NB; ++j)
-    for (int m = 0; m < M; ++m)
-      a.y[m * a.N + n + j] = hsum8(acc[j][m]) + min_term<S>(a.mins, (n + j) * a.nb, a.sx + m * a.nb, a.nb);
+  for (int m = 0; m < M; ++m)
+    store_tile(a.y + m * a.N, t, a.N, _mm256_add_ps(acc[m], min_terms<S>(a, t, a.sx + m * a.nb)));
+}
+
+template <typename S, int M>
+inline void int4_tile_f32(const Int4Args& a, int64_t t) {
+  __m256 acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
+  const uint8_t* c = a.codes + t * a.nb * 128;
+  const __m256i gather = _mm256_setr_epi32(0, 4, 1, 1, 1, 1, 1, 1);
+  for (int64_t b = 0; b < a.nb; ++b) {
+    __m256i v[8];
+    unpack_tile_block(c + b * 128, v);
+    __m256 blk[M];
+    for (int m = 0; m < M; ++m) blk[m] = _mm256_setzero_ps();
+    for (int g = 0; g < 8; ++g) {
+      for (int i = 0; i < 4; ++i) {
+        // Byte i of each row's 4 -> 8 floats, one per row.
+        const __m256i pick = _mm256_setr_epi8(i, 4 + i, 8 + i, 12 + i, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                              i, 4 + i, 8 + i, 12 + i, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+        const __m256i rows8 = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(v[g], pick), gather);
+        const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm256_castsi256_si128(rows8)));
+        for (int m = 0; m < M; ++m)
+          blk[m] = _mm256_fmadd_ps(q, _mm256_set1_ps(a.xf[(m * a.nb + b) * kBlock + 4 * g + i]), blk[m]);
+      }
+    }
+    const __m256 s = load8<S>(a.scale, (t * a.nb + b) * kTile);
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_fmadd_ps(blk[m], s, acc[m]);
+  }
+  for (int m = 0; m < M; ++m)
+    store_tile(a.y + m * a.N, t, a.N, _mm256_add_ps(acc[m], min_terms<S>(a, t, a.sx + m * a.nb)));
 }
 #else
 // Portable reference of both modes (the same sums, in the same per-row order for every row count).
-template <typename S, int M, int NB>
-inline void int4_block_i8(const Int4Args& a, int64_t n) {
-  for (int j = 0; j < NB; ++j)
-    for (int m = 0; m < M; ++m) {
-      float acc = 0.f;
+template <typename S, bool I8>
+inline void int4_tile_ref(const Int4Args& a, int64_t t, int M) {
+  for (int m = 0; m < M; ++m)
+    for (int r = 0; r < kTile && t * kTile + r < a.N; ++r) {
+      float acc = 0.f, macc = 0.f;
       for (int64_t b = 0; b < a.nb; ++b) {
-        const uint8_t* c = a.codes + (n + j) * a.nb * 16 + b * 16;
-        const int8_t* x = a.xq + (m * a.nb + b) * kBlock;
-        int32_t s = 0;
-        for (int i = 0; i < 16; ++i) s += (c[i] & 15) * x[i] + (c[i] >> 4) * x[i + 16];
-        acc += static_cast<float>(s) * (sval<S>(a.scale, (n + j) * a.nb + b) * a.dx[m * a.nb + b]);
+        const uint8_t* c = a.codes + (t * a.nb + b) * 128;
+        const float s = sval<S>(a.scale, (t * a.nb + b) * kTile + r);
+        if constexpr (I8) {
+          const int8_t* x = a.xq + (m * a.nb + b) * kBlock;
+          int32_t d = 0;
+          for (int h = 0; h < 4; ++h)
+            for (int i = 0; i < 4; ++i) {
+              const uint8_t byte = c[32 * h + 4 * r + i];
+              d += (byte & 15) * x[4 * h + i] + (byte >> 4) * x[16 + 4 * h + i];
+            }
+          acc += static_cast<float>(d) * (s * a.dx[m * a.nb + b]);
+        } else {
+          const float* x = a.xf + (m * a.nb + b) * kBlock;
+          float blk = 0.f;
+          for (int h = 0; h < 4; ++h)
+            for (int i = 0; i < 4; ++i) {
+              const uint8_t byte = c[32 * h + 4 * r + i];
+              blk += (byte & 15) * x[4 * h + i] + (byte >> 4) * x[16 + 4 * h + i];
+            }
+          acc += blk * s;
+        }
+        macc += sval<S>(a.mins, (t * a.nb + b) * kTile + r) * a.sx[m * a.nb + b];
       }
-      a.y[m * a.N + n + j] = acc + min_term<S>(a.mins, (n + j) * a.nb, a.sx + m * a.nb, a.nb);
+      a.y[m * a.N + t * kTile + r] = acc + macc;
     }
 }
-
-template <typename S, int M, int NB>
-inline void int4_block_f32(const Int4Args& a, int64_t n) {
-  for (int j = 0; j < NB; ++j)
-    for (int m = 0; m < M; ++m) {
-      float acc = 0.f;
-      for (int64_t b = 0; b < a.nb; ++b) {
-        const uint8_t* c = a.codes + (n + j) * a.nb * 16 + b * 16;
-        const float* x = a.xf + (m * a.nb + b) * kBlock;
-        const float s = sval<S>(a.scale, (n + j) * a.nb + b);
-        for (int i = 0; i < 16; ++i) acc += (c[i] & 15) * s * x[i] + (c[i] >> 4) * s * x[i + 16];
-      }
-      a.y[m * a.N + n + j] = acc + min_term<S>(a.mins, (n + j) * a.nb, a.sx + m * a.nb, a.nb);
-    }
-}
+template <typename S, int M>
+inline void int4_tile_i8(const Int4Args& a, int64_t t) { int4_tile_ref<S, true>(a, t, M); }
+template <typename S, int M>
+inline void int4_tile_f32(const Int4Args& a, int64_t t) { int4_tile_ref<S, false>(a, t, M); }
 #endif
 
-// Output columns [n0, n1) for M rows: NB weight rows share each load of x, the rest one at a time.
+// Tiles [t0, t1) for M rows of x.
 template <typename S, bool I8, int M>
-void int4_rows(const Int4Args& a, int64_t n0, int64_t n1) {
-  constexpr int NB = I8 ? (M <= 2 ? 4 : M <= 4 ? 2 : 1) : (M <= 2 ? 2 : 1);
-  int64_t n = n0;
-  for (; n + NB <= n1; n += NB) I8 ? int4_block_i8<S, M, NB>(a, n) : int4_block_f32<S, M, NB>(a, n);
-  for (; n < n1; ++n) I8 ? int4_block_i8<S, M, 1>(a, n) : int4_block_f32<S, M, 1>(a, n);
+void int4_rows(const Int4Args& a, int64_t t0, int64_t t1) {
+  for (int64_t t = t0; t < t1; ++t) I8 ? int4_tile_i8<S, M>(a, t) : int4_tile_f32<S, M>(a, t);
 }
 
 using Int4Fn = void (*)(const Int4Args&, int64_t, int64_t);
@@ -345,39 +338,34 @@ constexpr std::array<Int4Fn, kMaxRows + 1> kInt4Rows = {nullptr, int4_rows<S, I8
 constexpr std::array<Int4Fn, kMaxRows + 1> kInt4[2][2] = {{kInt4Rows<float, false>, kInt4Rows<float, true>},
                                                           {kInt4Rows<uint16_t, false>, kInt4Rows<uint16_t, true>}};
 
-// x (rows, K) float/bf16/half; codes (N, Kp / 2) uint8; scale, mins (N, Kp / 32) float32 or float16;
-// int8_act: quantise x per block to int8 (see above). -> (rows, N) in x's dtype.
-at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& mins,
-                   bool int8_act) {
-  TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && scale.dim() == 2 && mins.dim() == 2, "int4_mm: 2-d tensors "
-              "expected");
-  const bool half = scale.scalar_type() == at::kHalf;
-  TORCH_CHECK(codes.scalar_type() == at::kByte && (half || scale.scalar_type() == at::kFloat) &&
-              mins.scalar_type() == scale.scalar_type(), "int4_mm: uint8 codes and float32 or float16 scales "
-              "and mins expected");
-  const int64_t rows = x.size(0), K = x.size(1), N = codes.size(0), nb = scale.size(1);
-  TORCH_CHECK(codes.size(1) == nb * 16 && scale.size(0) == N && mins.sizes() == scale.sizes() &&
-              (K + kBlock - 1) / kBlock == nb, "int4_mm: shapes ", x.sizes(), ", ", codes.sizes(), ", ",
-              scale.sizes(), ", ", mins.sizes());
-  const int64_t Kp = nb * kBlock;
-  // x once per call, row by row: float, zero-padded to whole blocks; block sums; int8 and scales.
-  // Into this thread's scratch buffers, grown as needed and reused: a decode step calls this ~120
-  // times, and five tensor allocations a call cost ~1 ms a step. Workers of the parallel loop
-  // below read the calling thread's buffers while it waits.
+// x once per call, row by row: float, zero-padded to whole blocks of 32; the block sums; with
+// int8_act also int8 per block (absmax / 127) and the block scales. Into this thread's scratch
+// buffers, grown as needed and reused: a decode step calls the kernels ~120 times, and five tensor
+// allocations a call cost ~1 ms a step. Workers of a parallel loop read the calling thread's
+// buffers while it waits.
+struct PreparedX {
+  const float* xf;   // (rows, Kp) float, zero-padded
+  const int8_t* xq;  // int8_act: (rows, Kp) int8, else null
+  const float* dx;   // int8_act: (rows, nb) per-block scale of xq, else null
+  const float* sx;   // (rows, nb) per-block sums of x (of the rounded x with int8_act)
+  int64_t Kp, nb;
+};
+
+PreparedX prepare_x(const at::Tensor& x, bool int8_act) {
+  const int64_t rows = x.size(0), K = x.size(1), nb = (K + kBlock - 1) / kBlock, Kp = nb * kBlock;
   thread_local std::vector<float> xf_buf, sx_buf, dx_buf;
   thread_local std::vector<int8_t> xq_buf;
   xf_buf.resize(rows * Kp);
   sx_buf.resize(rows * nb);
   float* xfw = xf_buf.data();
   const at::Tensor xc = x.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "int4_mm", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "prepare_x", [&] {
     const scalar_t* xp = xc.data_ptr<scalar_t>();
     for (int64_t r = 0; r < rows; ++r) {
       for (int64_t k = 0; k < K; ++k) xfw[r * Kp + k] = static_cast<float>(xp[r * K + k]);
       for (int64_t k = K; k < Kp; ++k) xfw[r * Kp + k] = 0.f;
     }
   });
-  const float* xfp = xfw;
   float* sxp = sx_buf.data();
   int8_t* xqp = nullptr;
   float* dxp = nullptr;
@@ -388,7 +376,7 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
     dxp = dx_buf.data();
   }
   for (int64_t i = 0; i < rows * nb; ++i) {
-    const float* v = xfp + i * kBlock;
+    const float* v = xfw + i * kBlock;
     float s = 0.f, amax = 0.f;
     for (int k = 0; k < kBlock; ++k) {
       s += v[k];
@@ -408,18 +396,159 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
       sxp[i] = d * static_cast<float>(qs);
     }
   }
+  return PreparedX{xfw, xqp, dxp, sxp, Kp, nb};
+}
+
+// x (rows, K) float/bf16/half; codes (N / 8, nb * 128) uint8; scale, mins (N / 8, nb * 8) float32 or
+// float16 (the tiled layout above; the last tile padded where N is not a multiple of 8);
+// int8_act: quantise x per block to int8 (see above). -> (rows, N) in x's dtype.
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scale, const at::Tensor& mins,
+                   bool int8_act, int64_t n_out) {
+  TORCH_CHECK(x.dim() == 2 && codes.dim() == 2 && scale.dim() == 2 && mins.dim() == 2, "int4_mm: 2-d tensors "
+              "expected");
+  const bool half = scale.scalar_type() == at::kHalf;
+  TORCH_CHECK(codes.scalar_type() == at::kByte && (half || scale.scalar_type() == at::kFloat) &&
+              mins.scalar_type() == scale.scalar_type(), "int4_mm: uint8 codes and float32 or float16 scales "
+              "and mins expected");
+  const int64_t rows = x.size(0), K = x.size(1), tiles = codes.size(0), N = n_out,
+                nb = (K + kBlock - 1) / kBlock;
+  TORCH_CHECK(N > (tiles - 1) * kTile && N <= tiles * kTile, "int4_mm: ", N, " outputs do not fill ", tiles,
+              " tiles of ", kTile);
+  TORCH_CHECK(codes.size(1) == nb * 128 && scale.size(0) == tiles && scale.size(1) == nb * kTile &&
+              mins.sizes() == scale.sizes(), "int4_mm: shapes ", x.sizes(), ", ", codes.sizes(), ", ",
+              scale.sizes(), ", ", mins.sizes(), " (codes (N / 8, ceil(K / 32) * 128), scales (N / 8, "
+              "ceil(K / 32) * 8) expected)");
+  const PreparedX px = prepare_x(x, int8_act);
+  const int64_t Kp = px.Kp;
   const at::Tensor cc = codes.contiguous(), sc = scale.contiguous(), mc = mins.contiguous();
   at::Tensor y = at::empty({rows, N}, x.options().dtype(at::kFloat));
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
     const int64_t m = std::min<int64_t>(kMaxRows, rows - r0);
     const Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr(), mc.data_ptr(),
-                     xfp + r0 * Kp, xqp ? xqp + r0 * Kp : nullptr, dxp ? dxp + r0 * nb : nullptr,
-                     sxp + r0 * nb, y.data_ptr<float>() + r0 * N, N, nb};
+                     px.xf + r0 * Kp, px.xq ? px.xq + r0 * Kp : nullptr, px.dx ? px.dx + r0 * nb : nullptr,
+                     px.sx + r0 * nb, y.data_ptr<float>() + r0 * N, N, nb};
     const Int4Fn fn = kInt4[half ? 1 : 0][int8_act ? 1 : 0][m];
-    // Chunks of 64 outputs: a multiple of every tile width, so the tiling is the same in every chunk.
-    at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t c0, int64_t c1) {
-      fn(a, c0 * 64, std::min(N, c1 * 64));
-    });
+    // At least 8 tiles (64 outputs) per thread: a fork costs more than a few tiles.
+    at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
+  }
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// ---- int8 with int8 activations: w (N, K) int8 per output row, x int8 per block of 32 -------------
+//
+// y[m, n] = scale[n] * sum_b dx[m, b] * dot(w[n, b], xq[m, b]), as llama.cpp's Q8_0 x Q8_0: the
+// integer dot products of a block take ~7 instructions per 32 weights (signed x signed through
+// vpmaddubsw: |w| times x with w's sign) where converting the weights to float takes ~3x more,
+// and the head (SmolLM2: 49152 x 576, 28 MB) then streams at memory speed. Rows independent as
+// above.
+
+struct Int8Args {
+  const int8_t* w;
+  const float* scale;
+  const int8_t* xq;
+  const float* dx;
+  float* y;
+  int64_t N, K, nb;
+};
+
+#if defined(__AVX2__) && defined(__FMA__)
+// Signed int8 dot products of 32 bytes, in 8 int32 lanes.
+inline __m256i dot_s8s8(__m256i w, __m256i x) {
+  const __m256i aw = _mm256_sign_epi8(w, w), sx = _mm256_sign_epi8(x, w);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), aw, sx);
+#else
+  // |w| <= 128 and |x| <= 127: pairs fit int16 without saturating.
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(aw, sx), _mm256_set1_epi16(1));
+#endif
+}
+
+template <int M, int NB>
+inline void int8_block_i8(const Int8Args& a, int64_t n) {
+  __m256 acc[NB][M];
+  for (int j = 0; j < NB; ++j)
+    for (int m = 0; m < M; ++m) acc[j][m] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < a.nb; ++b) {
+    __m256i wv[NB];
+    for (int j = 0; j < NB; ++j)
+      wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.w + (n + j) * a.K + b * kBlock));
+    for (int m = 0; m < M; ++m) {
+      const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xq + (m * a.nb + b) * kBlock));
+      const __m256 d = _mm256_set1_ps(a.dx[m * a.nb + b]);
+      for (int j = 0; j < NB; ++j) acc[j][m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot_s8s8(wv[j], xv)), d, acc[j][m]);
+    }
+  }
+  for (int j = 0; j < NB; ++j)
+    for (int m = 0; m < M; ++m) a.y[m * a.N + n + j] = hsum8(acc[j][m]) * a.scale[n + j];
+}
+#else
+template <int M, int NB>
+inline void int8_block_i8(const Int8Args& a, int64_t n) {
+  for (int j = 0; j < NB; ++j)
+    for (int m = 0; m < M; ++m) {
+      float acc = 0.f;
+      for (int64_t b = 0; b < a.nb; ++b) {
+        const int8_t* w = a.w + (n + j) * a.K + b * kBlock;
+        const int8_t* x = a.xq + (m * a.nb + b) * kBlock;
+        int32_t s = 0;
+        for (int i = 0; i < kBlock; ++i) s += static_cast<int32_t>(w[i]) * x[i];
+        acc += static_cast<float>(s) * a.dx[m * a.nb + b];
+      }
+      a.y[m * a.N + n + j] = acc * a.scale[n + j];
+    }
+}
+#endif
+
+template <int M>
+void int8_rows_i8(const Int8Args& a, int64_t n0, int64_t n1) {
+  constexpr int NB = M <= 2 ? 4 : M <= 4 ? 2 : 1;
+  int64_t n = n0;
+  for (; n + NB <= n1; n += NB) int8_block_i8<M, NB>(a, n);
+  for (; n < n1; ++n) int8_block_i8<M, 1>(a, n);
+}
+
+using Int8Fn = void (*)(const Int8Args&, int64_t, int64_t);
+constexpr Int8Fn kInt8I8[kMaxRows + 1] = {nullptr,         int8_rows_i8<1>, int8_rows_i8<2>,
+                                          int8_rows_i8<3>, int8_rows_i8<4>, int8_rows_i8<5>,
+                                          int8_rows_i8<6>, int8_rows_i8<7>, int8_rows_i8<8>};
+
+// x (rows, K) float/bf16/half, w (N, K) int8, scale (N,) float32 -> (rows, N) in x's dtype.
+// int8_act: x rounded to int8 per block of 32 (K a multiple of 32), else float FMA over the
+// converted weights (K a multiple of 16).
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale, bool int8_act) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "int8_mm: shapes ", x.sizes(), " and ",
+              w.sizes());
+  TORCH_CHECK(w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, "int8_mm: int8 weight and "
+              "float32 scales expected");
+  const int64_t rows = x.size(0), N = w.size(0), K = w.size(1);
+  TORCH_CHECK(K % (int8_act ? kBlock : 16) == 0, "int8_mm: the input size must be a multiple of ",
+              int8_act ? kBlock : 16, ", got ", K);
+  const at::Tensor wc = w.contiguous(), sc = scale.contiguous();
+  at::Tensor y = at::empty({rows, N}, x.options().dtype(at::kFloat));
+  const int8_t* wp = wc.data_ptr<int8_t>();
+  const float* sp = sc.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  if (int8_act) {
+    const PreparedX px = prepare_x(x, true);
+    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+      const int64_t m = std::min<int64_t>(kMaxRows, rows - r0);
+      const Int8Args a{wp, sp, px.xq + r0 * px.Kp, px.dx + r0 * px.nb, yp + r0 * N, N, K, px.nb};
+      const Int8Fn fn = kInt8I8[m];
+      // Chunks of 64 outputs, a multiple of every tile width (as int4_mm).
+      at::parallel_for(0, (N + 63) / 64, 4, [&](int64_t c0, int64_t c1) {
+        fn(a, c0 * 64, std::min(N, c1 * 64));
+      });
+    }
+  } else {
+    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    const float* xp = xf.data_ptr<float>();
+    for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
+      const int64_t m = std::min<int64_t>(kMaxRows, rows - r0);
+      const RowsFn fn = kRows[m];
+      at::parallel_for(0, N, 256, [&](int64_t n0, int64_t n1) {
+        fn(xp + r0 * K, wp, sp, yp + r0 * N, N, K, n0, n1);
+      });
+    }
   }
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
@@ -429,8 +558,8 @@ std::string isa() { return kIsa; }
 }  // namespace
 
 TORCH_LIBRARY(pagedlm, m) {
-  m.def("int8_mm(Tensor x, Tensor w, Tensor scale) -> Tensor");
-  m.def("int4_mm(Tensor x, Tensor codes, Tensor scale, Tensor mins, bool int8_act) -> Tensor");
+  m.def("int8_mm(Tensor x, Tensor w, Tensor scale, bool int8_act) -> Tensor");
+  m.def("int4_mm(Tensor x, Tensor codes, Tensor scale, Tensor mins, bool int8_act, int n) -> Tensor");
   m.def("isa() -> str");
 }
 

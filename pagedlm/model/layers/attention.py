@@ -46,6 +46,10 @@ class PrefillSegment:
     q_len: int  # tokens in this chunk
     context_len: int  # tokens of the sequence seen after this chunk (cached prefix + chunk)
     block_table: torch.Tensor  # (num_blocks_of_seq,) int64
+    # A speculating sequence's 1 + k verification rows: each row attends as the 1-row decode step
+    # of its position would (the same SDPA call), so its output, and hence greedy speculation's
+    # tokens, equal plain decoding's bit for bit.
+    decode_rows: bool = False
 
 
 @dataclass
@@ -144,6 +148,16 @@ class TorchAttentionBackend:
             out[:nd] = o.squeeze(2)
         for i, seg in enumerate(meta.prefills):
             s, n = seg.q_start, seg.q_len
+            if seg.decode_rows and window is None:
+                h, d = kv_cache.shape[-2:]
+                kv = kv_cache[:, seg.block_table].view(2, 1, -1, h, d).transpose(2, 3)
+                for r in range(n):
+                    t = seg.context_len - n + r + 1
+                    qd = q[s + r : s + r + 1].unsqueeze(2)  # (1, heads, 1, hd), as a decode row
+                    o = F.scaled_dot_product_attention(qd, kv[0][:, :, :t], kv[1][:, :, :t], scale=scale,
+                                                       enable_gqa=True)
+                    out[s + r] = o[0, :, 0]
+                continue
             qs = q[s : s + n].transpose(0, 1)  # (heads, n, hd)
             if seg.context_len == n:
                 ks, vs = k[s : s + n].transpose(0, 1), v[s : s + n].transpose(0, 1)

@@ -71,11 +71,11 @@ class QuantizedWeight:
     one_row_gemv: bool = False
     # pagedlm's few-rows kernel (``pagedlm.kernels``) and the float32 scales it takes; None where
     # the kernels could not be built (torch's kernel then multiplies). int8: scales (out,); int4:
-    # ``packed`` is then the kernel's layout (``pack_int4``) and kernel_scales (2, out, in / 32)
+    # ``packed`` is then the kernel's tiled layout (``pack_int4``) and kernel_scales (2, out / 8, in / 32 * 8)
     # holds scale and min (w = q * scale + min), float32, or float16 where that is exact.
     kernel: object = None
     kernel_scales: torch.Tensor | None = None
-    int8_act: bool = False  # int4 kernel: activations rounded to int8 per block (see pagedlm/kernels)
+    int8_act: bool = False  # kernel with activations rounded to int8 per block (see pagedlm/kernels)
     # Built while the kernels were still compiling (``kernels.ops(wait=False)``): what
     # ``use_kernels`` switches to once they load (int4: the kernel's packed codes and scales; int8:
     # True). None: nothing to switch.
@@ -92,12 +92,13 @@ class QuantizedWeight:
         if self.kind == "int4":
             if self.kernel is not None:
                 # Same contract as the int8 kernel: weights read once for all rows, rows identical.
-                return self.kernel(x, self.packed, self.kernel_scales[0], self.kernel_scales[1], self.int8_act)
+                return self.kernel(x, self.packed, self.kernel_scales[0], self.kernel_scales[1], self.int8_act,
+                                   self.dense.shape[0])
             return torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, GROUP, self.scales)
         if self.kernel is not None:
             # Reads each weight row once for all of x's rows, and computes every row the same way
             # whatever their number: 1-row decode and k-row verification logits agree bit for bit.
-            return self.kernel(x, self.packed, self.kernel_scales)
+            return self.kernel(x, self.packed, self.kernel_scales, self.int8_act)
         if self.one_row_gemv and x.shape[0] == 1 and torch.compiler.is_compiling():
             # One row, compiled: a broadcast-multiply-sum that inductor turns into a fused,
             # vectorised GEMV streaming the int8 weights (measured 1.3 ms vs 2.4 ms for
@@ -131,6 +132,16 @@ def int4_dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor
 # llama.cpp's Q4 x Q8 path) or float32 (codes converted to float, FMA). Chosen by measurement on
 # AVX2 (docs/benchmarks.md, "Kernels"): int8 is faster and perplexity moves by < 0.1%.
 INT4_INT8_ACTIVATIONS = True
+# The same for pagedlm's int8 kernel (the output head in ``auto``): measured in docs/benchmarks.md.
+INT8_INT8_ACTIVATIONS = True
+
+
+def int8_activations(q: torch.Tensor) -> bool:
+    """Whether pagedlm's int8 kernel multiplies this int8 weight (out, in) with x rounded to int8
+    per block of 32 (integer dot products, as llama.cpp's Q8_0 x Q8_0: ~3x fewer instructions than
+    converting the weights to float, so SmolLM2's 28 MB head streams at memory speed). Needs whole
+    blocks; the float path takes inputs that are a multiple of 16 only."""
+    return INT8_INT8_ACTIVATIONS and q.shape[1] % GROUP == 0
 
 
 def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
@@ -145,16 +156,37 @@ def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
     return q.reshape(*x.shape[:-1], nb * GROUP)[..., :k].to(x.dtype)
 
 
+INT4_TILE = 8  # output rows per tile of the int4 kernel's layout (kTile in the C++)
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Codes (out, in) 0..15 -> the int4 kernel's layout (out, ceil(in / 32) * 16) uint8: per block
-    of 32 inputs, byte i holds input i (low nibble) and input i + 16 (high nibble), GGUF's order.
-    Inputs past ``in`` (padding to a whole block) get code 0; the kernel pads x with zeros."""
+    """Codes (out, in) 0..15 -> the int4 kernel's layout (ceil(out / 8), ceil(in / 32) * 128)
+    uint8: output rows in tiles of 8; per tile and block of 32 inputs, 4 chunks of 32 bytes, where
+    byte 4 r + i of chunk h holds row r's input 4 h + i (low nibble) and input 16 + 4 h + i (high
+    nibble). Padding (inputs to a whole block, rows to a whole tile) gets code 0; the kernel pads x
+    with zeros and does not write the padded rows."""
     out, inp = codes.shape
-    nb = -(-inp // GROUP)
-    c = torch.zeros(out, nb * GROUP, dtype=torch.uint8)
-    c[:, :inp] = codes
-    c = c.reshape(out, nb, 2, GROUP // 2)
-    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(out, nb * GROUP // 2).contiguous()
+    nb, tiles = -(-inp // GROUP), -(-out // INT4_TILE)
+    c = torch.zeros(tiles * INT4_TILE, nb * GROUP, dtype=torch.uint8)
+    c[:out, :inp] = codes
+    c = c.reshape(tiles, INT4_TILE, nb, 2, 4, 4)  # tile, row, block, half, chunk, i
+    byte = c[:, :, :, 0] | (c[:, :, :, 1] << 4)  # tile, row, block, chunk, i
+    return byte.permute(0, 2, 3, 1, 4).reshape(tiles, nb * 128).contiguous()
+
+
+def tile_int4_scales(v: torch.Tensor) -> torch.Tensor:
+    """Per-block values (out, nb) -> the int4 kernel's (ceil(out / 8), nb * 8): per tile and block,
+    its 8 rows' values together (zeros for a last tile's padded rows)."""
+    out, nb = v.shape
+    tiles = -(-out // INT4_TILE)
+    v = torch.nn.functional.pad(v, (0, 0, 0, tiles * INT4_TILE - out))
+    return v.reshape(tiles, INT4_TILE, nb).transpose(1, 2).reshape(tiles, nb * INT4_TILE).contiguous()
+
+
+def untile_int4_scales(v: torch.Tensor, out: int) -> torch.Tensor:
+    """The inverse of ``tile_int4_scales``: (ceil(out / 8), nb * 8) -> (out, nb)."""
+    tiles, w = v.shape
+    return v.reshape(tiles, w // INT4_TILE, INT4_TILE).transpose(1, 2).reshape(tiles * INT4_TILE, -1)[:out]
 
 
 def quantize_int4(dense: torch.Tensor, compute_dtype: torch.dtype,
@@ -179,7 +211,7 @@ def quantize_int4(dense: torch.Tensor, compute_dtype: torch.dtype,
 def _int4_kernel_form(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor):
     """(packed codes, scales) in the layout of pagedlm's int4 kernel."""
     # (q - 8) * scale + zero == q * scale + (zero - 8 * scale): the min folds the offset.
-    sm = torch.stack([scale.float(), zero.float() - 8 * scale.float()]).contiguous()  # (2, out, in / 32)
+    sm = torch.stack([tile_int4_scales(scale.float()), tile_int4_scales(zero.float() - 8 * scale.float())])
     if torch.equal(sm.half().float(), sm):
         # GGUF Q4_0 / Q4_1 scales and mins are float16 in the file: stored so they stay exact
         # and a block reads 20 bytes instead of 24 (decode streams the weights from memory).
@@ -226,7 +258,7 @@ def use_kernels(weights: list[QuantizedWeight]) -> int:
             w.packed, w.scales = w.pending_kernel
             w.kernel, w.kernel_scales, w.int8_act = ops.int4_mm, w.scales, INT4_INT8_ACTIVATIONS
         else:
-            w.kernel, w.kernel_scales = ops.int8_mm, w.scales.float()
+            w.kernel, w.kernel_scales, w.int8_act = ops.int8_mm, w.scales.float(), int8_activations(w.packed)
         # As ``finalize_quantization`` sets it for kernels: verification rows stay on them.
         w.dense_min_rows = max(w.dense_min_rows, KERNEL_ROWS + 1)
         w.pending_kernel = None
@@ -242,7 +274,7 @@ def quantize_int8(dense: torch.Tensor, compute_dtype: torch.dtype) -> QuantizedW
     qw = QuantizedWeight("int8", q, scale.to(compute_dtype), deq)
     ops = _kernel_ops() if q.device.type == "cpu" and q.shape[1] % 16 == 0 else None
     if ops is not None:
-        qw.kernel, qw.kernel_scales = ops.int8_mm, qw.scales.float()
+        qw.kernel, qw.kernel_scales, qw.int8_act = ops.int8_mm, qw.scales.float(), int8_activations(q)
     elif q.device.type == "cpu" and q.shape[1] % 16 == 0 and kernels_coming():
         qw.pending_kernel = True
     return qw
