@@ -59,6 +59,11 @@ REQUESTS = [
                               "temperature": 0,
                               "response_format": {"type": "json_schema",
                                                   "json_schema": {"name": "p", "schema": SCHEMA}}}),
+    # Prompt logprobs cross once, with the request's first delta; stop strings in chat, n > 1.
+    ("/v1/completions", {"prompt": "The quick brown fox jumps over", "max_tokens": 4, "temperature": 0, "echo": True,
+                         "logprobs": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 24, "temperature": 0.9,
+                              "seed": 3, "n": 3, "stop": ["e", "a"], "logprobs": True, "top_logprobs": 2}),
 ]
 
 
