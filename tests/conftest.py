@@ -40,3 +40,21 @@ def smollm2_llm(smollm2):
     from pagedlm import LLM
 
     return LLM(smollm2, dtype="float32", kv_cache_memory=256 << 20, quantization="none")
+
+
+# A server test module defines a module-scoped ``server`` fixture (a ``ServerThread``, e.g. from
+# ``tests.server_fixtures.serve_engine``); these talk to it. A module that needs other clients
+# (an API key) defines its own ``client`` / ``http``.
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c

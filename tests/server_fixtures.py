@@ -11,6 +11,8 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tests.helpers import save_tiny
 
@@ -74,6 +76,22 @@ class ServerThread:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextmanager
+def serve_engine(model_dir: str, name: str = "tiny", **config) -> Iterator[ServerThread]:
+    """A server (model name ``name``) over an in-process ``LLMEngine(EngineConfig(model=model_dir,
+    **config))`` in an ``AsyncLLMEngine`` thread; ``srv.engine`` is the engine. The ``client`` and
+    ``http`` fixtures of tests/conftest.py talk to a module's ``server`` fixture made with it."""
+    from pagedlm.engine.async_engine import AsyncLLMEngine
+    from pagedlm.engine.engine import EngineConfig, LLMEngine
+    from pagedlm.server.app import ServerConfig, build_app
+
+    engine = LLMEngine(EngineConfig(model=model_dir, **config))
+    aeng = AsyncLLMEngine(engine)
+    with ServerThread(build_app(aeng, ServerConfig(served_model_name=name)), aeng) as srv:
+        srv.engine = engine
+        yield srv
 
 
 def launch_serve(model: str, *args: str, timeout: float = 90.0):

@@ -59,6 +59,11 @@ REQUESTS = [
                               "temperature": 0,
                               "response_format": {"type": "json_schema",
                                                   "json_schema": {"name": "p", "schema": SCHEMA}}}),
+    # Prompt logprobs cross once, with the request's first delta; stop strings in chat, n > 1.
+    ("/v1/completions", {"prompt": "The quick brown fox jumps over", "max_tokens": 4, "temperature": 0, "echo": True,
+                         "logprobs": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 24, "temperature": 0.9,
+                              "seed": 3, "n": 3, "stop": ["e", "a"], "logprobs": True, "top_logprobs": 2}),
 ]
 
 
@@ -139,6 +144,120 @@ def test_a_client_that_leaves_frees_its_blocks_in_the_core(both):
             break
         assert time.monotonic() < deadline, m
         time.sleep(0.05)
+
+
+# ---- detokenization and stop strings on the server's side of the core process -------------------
+
+def _post(url: str, body: dict) -> dict:
+    r = httpx.post(url + "/v1/completions", json={"model": "tiny", **body}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+@pytest.fixture(scope="module")
+def two_token_stop(both) -> tuple[str, str]:
+    """(prompt, stop string) where the stop string spans two of the greedy reply's tokens: the
+    last character of one and the first of the next, inside no single token's text."""
+    local = both[0]
+    for prompt in ("Count: 1 2 3", "Once upon a time", "The quick brown fox", "Hello world"):
+        r = _post(local, {"prompt": prompt, "max_tokens": 48, "temperature": 0, "ignore_eos": True, "logprobs": 1})
+        full, tokens = r["choices"][0]["text"], r["choices"][0]["logprobs"]["tokens"]
+        pieces = [t for t in tokens if t]
+        for a, b in zip(pieces, pieces[1:]):
+            stop = a[-1] + b[0]
+            if "\ufffd" in a + b or any(stop in t for t in tokens):
+                continue
+            if 0 < full.find(stop) < len(full) - 4:  # some text before it, and some cut after it
+                return prompt, stop
+    pytest.fail("no stop string spanning two tokens found in the tiny model's greedy replies")
+
+
+def _stop_bodies(prompt: str, stop: str) -> list[dict]:
+    base = {"prompt": prompt, "max_tokens": 48, "temperature": 0, "ignore_eos": True, "stop": [stop]}
+    return [base, {**base, "include_stop_str_in_output": True}, {**base, "logprobs": 3},
+            {**base, "n": 2, "logprobs": 1},  # greedy n=2: both samples stop at the same token
+            {**base, "max_tokens": 400}]  # the core would go on for 400 tokens
+
+
+def test_stop_strings_answer_as_the_in_process_engine(both, two_token_stop):
+    """Stop strings are found on the server's side of a core process: the same text, tokens,
+    finish and stop reasons, logprobs and usage as the in-process engine."""
+    local, remote, _ = both
+    prompt, stop = two_token_stop
+    for body in _stop_bodies(*two_token_stop):
+        a, b = _post(local, body), _post(remote, body)
+        assert all(c["finish_reason"] == "stop" and c["stop_reason"] == stop for c in a["choices"]), a
+        kept = body.get("include_stop_str_in_output", False)
+        full = _post(local, {**body, "stop": None, "n": 1, "max_tokens": 48, "logprobs": None})["choices"][0]["text"]
+        assert a["choices"][0]["text"] == full[:full.find(stop) + (len(stop) if kept else 0)]
+        _same(_strip(a), _strip(b), str(body))
+    # Streamed: the same chunks' text, and the stop string never shown.
+    texts = []
+    for url in (local, remote):
+        with httpx.stream("POST", url + "/v1/completions", timeout=60, json={
+                "model": "tiny", "stream": True, **_stop_bodies(*two_token_stop)[0]}) as r:
+            chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        texts.append(("".join(c["choices"][0]["text"] for c in chunks),
+                      [c["choices"][0]["finish_reason"] for c in chunks if c["choices"][0]["finish_reason"]]))
+    assert texts[0] == texts[1] and texts[0][1] == ["stop"] and stop not in texts[0][0]
+
+
+def test_a_stop_in_one_sample_while_its_siblings_go_on(both):
+    """n=3 seeded samples with logprobs: a stop string that ends one sample early (the core
+    finishes that sequence alone) while the others run to their length."""
+    local, remote, _ = both
+    body = {"prompt": "one two", "max_tokens": 24, "temperature": 0.8, "seed": 5, "n": 3, "logprobs": 2,
+            "ignore_eos": True}
+    texts = [c["text"] for c in _post(local, body)["choices"]]
+    stop = next(texts[0][i:i + 2] for i in range(2, len(texts[0]) - 2)
+                if texts[0][i:i + 2] not in texts[1] and "\ufffd" not in texts[0][i:i + 2])
+    body["stop"] = [stop]
+    a, b = _post(local, body), _post(remote, body)
+    reasons = sorted(c["finish_reason"] for c in a["choices"])
+    assert "stop" in reasons and "length" in reasons, a
+    _same(_strip(a), _strip(b))
+
+
+def _scrape(url: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for sample in fam.samples:
+            out[sample.name] = out.get(sample.name, 0.0) + sample.value
+    return out
+
+
+def test_a_stop_string_frees_the_blocks_in_the_core_while_others_go_on(both, two_token_stop):
+    """A request ended by a stop string on the server's side leaves the core at once (its KV
+    blocks freed, the tokens generated past the stop not counted) while long requests go on;
+    every answer is the in-process engine's."""
+    local, remote, core = both
+    prompt, stop = two_token_stop
+    stopped = {"prompt": prompt, "max_tokens": 400, "temperature": 0, "ignore_eos": True, "stop": [stop]}
+    long = {"max_tokens": 440, "temperature": 0, "ignore_eos": True}
+    from concurrent.futures import ThreadPoolExecutor
+
+    answers = {}
+    for url in (local, remote):
+        before = _scrape(url)["vllm:generation_tokens_total"]
+        with ThreadPoolExecutor(3) as pool:
+            longs = [pool.submit(_post, url, {**long, "prompt": f"story {i}"}) for i in range(3)]
+            deadline = time.monotonic() + 30
+            while httpx.get(url + "/v1/engine/state?blocks=false").json()["queues"]["running"] < 3:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            short = _post(url, stopped)
+            # The core heard of the stop before this call (one pipe, in order): the request is gone.
+            state = httpx.get(url + "/v1/engine/state?blocks=false").json()
+            assert not [s for s in state["sequences"] if s["request_id"].startswith(short["id"])]
+            assert state["queues"]["running"] == 3, "the long requests should still be running"
+            answers[url] = [short] + [f.result() for f in longs]
+        generated = _scrape(url)["vllm:generation_tokens_total"] - before
+        assert generated == sum(a["usage"]["completion_tokens"] for a in answers[url])
+    assert answers[local][0]["choices"][0]["finish_reason"] == "stop"
+    _same([_strip(a) for a in answers[local]], [_strip(a) for a in answers[remote]])
+    m = httpx.get(remote + "/v1/engine/state?blocks=false").json()
+    assert m["metrics"]["num_free_blocks"] == m["num_blocks"] == core.engine.num_kv_blocks
+    assert not m["sequences"]
 
 
 def test_a_killed_core_fails_requests_and_health_at_once(model_dir):

@@ -125,3 +125,74 @@ def test_no_output_state_outlives_its_request(tiny_llama_dir):
     assert len(finished["n2"].prompt_logprobs) == 3
     assert not eng.requests and not eng.output.states
     assert eng.block_manager.num_free_blocks == eng.num_kv_blocks
+
+
+def test_deltas_replayed_elsewhere_give_the_in_process_outputs(tiny_llama_dir):
+    """A core that emits deltas (``emit_deltas``, as in a core process) and a ``DeltaProcessor``
+    that hears of them a step late: the same outputs as the in-process engine, stop strings
+    (text cut, tokens after them dropped in the core, blocks freed), logprobs, prompt logprobs,
+    n > 1 and the streamed deltas included."""
+    from pagedlm.engine.output_processor import DeltaProcessor
+
+    cfg = EngineConfig(model=tiny_llama_dir, dtype="float32", num_kv_blocks=128, block_size=4, seed=0)
+    ref, core = LLMEngine(cfg), LLMEngine(cfg)
+    core.emit_deltas()
+    api = DeltaProcessor(core.tokenizer)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    text = _run(ref, {"g": ([5, 6, 8], greedy)})[0]["g"].outputs[0].text
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    requests = {
+        "stop": ([5, 6, 8], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop], logprobs=2)),
+        "kept": ([5, 6, 8], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop],
+                                           include_stop_str_in_output=True, prompt_logprobs=1)),
+        "n3": ([9, 10, 11], SamplingParams(n=3, temperature=0.9, seed=3, max_tokens=16, ignore_eos=True,
+                                           stop=["a", "e"], logprobs=1)),
+        "plain": ([12, 7, 13], SamplingParams(temperature=0.7, seed=1, max_tokens=20, logprobs=0)),
+    }
+    want, want_streamed = _run(ref, requests)
+    streamed: dict[tuple[str, int], str] = {}
+    got = {}
+    for rid, (ids, params) in requests.items():
+        api.add(rid, None, ids, params)
+        core.add_request(rid, None, params, prompt_token_ids=ids)
+    late: list = []
+    while core.has_unfinished_requests() or late:
+        for d in late:  # last step's deltas, heard while the core ran this one
+            out, stops = api.apply(d)
+            for index, s, kept in stops:
+                core.stop_sequence(d.request_id, index, s, kept)
+            if out is not None:
+                for c in out.outputs:
+                    key = (out.request_id, c.index)
+                    streamed[key] = streamed.get(key, "") + c.text_delta
+                if out.finished:
+                    got[out.request_id] = out
+        late = core.step() if core.has_unfinished_requests() else []
+    assert any(c.finish_reason == "stop" and c.stop_reason == stop for c in want["stop"].outputs)
+    assert {c.finish_reason for c in want["n3"].outputs} >= {"stop"}
+    for rid, w in want.items():
+        g = got[rid]
+        assert g.prompt_logprobs == w.prompt_logprobs and g.prompt_token_ids == w.prompt_token_ids
+        assert g.metrics.num_generated_tokens == w.metrics.num_generated_tokens
+        for a, b in zip(w.outputs, g.outputs, strict=True):
+            assert (b.text, b.token_ids, b.finish_reason, b.stop_reason) == (a.text, a.token_ids, a.finish_reason,
+                                                                            a.stop_reason), rid
+            assert b.logprobs == a.logprobs and b.cumulative_logprob == a.cumulative_logprob
+    assert streamed == want_streamed
+    assert not core.requests and not core.output.states and not api.requests and not api.states
+    assert core.block_manager.num_free_blocks == core.num_kv_blocks
+    assert core.stats["generation_tokens"] == ref.stats["generation_tokens"] - 24  # the greedy probe's
+
+
+def _run(engine: LLMEngine, requests: dict) -> tuple[dict, dict]:
+    """The final outputs of in-process requests, and their streamed text per sample."""
+    for rid, (ids, params) in requests.items():
+        engine.add_request(rid, None, params, prompt_token_ids=ids)
+    done, streamed = {}, {}
+    while engine.has_unfinished_requests():
+        for o in engine.step():
+            for c in o.outputs:
+                streamed[(o.request_id, c.index)] = streamed.get((o.request_id, c.index), "") + c.text_delta
+            if o.finished:
+                done[o.request_id] = o
+    return done, streamed

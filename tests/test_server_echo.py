@@ -7,15 +7,10 @@ from __future__ import annotations
 
 import time
 
-import httpx
-import openai
 import pytest
 
 from pagedlm import LLM, SamplingParams
-from pagedlm.engine.async_engine import AsyncLLMEngine
-from pagedlm.engine.engine import EngineConfig, LLMEngine
-from pagedlm.server.app import ServerConfig, build_app
-from tests.server_fixtures import ServerThread, tiny_model_dir
+from tests.server_fixtures import serve_engine, tiny_model_dir
 
 MODEL = "tiny"
 CONTEXT = "Question: which city is the capital of France, and which river runs through it? Answer:"
@@ -29,23 +24,9 @@ def model_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def server(model_dir):
-    engine = LLMEngine(EngineConfig(model=model_dir, dtype="float32", num_kv_blocks=256, max_num_seqs=8, seed=0,
-                                    max_model_len=512, max_num_batched_tokens=16))
-    aeng = AsyncLLMEngine(engine)
-    with ServerThread(build_app(aeng, ServerConfig(served_model_name=MODEL)), aeng) as srv:
-        srv.engine = engine
+    with serve_engine(model_dir, MODEL, dtype="float32", num_kv_blocks=256, max_num_seqs=8, seed=0,
+                      max_model_len=512, max_num_batched_tokens=16) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def ids_of(http, text: str) -> list[int]:

@@ -8,18 +8,13 @@ import json
 import random
 import re
 
-import httpx
 import jsonschema
-import openai
 import pytest
 
-from pagedlm.engine.async_engine import AsyncLLMEngine
-from pagedlm.engine.engine import EngineConfig, LLMEngine
 from pagedlm.server import protocol as P
 from pagedlm.server import tools as T
-from pagedlm.server.app import ServerConfig, build_app
 from tests.helpers import train_tokenizer
-from tests.server_fixtures import ServerThread, tiny_model_dir
+from tests.server_fixtures import serve_engine, tiny_model_dir
 from tests.structured_cases import SCHEMAS
 
 MODEL = "tiny"
@@ -38,24 +33,9 @@ STRICT_NOT = {"type": "function", "function": {"name": "f", "parameters": NOT_SC
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    engine = LLMEngine(EngineConfig(model=tiny_model_dir(tmp_path_factory), dtype="float32", num_kv_blocks=512,
-                                    max_num_seqs=16, seed=0, max_model_len=1024))
-    aeng = AsyncLLMEngine(engine)
-    app = build_app(aeng, ServerConfig(served_model_name=MODEL))
-    with ServerThread(app, aeng) as srv:
-        srv.engine = engine
+    with serve_engine(tiny_model_dir(tmp_path_factory), MODEL, dtype="float32", num_kv_blocks=512, max_num_seqs=16,
+                      seed=0, max_model_len=1024) as srv:
         yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as c:
-        yield c
 
 
 def chat(client, stream: bool = False, **kw):

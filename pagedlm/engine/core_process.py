@@ -2,19 +2,36 @@
 
 In one process the scheduler, the model step, the HTTP handlers, JSON and SSE encoding and the
 event loop take turns on one GIL, and a streamed request's tokens wait for them. Here the
-``LLMEngine`` runs in a child process whose loop does nothing but take commands and step; the
-API server's process keeps HTTP, chat templates, tokenization and the event loop. Both talk over
-one pipe (``multiprocessing.connection``: pickled messages; tensors never cross):
+``LLMEngine`` runs in a child process whose loop does nothing but take commands and step; it
+never touches text: its steps return per-request deltas of token ids (``LLMEngine.emit_deltas``).
+The API server's process keeps HTTP, chat templates, tokenization, detokenization, stop strings
+and the event loop. Both talk over one pipe (``multiprocessing.connection``: pickled messages;
+tensors never cross):
 
     server -> core   ("add", call_id, request_id, prompt, params, prompt_token_ids, lora_request)
+                                                prompt: None once encoded here (only ids cross)
                      ("abort", request_id)      ("abort_all", reason)
+                     ("finish", request_id, index, stop_string, num_output_tokens)
+                                                a stop string ended that sample (LLMEngine.stop_sequence)
                      ("call", call_id, name, args)   name in CALLS: metrics, engine view, warm-up
                      ("stop",)
     core -> server   ("ready", facts) | ("failed", why)     once, after the model loaded
-                     ("outputs", [RequestOutput, ...])      every step that produced some
+                     ("deltas", [RequestDelta, ...])        every step that produced some
                      ("reply", call_id, ok, value)          value, or the exception raised
                      ("aborted", [request_id, ...], why)    abort_all / a failed step
                      ("buckets", {bucket: state})           when a decode bucket changes state
+
+A ``RequestDelta`` (engine/output_processor.py) carries, per sample that changed, only the token
+ids appended in that step with their raw logprobs and the core's ending; the prompt logprobs and
+the request's metrics come with its first delta (metrics again with its last). The server replays
+each delta through the same ``OutputProcessor`` code the in-process engine runs per token
+(``DeltaProcessor``, on the server's one tokenizer thread): text, holdback, stop strings,
+logprobs, ``RequestOutput``s. A stop string found there ends the sample at once (its output is the
+in-process engine's: same text, tokens and usage) and a "finish" message ends it in the core,
+which frees its blocks and drops the tokens it generated meanwhile. A step's message at 32
+concurrent requests of 64 tokens (the tests' tiny model, benchmarks/core_message_bytes.py) went
+from 14.8 kB of cumulative ``RequestOutput``s to 1.7 kB of deltas (with 5 logprobs each: 178 kB to
+4.4 kB), and no longer grows with the length of the replies.
 
 ``CoreEngineClient`` offers the ``AsyncLLMEngine`` surface the app uses (the app does not know
 which it has). Its ``engine`` is ``EngineFacts``: what the core reported at start-up (limits,
@@ -22,8 +39,8 @@ model config, adapters) plus a tokenizer loaded in this process. A core that die
 the reader thread at once (the pipe closes): every in-flight request ends with
 ``EngineDeadError``, ``/health`` turns 503, and ``on_death`` (the CLI: exit non-zero) is told why.
 
-Detokenization and stop strings still run in the core (``OutputProcessor``): its outputs carry
-text. The offline ``LLM`` never uses this module: it calls the same ``LLMEngine`` in-process.
+The offline ``LLM`` and the thread engine (``AsyncLLMEngine``) never use this module: they call
+the same ``LLMEngine`` in-process, with its ``OutputProcessor`` inside the step.
 """
 
 from __future__ import annotations
@@ -52,6 +69,7 @@ from pagedlm.engine.async_engine import (
     StreamHost,
     _Aborted,
 )
+from pagedlm.engine.output_processor import DeltaProcessor, RequestDelta
 from pagedlm.errors import EngineDeadError, RequestFailedError
 from pagedlm.sampling_params import SamplingParams
 
@@ -117,6 +135,7 @@ def core_main(conn, engine_kwargs: dict, max_waiting: int | None, log_level: int
     except BaseException as e:  # noqa: BLE001 - reported to the server, which fails its start
         conn.send(("failed", f"{type(e).__name__}: {e}"))
         return
+    engine.emit_deltas()  # text and stop strings are the server's
     conn.send(("ready", _facts(engine)))
     buckets, next_bucket_poll = None, 0.0
 
@@ -152,6 +171,8 @@ def core_main(conn, engine_kwargs: dict, max_waiting: int | None, log_level: int
             elif kind == "abort":
                 if msg[1] in engine.requests:
                     engine.abort_request(msg[1])
+            elif kind == "finish":
+                engine.stop_sequence(*msg[1:])
             elif kind == "abort_all":
                 abort_everything(msg[1])
             elif kind == "call":
@@ -176,7 +197,7 @@ def core_main(conn, engine_kwargs: dict, max_waiting: int | None, log_level: int
             abort_everything(f"the engine step failed: {why.strip().splitlines()[-1]}")
             continue
         if outputs:
-            conn.send(("outputs", outputs))
+            conn.send(("deltas", outputs))
 
 
 # ---- the server's side -----------------------------------------------------------------------
@@ -224,13 +245,16 @@ class CoreEngineClient(StreamHost):
         from pagedlm.loader.source import ModelSource
 
         self.engine.tokenizer = ModelSource.open(self.engine.model_path).tokenizer()
+        # Text, stop strings and RequestOutputs from the core's deltas; used on _tok_pool only.
+        self._out = DeltaProcessor(self.engine.tokenizer)
         self._buckets: dict | None = None
         self._replies: dict[int, concurrent.futures.Future] = {}
         self._ids = itertools.count()
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._stopping = False
         self._started = False
-        # Tokenizer work (``call``) runs on one thread: a fast tokenizer is not shared between threads.
+        # Tokenizer work (``call``, detokenizing deltas) runs on one thread: a fast tokenizer is not
+        # shared between threads.
         self._tok_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedlm-tokenizer")
         self._reader = threading.Thread(target=self._read, name="pagedlm-core-reader", daemon=True)
         self._writer = threading.Thread(target=self._write, name="pagedlm-core-writer", daemon=True)
@@ -280,15 +304,32 @@ class CoreEngineClient(StreamHost):
             raise EngineDeadError(f"the engine is dead: {self.engine.dead}")
         stream = self._register(request_id)
         try:
-            await self._request("add", request_id, prompt, params, prompt_token_ids, lora_request)
+            ids = await self.call(lambda: self._follow(request_id, prompt, params, prompt_token_ids))
+            # The prompt's text stays here (the core checks a text prompt only when it cannot be encoded).
+            await self._request("add", request_id, prompt if ids is None else None, params, ids, lora_request)
         except BaseException:
             self._forget(request_id)
             raise
         return stream
 
+    def _follow(self, request_id: str, prompt: str | None, params: SamplingParams,
+                prompt_token_ids: list[int] | None) -> list[int] | None:
+        """(Tokenizer thread) Encode a text prompt and start following the request's outputs;
+        the prompt's ids, or None when the core must refuse the prompt (empty, not text)."""
+        if prompt_token_ids is None:
+            if not isinstance(prompt, str) or not prompt:
+                return None
+            from pagedlm.engine.engine import encode_prompt
+
+            prompt_token_ids = encode_prompt(self.engine.tokenizer, prompt)
+        if isinstance(params, SamplingParams) and isinstance(prompt_token_ids, (list, tuple)):
+            self._out.add(request_id, prompt, prompt_token_ids, params)
+        return prompt_token_ids
+
     def abort(self, request_id: str) -> None:
         """Abort a request (thread-safe, returns at once); its stream ends now."""
         self._outbox.put(("abort", request_id))
+        self._on_tok_thread(self._out.drop, request_id)
         self._post_aborted([request_id], None)
 
     def abort_all(self, reason: str = "the server is shutting down") -> None:
@@ -321,6 +362,43 @@ class CoreEngineClient(StreamHost):
         self._outbox.put((kind, cid, *args))
         return await asyncio.wrap_future(fut)
 
+    def _on_tok_thread(self, fn: Callable, *args) -> None:
+        with contextlib.suppress(RuntimeError):  # shut down: nothing is followed any more
+            self._tok_pool.submit(fn, *args)
+
+    def _apply(self, deltas: list[RequestDelta]) -> None:
+        """(Tokenizer thread) One step's deltas to RequestOutputs for the streams; a stop string
+        found ends its sample in the core too."""
+        from pagedlm.engine.faults import describe
+
+        items: list = []
+        for d in deltas:
+            try:
+                try:
+                    out, stops = self._out.apply(d)
+                except Exception as e:  # noqa: BLE001 - a detokenizer error: this request only, as in-process
+                    why = f"while appending a token: {describe(e)}"
+                    log.warning("request %s failed: %s", d.request_id, why)
+                    self._outbox.put(("abort", d.request_id))
+                    out, stops = self._out.fail(d.request_id, why), []
+            except Exception as e:  # noqa: BLE001 - a bug here: end the request, never leave it hanging
+                log.exception("request %s: its output could not be made", d.request_id)
+                self._outbox.put(("abort", d.request_id))
+                self._out.drop(d.request_id)
+                items.append((d.request_id, _Aborted(RequestFailedError(f"the request failed: {describe(e)}"))))
+                continue
+            for index, stop, kept in stops:
+                self._outbox.put(("finish", d.request_id, index, stop, kept))
+            if out is not None:
+                items.append((out.request_id, out))
+        if items:
+            self._post(items)
+
+    def _forget_all(self, ids: list[str] | None = None) -> None:
+        """(Tokenizer thread) Stop following these requests (None: all)."""
+        for rid in list(self._out.requests) if ids is None else ids:
+            self._out.drop(rid)
+
     def _write(self) -> None:
         while (msg := self._outbox.get()) is not None:
             try:
@@ -335,8 +413,8 @@ class CoreEngineClient(StreamHost):
             except (EOFError, OSError):
                 break
             kind = msg[0]
-            if kind == "outputs":
-                self._post([(out.request_id, out) for out in msg[1]])
+            if kind == "deltas":
+                self._on_tok_thread(self._apply, msg[1])
             elif kind == "reply":
                 _, cid, ok, value = msg
                 with self._lock:
@@ -344,6 +422,7 @@ class CoreEngineClient(StreamHost):
                 if fut is not None:
                     fut.set_result(value) if ok else fut.set_exception(value)
             elif kind == "aborted":
+                self._on_tok_thread(self._forget_all, msg[1])
                 self._post_aborted(msg[1], RequestAbortedError(msg[2]))
             elif kind == "buckets":
                 self._buckets = msg[1]
@@ -369,6 +448,7 @@ class CoreEngineClient(StreamHost):
         for fut in replies.values():
             if not fut.done():
                 fut.set_exception(reply_error or error)
+        self._on_tok_thread(self._forget_all)
         self._post_aborted(ids, error)
 
     def _post_aborted(self, ids: list[str], error: BaseException | None) -> None:

@@ -5,6 +5,9 @@ ids (stop token ids, EOS, max_tokens, max_model_len, grammars; KV block accounti
 outputs say (detokenizing, stop strings, holdback, deltas, logprobs, building RequestOutputs) is
 the ``OutputProcessor``'s (engine/output_processor.py, where the seam between the two is
 described); the core calls it per appended token and once per changed request at the end of a step.
+In a core process of its own (engine/core_process.py) ``emit_deltas`` puts ``CoreDeltas`` in its
+place: steps return per-request deltas of token ids, and the API server detokenizes them and
+ends samples on stop strings (``stop_sequence``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from pagedlm.engine import state as engine_state
 from pagedlm.engine.block_manager import BlockManager
 from pagedlm.engine.faults import FaultInjector, describe, find_failing
 from pagedlm.engine.model_runner import ModelRunner
-from pagedlm.engine.output_processor import OutputProcessor
+from pagedlm.engine.output_processor import CoreDeltas, OutputProcessor, RequestDelta
 from pagedlm.engine.scheduler import Scheduler, SchedulerOutput
 from pagedlm.engine.sequence import Finish, Sequence, SequenceStatus
 from pagedlm.engine.structured import GrammarManager, advance
@@ -335,9 +338,7 @@ class LLMEngine:
 
     # ---- requests --------------------------------------------------------------------------
     def encode(self, prompt: str) -> list[int]:
-        if self.tokenizer is None:
-            raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]} instead of text")
-        return list(self.tokenizer(prompt)["input_ids"])
+        return encode_prompt(self.tokenizer, prompt)
 
     def add_request(self, request_id: str, prompt: str | None, params: SamplingParams,
                     prompt_token_ids: list[int] | None = None, arrival_time: float | None = None,
@@ -415,6 +416,37 @@ class LLMEngine:
             self.grammars = GrammarManager(self.tokenizer, self.model_config.vocab_size, self.config.max_num_seqs)
         return self.grammars
 
+    def emit_deltas(self) -> None:
+        """From now on ``step`` returns a ``RequestDelta`` per changed request (new token ids,
+        raw logprobs, endings) instead of ``RequestOutput``s: detokenization and stop strings
+        run where the deltas go (the API server of a core process, engine/core_process.py,
+        with ``output_processor.DeltaProcessor``), which ends a sample on a stop string with
+        ``stop_sequence``."""
+        if self.requests:
+            raise RuntimeError("emit_deltas() must be called before the first request")
+        self.output = CoreDeltas(every_metrics=self.spec is not None)
+
+    def stop_sequence(self, request_id: str, index: int, stop: str, num_output_tokens: int) -> bool:
+        """End sample ``index`` of a request on a stop string found after its first
+        ``num_output_tokens`` tokens (by whoever detokenizes: ``emit_deltas``), as the in-process
+        output processor would have ended it: its blocks are freed and the tokens generated after
+        that one (steps that ran before the news came) are dropped and not counted. False when
+        the sample had already ended (or its request is gone)."""
+        req = self.requests.get(request_id)
+        if req is None or not 0 <= index < len(req.seqs) or req.seqs[index].is_finished:
+            return False
+        seq = req.seqs[index]
+        self.scheduler.finish(seq, "stop", stop)
+        extra = seq.num_output_tokens - num_output_tokens
+        if extra > 0:
+            del seq.token_ids[seq.num_prompt_tokens + num_output_tokens:]
+            self.stats["generation_tokens"] -= extra
+        if req.finished:  # nothing left to report: its last output was made where the stop was found
+            req.metrics.finished_time = time.perf_counter()
+            del self.requests[request_id]
+            self.output.drop(request_id)
+        return True
+
     def abort_request(self, request_id: str) -> None:
         req = self.requests.get(request_id)
         if req is None:
@@ -433,7 +465,7 @@ class LLMEngine:
         return len(self.requests)
 
     # ---- the step --------------------------------------------------------------------------
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput] | list[RequestDelta]:
         if self.spec is not None:
             self.spec.propose(self.scheduler.running, self)
         sched = self.scheduler.schedule()
@@ -488,7 +520,7 @@ class LLMEngine:
             changed[seq.request_id] = self.requests[seq.request_id]
         return self._outputs(changed)
 
-    def _outputs(self, changed: dict[str, Request]) -> list[RequestOutput]:
+    def _outputs(self, changed: dict[str, Request]) -> list[RequestOutput] | list[RequestDelta]:
         """The step's outputs (one per changed request); finished requests leave the engine."""
         outs = [self.output.make_output(req) for req in changed.values()]
         for out in outs:
@@ -739,6 +771,13 @@ class LLMEngine:
         """Blocks, queues and counters as JSON-ready data (``pagedlm.engine.state``); call it
         on the thread that steps this engine, between steps."""
         return engine_state.snapshot(self, include_blocks)
+
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """A text prompt's token ids, as the engine encodes it (``LLMEngine.encode``)."""
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]} instead of text")
+    return list(tokenizer(prompt)["input_ids"])
+
 
 def _per_row(result) -> list[tuple[int, tuple[float, int] | None, Any]]:
     """A SamplerOutput as one (token, (logprob, rank) | None, top logprobs) per row."""
