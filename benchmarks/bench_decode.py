@@ -3,7 +3,7 @@ eager) vs llama.cpp's C++ ``llama-bench`` vs transformers bf16, one run, same ma
 
     python benchmarks/bench_decode.py [--llama-bench /tmp/llama-bin/llama-bench] \
         [--llama-cpp-python /path/to/python-with-llama_cpp] [--decode 128] [--prompt-len 512] \
-        [--repeats 3] [--json out.json] [--plot docs/decode.png]
+        [--repeats 3] [--only auto] [--json out.json] [--plot docs/decode.png]
 
 llama.cpp is measured with its own C++ tools, built from the sources vendored in the
 llama-cpp-python sdist by ``/work/shared/tools/llama-build`` (benchmark only; pagedlm never
@@ -176,6 +176,8 @@ def main() -> None:
     ap.add_argument("--decode", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-transformers", action="store_true")
+    ap.add_argument("--only", action="append", default=None, metavar="TEXT",
+                    help="run only the pagedlm configurations whose label contains TEXT (repeatable)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     args = ap.parse_args()
@@ -191,6 +193,8 @@ def main() -> None:
         llama_runs.append(bench_llama_bench(args.llama_bench, path, args.prompt_len, args.decode, args.repeats,
                                             threads))
     for label, dtype, quant, eager in CONFIGS:
+        if args.only and not any(t in label for t in args.only):
+            continue
         r = bench_pagedlm(path, dtype, quant, eager, prompt, args.decode, args.repeats)
         rows.append({"engine": label, **r})
         print(f"{label}: {r}", flush=True)

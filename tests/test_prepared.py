@@ -84,6 +84,13 @@ def test_the_key_follows_what_changes_the_loaded_model(tiny, tmp_path, monkeypat
     with monkeypatch.context() as m:
         m.setattr(kernels, "ops", lambda wait=True: None)  # torch's kernels multiply: another model
         assert key() != base
+    if kernels.ops() is not None:  # the kernels' activations (switches a benchmark flips)
+        from pagedlm.model.layers import quant
+
+        for flag in ("INT4_INT8_ACTIVATIONS", "INT8_INT8_ACTIVATIONS"):
+            with monkeypatch.context() as m:
+                m.setattr(quant, flag, not getattr(quant, flag))
+                assert key() != base, flag
     weights = os.path.join(tiny, "model.safetensors")
     st = os.stat(weights)
     os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # the checkpoint was rewritten

@@ -63,13 +63,15 @@ class _PickleModule:
 
 
 def _kernel_state() -> str:
-    """How quantized weights multiply in a model loaded now (part of the key)."""
+    """How quantized weights multiply in a model loaded now (part of the key): which kernels, and
+    whether they round activations to int8 (module switches a benchmark may flip)."""
     from pagedlm import kernels
+    from pagedlm.model.layers import quant
     from pagedlm.model.layers.quant import _BACKGROUND_KERNELS, kernels_coming
 
     # Also starts the kernels' background build now, at the start of the load, when it is needed.
     if kernels.ops(wait=not _BACKGROUND_KERNELS) is not None:
-        return "kernels"
+        return f"kernels int8-act int4:{quant.INT4_INT8_ACTIVATIONS} int8:{quant.INT8_INT8_ACTIVATIONS}"
     return "pending" if _BACKGROUND_KERNELS and kernels_coming() else "torch"
 
 
