@@ -134,6 +134,7 @@ def iter_gguf_weights(file: str | GGUFFile, cfg: ModelConfig,
             w = w - cfg.norm_weight_offset  # llama.cpp stores Gemma's (1 + w)
         if codes is not None:
             w.gguf_int4 = codes
+        w.pagedlm_fresh = True  # made here, owned, writable: a whole parameter may take it as is
         yield name, w
 
 

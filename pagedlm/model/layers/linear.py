@@ -28,8 +28,20 @@ def _copy_checked(param: torch.Tensor, loaded: torch.Tensor, what: str) -> None:
     param.data.copy_(loaded)
 
 
+def _store_whole(param: nn.Parameter, loaded: torch.Tensor, what: str) -> None:
+    """Load a whole parameter: take the loaded tensor itself where the loader made it for us
+    (``loaded.pagedlm_fresh``: a dequantised GGUF tensor, owned and writable) and it already has
+    the parameter's dtype, shape and layout, else copy into the parameter. Taking it saves a copy
+    of every such weight at a cold start, and the page faults of first writing the parameter."""
+    if (getattr(loaded, "pagedlm_fresh", False) and loaded.dtype == param.dtype and loaded.is_contiguous()
+            and loaded.device == param.device and tuple(loaded.shape) == tuple(param.shape)):
+        param.data = loaded
+    else:
+        _copy_checked(param.data, loaded, what)
+
+
 def default_weight_loader(param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-    _copy_checked(param, loaded, getattr(param, "_pagedlm_name", "parameter"))
+    _store_whole(param, loaded, getattr(param, "_pagedlm_name", "parameter"))
 
 
 class LinearBase(nn.Module):
@@ -62,8 +74,10 @@ class LinearBase(nn.Module):
     def _store_rows(self, param: nn.Parameter, offset: int, size: int, loaded: torch.Tensor, what: str) -> None:
         """Copy ``loaded`` into rows [offset, offset + size) of ``param``; an int4 layer also keeps
         the exact GGUF codes those rows came with (None when they came without: quantized from dense)."""
-        whole = offset == 0 and size == param.shape[0]
-        _copy_checked(param.data if whole else param.data.narrow(0, offset, size), loaded, what)
+        if offset == 0 and size == param.shape[0]:
+            _store_whole(param, loaded, what)
+        else:
+            _copy_checked(param.data.narrow(0, offset, size), loaded, what)
         if param is self.weight and isinstance(self.quant_method, Int4LinearMethod):
             self.quant_method.record_exact(offset, getattr(loaded, "gguf_int4", None))
 
@@ -198,9 +212,12 @@ class VocabParallelEmbedding(nn.Module):
         if loaded.shape[0] != self.num_embeddings:
             raise ValueError(f"shape mismatch for {getattr(param, '_pagedlm_name', 'embedding')}: model "
                              f"expects {self.num_embeddings} rows, checkpoint has {loaded.shape[0]}")
-        shard = loaded[self.start : self.end]
+        shard = loaded if (self.start, self.end) == (0, loaded.shape[0]) else loaded[self.start : self.end]
         param.data.zero_()
-        _copy_checked(param.data[: shard.shape[0]], shard, getattr(param, "_pagedlm_name", "embedding"))
+        if shard.shape[0] == param.shape[0]:
+            _store_whole(param, shard, getattr(param, "_pagedlm_name", "embedding"))
+        else:
+            _copy_checked(param.data[: shard.shape[0]], shard, getattr(param, "_pagedlm_name", "embedding"))
 
     def process_weights_after_loading(self, compute_dtype: torch.dtype):
         m = self.head_method
