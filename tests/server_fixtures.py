@@ -96,7 +96,7 @@ def serve_engine(model_dir: str, name: str = "tiny", **config) -> Iterator[Serve
 
 def launch_serve(model: str, *args: str, timeout: float = 90.0):
     """Start ``pagedlm serve`` as a subprocess on a free loopback port; returns (process, URL).
-    The caller stops it (SIGTERM)."""
+    The caller stops it (SIGTERM). ``process.stderr_lines``: its stderr after start-up."""
     import os
     import subprocess
     import sys
@@ -112,7 +112,8 @@ def launch_serve(model: str, *args: str, timeout: float = 90.0):
             if not line and proc.poll() is not None:
                 raise RuntimeError(f"pagedlm serve exited during start-up (rc {proc.returncode})")
             if "listening on " in line:
-                threading.Thread(target=proc.stderr.read, daemon=True).start()  # keep the pipe drained
+                proc.stderr_lines = []  # what it writes from now on (the pipe kept drained)
+                threading.Thread(target=lambda: proc.stderr_lines.extend(proc.stderr), daemon=True).start()
                 return proc, line.split("listening on ")[1].strip()
             if time.monotonic() > deadline:
                 raise RuntimeError(f"pagedlm serve did not start within {timeout} s")

@@ -327,3 +327,126 @@ def test_data_parallel_core_processes_behind_one_server(model_dir):
                   if s.name == "vllm:prompt_tokens_total"}
         assert set(served) == {"0", "1"} and all(v > 0 for v in served.values())  # both replicas served
     assert all(c.process.poll() is not None for c in cores)
+
+
+# ---- restarting a core that died (serve --restart-core N) -------------------------------------------
+
+def _stream_events(url: str, body: dict, events: list[str]) -> None:
+    """Stream a completion, appending each SSE ``data:`` payload to ``events`` as it comes."""
+    with httpx.stream("POST", url + "/v1/completions", json={"model": "tiny", "stream": True, **body},
+                      timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+
+
+def _wait_health(url: str, status: int, within: float) -> float:
+    t0 = time.monotonic()
+    while (code := httpx.get(url + "/health").status_code) != status:
+        assert time.monotonic() - t0 < within, f"/health stayed {code}, wanted {status} within {within} s"
+        time.sleep(0.02)
+    return time.monotonic() - t0
+
+
+def test_a_killed_core_is_restarted_when_configured(model_dir):
+    """kill -9 of the core mid-stream with one restart allowed: the stream ends with an error
+    naming the cause, /health is 503 while the new core loads and 200 after, the next request is
+    answered by the new core (as before the kill), the restart is counted in /metrics; a second
+    kill, with no restart left, is the end (on_death)."""
+    died: list[str] = []
+    core = CoreEngineClient({"model": model_dir, **CONFIG}, on_death=died.append, restarts=1)
+    with _serve(core) as srv:
+        body = {"model": "tiny", "prompt": "hello", "max_tokens": 8, "temperature": 0}
+        before = httpx.post(srv.url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
+        first_pid = core.process.pid
+        events: list[str] = []
+        t = threading.Thread(target=_stream_events, args=(srv.url, {"prompt": "hi", "max_tokens": 1000,
+                                                                    "ignore_eos": True}, events))
+        t.start()
+        deadline = time.monotonic() + 10
+        while len(events) < 2:  # streaming
+            assert time.monotonic() < deadline and t.is_alive()
+            time.sleep(0.01)
+        os.kill(first_pid, signal.SIGKILL)
+        _wait_health(srv.url, 503, within=1.0)
+        health = httpx.get(srv.url + "/health").json()["error"]["message"]
+        assert "exit code -9" in health and "restarting" in health, health
+        t.join(10)
+        assert not t.is_alive()
+        assert events[-1] == "[DONE]"
+        error = json.loads(events[-2])["error"]
+        assert error["code"] == "request_failed" and "engine core process exited (exit code -9)" in error["message"]
+        during = httpx.post(srv.url + "/v1/completions", json=body, timeout=30)
+        if during.status_code != 200:  # still loading (a 200 means the new core was already up)
+            assert during.status_code == 503 and "restarting" in during.json()["error"]["message"]
+        _wait_health(srv.url, 200, within=60)
+        assert core.process.pid != first_pid and core.restarts == 1 and not died
+        after = httpx.post(srv.url + "/v1/completions", json=body, timeout=30)
+        assert after.status_code == 200 and after.json()["choices"][0]["text"] == before
+        assert _scrape(srv.url)["pagedlm:engine_core_restarts_total"] == 1
+        m = httpx.get(srv.url + "/v1/engine/state?blocks=false").json()
+        assert m["metrics"]["num_free_blocks"] == m["num_blocks"] and not m["sequences"]
+        # No restart left: the second death is final.
+        os.kill(core.process.pid, signal.SIGKILL)
+        _wait_health(srv.url, 503, within=1.0)
+        deadline = time.monotonic() + 5
+        while not died:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert "exit code -9" in died[0] and core.restarts == 1
+        assert "restarting" not in httpx.get(srv.url + "/health").json()["error"]["message"]
+
+
+def test_restart_core_needs_a_core_process(model_dir):
+    from pagedlm.cli import main
+
+    assert main(["serve", "--model", model_dir, "--engine-core", "thread", "--restart-core", "1"]) == 2
+
+
+def test_serve_restart_core_restarts_then_exits_nonzero_when_none_is_left(model_dir):
+    import psutil
+
+    proc, url = launch_serve(model_dir, "--max-model-len", "256", "--kv-cache-memory", "4M", "--engine-core", "auto",
+                             "--restart-core", "1")  # auto: a process, as restarting needs one
+
+    def the_core() -> psutil.Process:
+        cores = [c for c in psutil.Process(proc.pid).children()
+                 if "pagedlm.engine.core_process" in " ".join(c.cmdline())]
+        assert len(cores) == 1
+        return cores[0]
+    try:
+        body = {"prompt": "hello", "max_tokens": 4, "temperature": 0}
+        first = httpx.post(url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"]
+        the_core().kill()
+        _wait_health(url, 503, within=1.0)
+        _wait_health(url, 200, within=60)
+        assert httpx.post(url + "/v1/completions", json=body, timeout=30).json()["choices"][0]["text"] == first
+        assert _scrape(url)["pagedlm:engine_core_restarts_total"] == 1
+        the_core().kill()  # none left
+        proc.wait(15)
+        assert proc.returncode == 1
+        time.sleep(0.2)  # the last lines through the drain thread
+        out = "".join(proc.stderr_lines)
+        assert "pagedlm serve: the engine core process exited (exit code -9)" in out, out[-2000:]
+    finally:
+        if proc.poll() is None:
+            stop_serve(proc)
+
+
+def test_a_restart_that_fails_is_the_end(model_dir):
+    """A core that cannot start again (here: its model gone) ends the client as if no restart
+    were allowed, naming both causes."""
+    died: list[str] = []
+    core = CoreEngineClient({"model": model_dir, **CONFIG}, on_death=died.append, restarts=1)
+    try:
+        core.start()
+        core._spawn_args = ({**core._spawn_args[0], "model": model_dir + "-gone"}, *core._spawn_args[1:])
+        os.kill(core.process.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while not died:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert died[0].startswith("the engine core process exited (exit code -9); restart 1 of 1 failed: "), died
+        assert core.health_error() == f"the engine is dead: {died[0]}" and core.restarts == 1
+    finally:
+        core.shutdown()

@@ -37,7 +37,14 @@ from 14.8 kB of cumulative ``RequestOutput``s to 1.7 kB of deltas (with 5 logpro
 which it has). Its ``engine`` is ``EngineFacts``: what the core reported at start-up (limits,
 model config, adapters) plus a tokenizer loaded in this process. A core that dies is seen by
 the reader thread at once (the pipe closes): every in-flight request ends with
-``EngineDeadError``, ``/health`` turns 503, and ``on_death`` (the CLI: exit non-zero) is told why.
+``RequestFailedError`` (a waiting call with ``EngineDeadError``), ``/health`` turns 503, and
+``on_death`` (the CLI: exit non-zero) is told why. With ``restarts=N`` (``serve --restart-core N``)
+the reader thread instead starts a new core, at most N times in the client's life: the requests in
+flight still fail (their KV state died with the core), ``/health`` and new requests get 503 while
+the new core loads, and once it has reported ready the client serves from it (same tokenizer,
+same output processor, a new pipe and writer thread); ``restarts`` counts the restarts
+(``pagedlm:engine_core_restarts_total``). ``on_death`` is called only when no restart is left
+(or the last one failed).
 
 The offline ``LLM`` and the thread engine (``AsyncLLMEngine``) never use this module: they call
 the same ``LLMEngine`` in-process, with its ``OutputProcessor`` inside the step.
@@ -48,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
@@ -211,37 +219,24 @@ class CoreEngineClient(StreamHost):
 
     def __init__(self, engine_kwargs: dict, max_waiting: int | None = None,
                  on_death: Callable[[str], None] | None = None, start_timeout: float = 1800.0,
-                 threads: int | None = None):
+                 threads: int | None = None, restarts: int = 0):
         if max_waiting is not None and (not isinstance(max_waiting, int) or max_waiting < 0):
             raise ValueError(f"max_waiting must be a non-negative integer, got {max_waiting!r}")
+        if not isinstance(restarts, int) or isinstance(restarts, bool) or restarts < 0:
+            raise ValueError(f"restarts must be a non-negative integer, got {restarts!r}")
         super().__init__()
         self.max_waiting = max_waiting
         self.on_death = on_death
-        # A fresh interpreter (not fork: this process may hold torch's threads; not
-        # multiprocessing's spawn: it re-imports the caller's main module) joined by a socket pair.
-        ours, theirs = socket.socketpair()
-        self.process = subprocess.Popen([sys.executable, "-m", "pagedlm.engine.core_process", str(theirs.fileno())],
-                                        pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
-        theirs.close()
-        self._conn = Connection(ours.detach())
-        self._conn.send((engine_kwargs, max_waiting, logging.getLogger().getEffectiveLevel(), threads))
-        deadline = time.monotonic() + start_timeout
-        while not self._conn.poll(0.2):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                self.process.wait()
-                raise EngineDeadError("the engine core " + (
-                    f"exited while starting (exit code {self.process.returncode})" if time.monotonic() <= deadline
-                    else f"did not start within {start_timeout:.0f} s"))
-        try:
-            kind, value = self._conn.recv()
-        except (EOFError, OSError):
-            self.process.wait()
-            raise EngineDeadError(f"the engine core exited while starting (exit code {self.process.returncode})") from None
-        if kind != "ready":
-            self.process.wait()
-            raise EngineDeadError(f"the engine core could not start: {value}")
-        self.engine: EngineFacts = value
+        self.max_restarts = restarts
+        self.restarts = 0  # cores started after one died
+        self._spawn_args = (engine_kwargs, max_waiting, threads)
+        self._start_timeout = start_timeout
+        self._stopping = False
+        # Guards the swap to a restarted core against shutdown (either the new core is installed
+        # and shutdown stops it, or the restart sees the shutdown and kills it).
+        self._swap = threading.Lock()
+        self.process, self._conn, facts = self._spawn()
+        self.engine: EngineFacts = facts
         from pagedlm.loader.source import ModelSource
 
         self.engine.tokenizer = ModelSource.open(self.engine.model_path).tokenizer()
@@ -250,14 +245,55 @@ class CoreEngineClient(StreamHost):
         self._buckets: dict | None = None
         self._replies: dict[int, concurrent.futures.Future] = {}
         self._ids = itertools.count()
-        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._stopping = False
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # one per core: the writer's
         self._started = False
         # Tokenizer work (``call``, detokenizing deltas) runs on one thread: a fast tokenizer is not
         # shared between threads.
         self._tok_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="pagedlm-tokenizer")
         self._reader = threading.Thread(target=self._read, name="pagedlm-core-reader", daemon=True)
-        self._writer = threading.Thread(target=self._write, name="pagedlm-core-writer", daemon=True)
+        self._writer = threading.Thread(target=self._write, args=(self._conn, self._outbox),
+                                        name="pagedlm-core-writer", daemon=True)
+
+    def _spawn(self) -> tuple[subprocess.Popen, Connection, EngineFacts]:
+        """Start a core process and wait until its model is loaded: (process, pipe, its facts).
+        Raises ``EngineDeadError`` (the process gone) if it cannot start, or if the client is
+        shut down meanwhile."""
+        engine_kwargs, max_waiting, threads = self._spawn_args
+        # A fresh interpreter (not fork: this process may hold torch's threads; not
+        # multiprocessing's spawn: it re-imports the caller's main module) joined by a socket pair.
+        ours, theirs = socket.socketpair()
+        process = subprocess.Popen([sys.executable, "-m", "pagedlm.engine.core_process", str(theirs.fileno())],
+                                   pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        conn = Connection(ours.detach())
+        try:
+            try:
+                conn.send((engine_kwargs, max_waiting, logging.getLogger().getEffectiveLevel(), threads))
+            except OSError:
+                pass  # it died at once: seen below
+            deadline = time.monotonic() + self._start_timeout
+            while not conn.poll(0.2):
+                if self._stopping:
+                    raise EngineDeadError("the engine core's start was cancelled: the server is shutting down")
+                if process.poll() is not None:
+                    raise EngineDeadError(f"the engine core exited while starting (exit code {process.returncode})")
+                if time.monotonic() > deadline:
+                    raise EngineDeadError(f"the engine core did not start within {self._start_timeout:.0f} s")
+            try:
+                kind, value = conn.recv()
+            except (EOFError, OSError):
+                process.wait()
+                raise EngineDeadError(
+                    f"the engine core exited while starting (exit code {process.returncode})") from None
+            if kind != "ready":
+                raise EngineDeadError(f"the engine core could not start: {value}")
+        except BaseException:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+            conn.close()
+            raise
+        return process, conn, value
 
     # ---- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -280,18 +316,20 @@ class CoreEngineClient(StreamHost):
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Abort every request, stop the core and wait for it. Safe to call twice."""
-        if self._stopping:
-            return
-        self._stopping = True
-        if self.process.poll() is None and self.engine.dead is None:
-            self._outbox.put(("stop",))
+        with self._swap:  # a core being restarted is killed by the restart, not started
+            if self._stopping:
+                return
+            self._stopping = True
+            process, outbox = self.process, self._outbox
+        if process.poll() is None and self.engine.dead is None:
+            outbox.put(("stop",))
             with contextlib.suppress(subprocess.TimeoutExpired):
-                self.process.wait(timeout)
-        if self.process.poll() is None:
+                process.wait(timeout)
+        if process.poll() is None:
             log.error("the engine core did not stop within %.0f s; killing it", timeout)
-            self.process.kill()
-            self.process.wait()
-        self._outbox.put(None)
+            process.kill()
+            process.wait()
+        outbox.put(None)
         self._fail_all(EngineDeadError("the server is shutting down"))
         self._tok_pool.shutdown(wait=False)
 
@@ -340,7 +378,14 @@ class CoreEngineClient(StreamHost):
         return await asyncio.wrap_future(self._tok_pool.submit(fn))
 
     async def get_metrics(self) -> dict[str, float]:
-        return await self._request("call", "metrics", ())
+        try:
+            m = await self._request("call", "metrics", ())
+        except EngineDeadError:
+            if not self.max_restarts:
+                raise
+            m = {"num_free_blocks": self.engine.num_kv_blocks}  # restarting: no core, nothing held
+        m["core_restarts"] = self.restarts
+        return m
 
     async def snapshot_state(self, include_blocks: bool = True) -> dict[str, Any]:
         return await self._request("call", "snapshot", (include_blocks,))
@@ -353,13 +398,14 @@ class CoreEngineClient(StreamHost):
 
     # ---- the pipe --------------------------------------------------------------------------
     async def _request(self, kind: str, *args) -> Any:
-        if self.engine.dead is not None:
-            raise EngineDeadError(f"the engine is dead: {self.engine.dead}")
         cid = next(self._ids)
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        with self._lock:
+        with self._lock:  # against a death: a reply registered here is failed by _fail_all
+            if self.engine.dead is not None:
+                raise EngineDeadError(f"the engine is dead: {self.engine.dead}")
             self._replies[cid] = fut
-        self._outbox.put((kind, cid, *args))
+            outbox = self._outbox  # this core's: never a restarted one's
+        outbox.put((kind, cid, *args))
         return await asyncio.wrap_future(fut)
 
     def _on_tok_thread(self, fn: Callable, *args) -> None:
@@ -399,19 +445,28 @@ class CoreEngineClient(StreamHost):
         for rid in list(self._out.requests) if ids is None else ids:
             self._out.drop(rid)
 
-    def _write(self) -> None:
-        while (msg := self._outbox.get()) is not None:
+    def _write(self, conn: Connection, outbox: queue.SimpleQueue) -> None:
+        while (msg := outbox.get()) is not None:
             try:
-                self._conn.send(msg)
+                conn.send(msg)
             except (OSError, ValueError):  # the core is gone: the reader reports it
                 return
 
     def _read(self) -> None:
+        """Read the core's messages; when it dies, fail what was in flight and restart it (if
+        allowed), then read the new one's."""
+        while True:
+            self._read_core(self._conn)
+            if self._stopping or not self._core_died():
+                return
+
+    def _read_core(self, conn: Connection) -> None:
+        """Until the core's pipe closes (or it confirms "stop")."""
         while True:
             try:
-                msg = self._conn.recv()
+                msg = conn.recv()
             except (EOFError, OSError):
-                break
+                return
             kind = msg[0]
             if kind == "deltas":
                 self._on_tok_thread(self._apply, msg[1])
@@ -427,19 +482,71 @@ class CoreEngineClient(StreamHost):
             elif kind == "buckets":
                 self._buckets = msg[1]
             elif kind == "stopped":
-                break
-        if self._stopping:
-            return
+                return
+
+    def _core_died(self) -> bool:
+        """(Reader thread) The core's pipe closed while serving: fail every request in flight,
+        then restart the core if allowed. True when a new core serves."""
+        process = self.process
         with contextlib.suppress(subprocess.TimeoutExpired):
-            self.process.wait(1)
-        why = f"the engine core process exited (exit code {self.process.returncode})"
-        self.engine.dead = why
-        log.error("%s; failing every request in flight", why)
+            process.wait(1)
+        if process.poll() is None:  # it closed its end but lives on: never two cores at once
+            process.kill()
+            process.wait()
+        why = f"the engine core process exited (exit code {process.returncode})"
+        restart = self.restarts < self.max_restarts
+        with self._lock:
+            self.engine.dead = why + (f"; restarting it (restart {self.restarts + 1} of {self.max_restarts})"
+                                      if restart else "")
+        log.error("%s; failing every request in flight%s", why, "; restarting it" if restart else "")
+        self._outbox.put(None)  # its writer ends
+        self._conn.close()
         # In-flight requests end with this error (a stream gets it as its last event), not as
         # an abort: nobody asked for them to stop.
         self._fail_all(RequestFailedError(f"the request failed: {why}"), EngineDeadError(why))
+        while self.restarts < self.max_restarts and not self._stopping:
+            self.restarts += 1
+            log.warning("restarting the engine core (restart %d of %d)", self.restarts, self.max_restarts)
+            try:
+                process, conn, facts = self._spawn()
+            except (EngineDeadError, OSError) as e:
+                why = f"{why}; restart {self.restarts} of {self.max_restarts} failed: {e}"
+                log.error("%s", why)
+                continue
+            with self._swap:
+                if self._stopping:  # shut down while it loaded: it never serves
+                    process.kill()
+                    process.wait()
+                    conn.close()
+                    return False
+                self._install(process, conn, facts)
+            log.warning("the engine core is back (restart %d of %d)", self.restarts, self.max_restarts)
+            return True
+        if self._stopping:
+            return False
+        with self._lock:
+            self.engine.dead = why
         if self.on_death is not None:
             self.on_death(why)
+        return False
+
+    def _install(self, process: subprocess.Popen, conn: Connection, facts: EngineFacts) -> None:
+        """(Reader thread, under _swap) Serve from a restarted core: its pipe, a new writer, its
+        facts (the same tokenizer and output processor), then admit requests again."""
+        self.process, self._conn = process, conn
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        if self.engine.tokenizer is not None:  # the grammar tables before any request (as at start-up)
+            outbox.put(("call", next(self._ids), "warm_structured", ()))  # its reply is ignored
+        self._writer = threading.Thread(target=self._write, args=(conn, outbox), name="pagedlm-core-writer",
+                                        daemon=True)
+        self._writer.start()
+        self._buckets = None
+        for f in dataclasses.fields(EngineFacts):
+            if f.name not in ("tokenizer", "dead"):  # the app holds this object: update it in place
+                setattr(self.engine, f.name, getattr(facts, f.name))
+        with self._lock:
+            self._outbox = outbox
+            self.engine.dead = None
 
     def _fail_all(self, error: BaseException, reply_error: BaseException | None = None) -> None:
         with self._lock:

@@ -70,6 +70,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "'process' where the machine has a core to spare beside the engine's threads, else "
                         "'thread' (measured on 2 cores: the server's process then takes cores from the "
                         "engine's OpenMP threads, docs/benchmarks.md); torchrun always uses 'thread'")
+    p.add_argument("--restart-core", type=_non_negative, default=0, metavar="N",
+                   help="restart an engine core process that dies, at most N times in the server's life "
+                        "(requests in flight when it dies still end with an error; /health is 503 until the "
+                        "new core has loaded). Default 0: the server exits non-zero naming the cause. Needs "
+                        "the core in a process: 'auto' then picks 'process', and 'thread' is refused")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     # The engine options are the ones generate / chat / bench take (one declaration).
     add_engine_args(p)
@@ -100,6 +105,14 @@ def serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     core = args.engine_core
+    if args.restart_core:
+        if kwargs.get("launcher") == "torchrun":
+            raise ValueError("--restart-core is not supported under torchrun (the engine runs in the ranks' "
+                             "processes; restart the job instead)")
+        if core == "thread":
+            raise ValueError("--restart-core needs the engine core in a process of its own (--engine-core "
+                             "process or auto): a thread cannot be restarted")
+        core = "process"
     if core == "auto":
         import torch
 
@@ -110,7 +123,8 @@ def serve(args: argparse.Namespace) -> int:
         # D replicas share the machine's cores: each core process takes its share of threads.
         dp = args.data_parallel_size
         threads = max(1, (os.cpu_count() or 1) // dp) if dp > 1 else None
-        replicas = [CoreEngineClient(kwargs, max_waiting=args.max_waiting, on_death=on_death, threads=threads)
+        replicas = [CoreEngineClient(kwargs, max_waiting=args.max_waiting, on_death=on_death, threads=threads,
+                                     restarts=args.restart_core)
                     for _ in range(dp)]
     else:
         replicas = [AsyncLLMEngine(LLMEngine(EngineConfig(**kwargs)), max_waiting=args.max_waiting)

@@ -61,6 +61,12 @@ class _EngineCollector:
                 for pos, n in enumerate(s.get("spec_decode_num_accepted_tokens_per_pos", [])):
                     c.add_metric(labels + [str(pos)], float(n))
             yield c
+        if any("core_restarts" in s for _, s in rows):  # engine cores in processes (core_process.py)
+            c = CounterMetricFamily("pagedlm:engine_core_restarts", "Engine core processes started again after "
+                                    "one died (serve --restart-core).", labels=names)
+            for labels, s in rows:
+                c.add_metric(labels, float(s.get("core_restarts", 0)))
+            yield c
         if replicas:
             c = CounterMetricFamily("pagedlm:routed_requests", "Requests the router sent to each replica, by reason "
                                     "(prefix: it held the longest cached prefix; load: the least loaded).",

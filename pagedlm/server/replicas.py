@@ -24,7 +24,7 @@ from pagedlm.sampling_params import SamplingParams
 
 METRIC_KEYS_SUMMED = ("num_requests_running", "num_requests_waiting", "num_free_blocks", "prefix_cache_queries",
                       "prefix_cache_hits", "num_preemptions", "prompt_tokens", "generation_tokens", "steps",
-                      "prefill_tokens", "decode_tokens", "failed_requests")
+                      "prefill_tokens", "decode_tokens", "failed_requests", "core_restarts")
 
 
 class PrefixIndex:
