@@ -37,6 +37,81 @@ def _load_cached(path: Path):
     return AutoTokenizer.from_pretrained(str(path))
 
 
+class _Field:
+    """One metadata key as ``gguf.GGUFReader`` lays it out for transformers' ``_gguf_parse_value``:
+    ``parts[i]`` for ``i`` in ``data`` parse to the value's elements under ``types``."""
+
+    __slots__ = ("parts", "data", "types")
+
+    def __init__(self, parts: list, types: list[int]):
+        self.parts, self.data, self.types = parts, range(len(parts)), types
+
+
+class _FastGGUFReader:
+    """A stand-in for ``gguf.GGUFReader`` over pagedlm's reader (``pagedlm.loader.gguf``), with
+    what transformers' ``load_gguf_checkpoint(return_tensors=False)`` reads: ``fields`` and the
+    tensors' names. gguf's reader builds a numpy object per vocabulary entry (~5 s of the ~8 s a
+    SmolLM2 tokenizer took to convert); the values are the same (tests/test_gguf_reader.py)."""
+
+    def __init__(self, path):
+        from pagedlm.loader import gguf as g
+
+        f = g.GGUFFile(path)
+        raw = f.metadata._raw
+        self.fields: dict[str, _Field] = {}
+        for key in f.metadata:
+            vtype = f._types.get(key)
+            etype = getattr(raw.get(key), "elem_type", None)  # before the array is decoded
+            v = f.metadata[key]
+            if vtype == g.ARRAY:
+                if etype is None:  # decoded before: the element type from the values
+                    etype = g.STRING if v and isinstance(v[0], str) else g.FLOAT32 if v and isinstance(v[0], float) else g.INT32
+                if etype == g.ARRAY:
+                    raise NotImplementedError(f"nested array {key!r}")
+                self.fields[key] = _Field([_part(x) for x in v], [g.ARRAY, etype])
+            else:
+                if vtype is None:  # the reader's pseudo-keys (GGUF.version, ...)
+                    vtype = g.STRING if isinstance(v, str) else g.UINT64
+                self.fields[key] = _Field([_part(v)], [vtype])
+        self.tensors = [_Named(t.name) for t in f.tensors]
+
+
+class _Named:
+    __slots__ = ("name",)
+
+    def __init__(self, name: str):
+        self.name = name
+
+
+def _part(v):
+    return v.encode() if isinstance(v, str) else (v,)
+
+
+_READER_LOCK = __import__("threading").Lock()
+
+
+def _tokenizer_from_gguf(weights_path: str):
+    """transformers' GGUF tokenizer conversion, reading the file with pagedlm's reader (gguf's
+    when the file holds something the stand-in does not lay out)."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    def convert():
+        return AutoTokenizer.from_pretrained(os.path.dirname(weights_path) or ".",
+                                             gguf_file=os.path.basename(weights_path))
+
+    with _READER_LOCK:
+        real = gguf.GGUFReader
+        gguf.GGUFReader = _FastGGUFReader
+        try:
+            return convert()
+        except NotImplementedError as e:
+            log.debug("tokenizer conversion through gguf's reader: %s", e)
+        finally:
+            gguf.GGUFReader = real
+    return convert()
+
+
 def load_tokenizer(model_path: str, weights_path: str):
     """The tokenizer for a model, or None when the model ships none (token-id prompts only)."""
     from transformers import AutoTokenizer
@@ -45,8 +120,7 @@ def load_tokenizer(model_path: str, weights_path: str):
         from pagedlm.cache import cached_entry
 
         def build(into: Path):
-            tok = AutoTokenizer.from_pretrained(os.path.dirname(weights_path) or ".",
-                                                gguf_file=os.path.basename(weights_path))
+            tok = _tokenizer_from_gguf(weights_path)
             tok.save_pretrained(str(into))
             return tok
 

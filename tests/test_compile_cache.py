@@ -292,3 +292,46 @@ def test_a_claim_dropped_without_an_entry_leaves_the_bucket_eager(tiny, monkeypa
     with caplog.at_level(logging.WARNING, logger="pagedlm"):
         compiled.wait([1], timeout_s=30)
     assert compiled.states()[1] == "eager" and "without building it" in compiled.aot_failed[1]
+
+
+def test_a_first_process_leaves_a_builder_that_waits_for_the_kernels(tiny, monkeypatch, tmp_path):
+    """A machine's first process may exit before pagedlm's kernels are built (its weights wait
+    for them, and a package is keyed with the kernels its step calls). The buckets it asked for
+    go to a builder that waits for the kernels, then builds under the key a later process, which
+    has them, looks up."""
+    from pagedlm import kernels
+    from tests.test_prepared import _SlowKernels
+
+    if kernels.ops() is None:
+        pytest.skip("no C++ compiler: pagedlm's kernels are not built here")
+    monkeypatch.setenv("PAGEDLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PAGEDLM_PREPARED_CACHE", "0")
+    launched = []
+
+    def command(spec, buckets, expected, after_kernels=False):
+        launched.append((spec, buckets, after_kernels))
+        return [sys.executable, "-c", "pass"]
+    monkeypatch.setattr(aot, "builder_command", command)
+    slow = _SlowKernels(monkeypatch)
+    first = LLM(tiny, quantization="int8", enforce_eager=False, compile_mode="background", **ENGINE)
+    assert first.engine.runner.compiled.kernels_pending
+    first.generate(PROMPTS, PARAMS, use_tqdm=False)  # bucket 1 asked for, the kernels still building
+    assert [(b, after) for _, b, after in launched] == [([1], True)]
+    spec = launched[0][0]
+    assert spec.kernels and spec.dense_min_rows is None  # measured again with the kernels
+
+    # The builder, in this process: it waits while the kernels build, then loads and builds.
+    looks = []
+    monkeypatch.setattr(kernels, "ready", lambda: looks.append(1) or len(looks) > 2)
+    monkeypatch.setattr(aot.time, "sleep", lambda s: None)
+    monkeypatch.setattr(aot, "_idle_priority", lambda threads: None)  # not this test process
+    slow.done = True
+    assert aot.builder_main(spec, [1], {}, after_kernels=True) == 0
+    assert len(looks) == 3
+
+    later = LLM(tiny, quantization="int8", enforce_eager=False, compile_mode="background", **ENGINE)
+    compiled = later.engine.runner.compiled
+    assert not compiled.kernels_pending and compiled.entry(1).exists()
+    out = later.generate(PROMPTS, PARAMS, use_tqdm=False)
+    ref = LLM(tiny, quantization="int8", enforce_eager=True, **ENGINE).generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert compiled.states()[1] == "compiled" and out[0].outputs[0].token_ids == ref[0].outputs[0].token_ids

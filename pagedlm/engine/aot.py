@@ -313,11 +313,19 @@ def _load_model(spec: StepSpec):
 FAILED_SUFFIX = ".failed"  # beside an entry: why the builder could not make it (read once, then removed)
 
 
-def builder_main(spec: StepSpec, buckets: list[int], expected: dict[int, str], threads: int = 1) -> int:
+def builder_main(spec: StepSpec, buckets: list[int], expected: dict[int, str], threads: int = 1,
+                 after_kernels: bool = False) -> int:
     """Build each bucket's package into the cache (skipping those already there). A bucket that
-    cannot be built leaves ``<entry>.failed`` with the reason, for the engine to read."""
+    cannot be built leaves ``<entry>.failed`` with the reason, for the engine to read.
+
+    ``after_kernels``: started by an engine whose weights wait for pagedlm's kernels (a machine's
+    first process, which may well exit before they are built): wait for the kernels, load the
+    model with them, and build each bucket under the key the model then has (``expected`` is not
+    known to that engine), for the processes that come after."""
     from pagedlm import cache
 
+    if after_kernels:
+        return _build_after_kernels(spec, buckets, threads)
     # Claim each bucket before the (slow) model load: a bucket another builder already makes is
     # left to it (engines started one after another then share one builder per bucket).
     claims = {b: cache.claim(expected[b]) for b in buckets}
@@ -326,16 +334,7 @@ def builder_main(spec: StepSpec, buckets: list[int], expected: dict[int, str], t
     buckets = [b for b, fd in claims.items() if fd is not None]
     if not buckets:
         return 0
-    # SCHED_IDLE: the builder (and the C++ compilers it starts, which inherit it) runs only on
-    # CPU time the engine leaves idle. A plain nice value is not enough: the engine's OpenMP
-    # threads wait for each other at every parallel region, and a builder holding one of two
-    # cores for a time slice stalls each region (measured: eager decode 37 -> 0.9 tok/s).
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        with contextlib.suppress(OSError):
-            os.nice(19)
-    torch.set_num_threads(threads)
+    _idle_priority(threads)
     if not spec.kernels:  # the engine multiplies with torch's kernels: so must the graph built for it
         os.environ["PAGEDLM_KERNELS"] = "0"
     try:
@@ -374,6 +373,64 @@ def builder_main(spec: StepSpec, buckets: list[int], expected: dict[int, str], t
     return 0
 
 
+def _idle_priority(threads: int) -> None:
+    # SCHED_IDLE: the builder (and the C++ compilers it starts, which inherit it) runs only on
+    # CPU time the engine leaves idle. A plain nice value is not enough: the engine's OpenMP
+    # threads wait for each other at every parallel region, and a builder holding one of two
+    # cores for a time slice stalls each region (measured: eager decode 37 -> 0.9 tok/s).
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        with contextlib.suppress(OSError):
+            os.nice(19)
+    torch.set_num_threads(threads)
+
+
+def _build_after_kernels(spec: StepSpec, buckets: list[int], threads: int, wait_s: float = 900.0) -> int:
+    from pagedlm import cache, kernels
+
+    _idle_priority(threads)
+    t_end = time.monotonic() + wait_s
+    while not kernels.ready():
+        if kernels.build_failed() is not None or time.monotonic() > t_end:
+            log.info("pagedlm's kernels were not built (%s): nothing to build after them",
+                     kernels.build_failed() or "timed out")
+            return 0
+        time.sleep(1.0)
+    try:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.compile_threads = 1
+        model = _load_model(spec)
+        caches = [torch.zeros(a.kv_cache_shape(4, spec.block_size), dtype=getattr(torch, spec.cache_dtype),
+                              device=spec.device) for a in model.attention_layers()]
+    except BaseException:  # noqa: BLE001 - nobody waits on this builder: the engines build later
+        log.error("the builder could not load the model:\n%s", traceback.format_exc())
+        return 1
+    for bucket in buckets:
+        path = spec.path(model, bucket)
+        fd = None if path.exists() else cache.claim(path)
+        if fd is None:
+            log.info("bucket %d: built already, or another builder is making it", bucket)
+            continue
+        t0 = time.perf_counter()
+        try:
+            with cache.locked(path):
+                if not path.exists():
+                    tmp = path.with_name(f"{cache.TMP_PREFIX}{os.getpid()}-{path.name}")
+                    try:
+                        build_package(model, bucket, spec.block_size, caches, tmp)
+                        _smoke_test(tmp, model, bucket, caches)
+                        os.replace(tmp, path)
+                    finally:
+                        with contextlib.suppress(OSError):
+                            tmp.unlink()
+            log.info("bucket %d: %s in %.1f s (after the kernels)", bucket, path.name, time.perf_counter() - t0)
+        except BaseException:  # noqa: BLE001 - an engine that wants it builds it (and reports) itself
+            log.error("bucket %d failed:\n%s", bucket, traceback.format_exc())
+    return 0
+
+
 def _fail(entry: Path, reason: str) -> None:
     from pagedlm import cache
 
@@ -381,13 +438,17 @@ def _fail(entry: Path, reason: str) -> None:
         cache.atomic_write(Path(str(entry) + FAILED_SUFFIX), reason.encode())
 
 
-def builder_command(spec: StepSpec, buckets: list[int], expected: dict[int, str]) -> list[str]:
+def builder_command(spec: StepSpec, buckets: list[int], expected: dict[int, str],
+                    after_kernels: bool = False) -> list[str]:
     """The command line of a builder process for these buckets."""
     import json
 
     payload = json.dumps({"spec": dataclasses.asdict(spec), "buckets": buckets,
-                          "expected": {str(b): p for b, p in expected.items()}})
-    return [sys.executable, "-m", "pagedlm.engine.aot", payload]
+                          "expected": {str(b): p for b, p in expected.items()}, "after_kernels": after_kernels})
+    from pagedlm.cache import IDLE_LAUNCH
+
+    return [sys.executable, "-c", IDLE_LAUNCH, "pagedlm.engine.aot", payload]
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = json.loads(args[0])
     spec = StepSpec(**payload["spec"])
     expected = {int(b): p for b, p in payload["expected"].items()}
-    return builder_main(spec, payload["buckets"], expected)
+    return builder_main(spec, payload["buckets"], expected, after_kernels=payload.get("after_kernels", False))
 
 
 def _smoke_test(path: Path, model: nn.Module, bucket: int, caches: list[torch.Tensor]) -> None:

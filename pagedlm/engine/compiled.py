@@ -143,6 +143,7 @@ class CompiledDecode:
         self.aot_failed: dict[int, str] = {}  # bucket -> why it has no package (it runs eagerly)
         # pagedlm's kernels are still building (ModelRunner._poll_kernels): nothing is built yet.
         self.kernels_pending = False
+        self._after_kernels_started = False
         self.builder: subprocess.Popen | None = None
         self._next_poll = 0.0
         self._entries: dict[int, Path] = {}  # bucket -> its cache entry (StepSpec.path), per KV layout
@@ -480,6 +481,7 @@ class CompiledDecode:
                 and b not in self.aot_failed and b not in self.queued]
         if self.kernels_pending:  # looked up and built once the kernels are in (ModelRunner._poll_kernels)
             self.queued.extend(want)
+            self._start_builder_after_kernels()
             return
         for b in want:
             path = self.entry(b)
@@ -493,6 +495,7 @@ class CompiledDecode:
         if not self.queued or (self.builder is not None and self.builder.poll() is None):
             return
         if self.kernels_pending:  # a package is keyed with the kernels its step calls: wait for them
+            self._start_builder_after_kernels()
             return
         from pagedlm import cache
         from pagedlm.engine.aot import builder_command
@@ -519,6 +522,33 @@ class CompiledDecode:
             logf.close()
         log.info("building the compiled decode step of batch buckets %s in the background (they run eagerly "
                  "until then; log: %s)", buckets, cache.cache_dir("compiled") / "builder.log")
+
+    def _start_builder_after_kernels(self) -> None:
+        """While this process's weights wait for pagedlm's kernels (a machine's first process,
+        which may exit before they are built): a builder that waits for them too, then builds the
+        buckets asked for so far under the key they will have, for the processes after this one
+        (this one looks them up, or builds what is missing, once its own weights switch)."""
+        if self._after_kernels_started or self.aot is None:
+            return
+        self._after_kernels_started = True
+        from pagedlm import cache
+        from pagedlm.engine.aot import builder_command
+
+        # With the kernels: the builder measures its own crossover (this process's was measured
+        # against torch's kernels).
+        spec = dataclasses.replace(self.aot, kernels=True, dense_min_rows=None, crossover_measured=True)
+        try:
+            logf = open(cache.cache_dir("compiled") / "builder.log", "ab")  # noqa: SIM115 - the child keeps it
+        except OSError:
+            return
+        try:
+            subprocess.Popen(builder_command(spec, sorted(self.queued), {}, after_kernels=True),
+                             stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        finally:
+            logf.close()
+        log.info("the compiled decode step of batch buckets %s will be built in the background once "
+                 "pagedlm's kernels are", sorted(self.queued))
 
     def poll(self, force: bool = False) -> None:
         """Between steps: swap in the packages the builder has finished (at most every 0.2 s)."""

@@ -105,6 +105,12 @@ class ModelRunner(ModelRunnerBase):
         # Background mode on CPU: a machine's first process does not wait ~15 s for the C++
         # compiler; its weights multiply with torch's kernels until pagedlm's load (``_poll_kernels``).
         background = compile_mode == "background" and self.device.type == "cpu" and parallel is None and not max_loras
+        # A machine's first load runs beside the kernels' compiler: one thread fewer for it too (its
+        # tensor ops' threads would otherwise wait for a core the compiler holds: measured, the
+        # int4 repack's small ops ran ~10x slower on two threads than on one).
+        building = background and not kernels.ready()
+        if building:
+            yield_core("kernels")
         with kernels_in_background(background):
             self.model = load_model(model_path, cfg, dtype, device, quantization, dense_min_rows, parallel, **stage)
         self._spec_args = (model_path, dtype, quantization, dense_min_rows is None)
@@ -112,6 +118,8 @@ class ModelRunner(ModelRunnerBase):
         self._next_kernel_poll = 0.0
         if self._waiting_kernels:
             yield_core("kernels")
+        elif building:
+            reclaim_core("kernels")
         # One thread or all for the decode steps, by their measured times (CPU only).
         self.governor = ThreadGovernor() if self.device.type == "cpu" and parallel is None else None
         self.quant_counts: dict[str, int] = getattr(self.model, "quant_counts", {})

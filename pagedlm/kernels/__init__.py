@@ -178,7 +178,8 @@ def _start_background_build(path: Path) -> None:
     log.info("building pagedlm's CPU kernels in the background (once per machine); torch's kernels "
              "multiply until then")
     with open(path.parent / "build.log", "ab") as logf:
-        _state["builder"] = subprocess.Popen([sys.executable, "-m", "pagedlm.kernels"], stdin=subprocess.DEVNULL,
+        _state["builder"] = subprocess.Popen([sys.executable, "-c", cache.IDLE_LAUNCH, "pagedlm.kernels"],
+                                             stdin=subprocess.DEVNULL,
                                              stdout=logf, stderr=logf, start_new_session=True)
 
 
