@@ -53,10 +53,10 @@ class _FastGGUFReader:
     tensors' names. gguf's reader builds a numpy object per vocabulary entry (~5 s of the ~8 s a
     SmolLM2 tokenizer took to convert); the values are the same (tests/test_gguf_reader.py)."""
 
-    def __init__(self, path):
+    def __init__(self, path_or_file):
         from pagedlm.loader import gguf as g
 
-        f = g.GGUFFile(path)
+        f = path_or_file if isinstance(path_or_file, g.GGUFFile) else g.GGUFFile(path_or_file)
         raw = f.metadata._raw
         self.fields: dict[str, _Field] = {}
         for key in f.metadata:
@@ -90,9 +90,10 @@ def _part(v):
 _READER_LOCK = __import__("threading").Lock()
 
 
-def _tokenizer_from_gguf(weights_path: str):
-    """transformers' GGUF tokenizer conversion, reading the file with pagedlm's reader (gguf's
-    when the file holds something the stand-in does not lay out)."""
+def _tokenizer_from_gguf(weights_path: str, file=None):
+    """transformers' GGUF tokenizer conversion, reading the file with pagedlm's reader (``file``:
+    the caller's open ``GGUFFile`` of it, else opened here; gguf's reader when the file holds
+    something the stand-in does not lay out)."""
     import gguf
     from transformers import AutoTokenizer
 
@@ -102,7 +103,7 @@ def _tokenizer_from_gguf(weights_path: str):
 
     with _READER_LOCK:
         real = gguf.GGUFReader
-        gguf.GGUFReader = _FastGGUFReader
+        gguf.GGUFReader = _FastGGUFReader if file is None else (lambda path, *a, **k: _FastGGUFReader(file))
         try:
             return convert()
         except NotImplementedError as e:
@@ -112,15 +113,16 @@ def _tokenizer_from_gguf(weights_path: str):
     return convert()
 
 
-def load_tokenizer(model_path: str, weights_path: str):
-    """The tokenizer for a model, or None when the model ships none (token-id prompts only)."""
+def load_tokenizer(model_path: str, weights_path: str, gguf_file=None):
+    """The tokenizer for a model, or None when the model ships none (token-id prompts only).
+    ``gguf_file``: the open ``GGUFFile`` of ``weights_path``, read instead of opening it again."""
     from transformers import AutoTokenizer
 
     if weights_path.endswith(".gguf"):
         from pagedlm.cache import cached_entry
 
         def build(into: Path):
-            tok = _tokenizer_from_gguf(weights_path)
+            tok = _tokenizer_from_gguf(weights_path, gguf_file)
             tok.save_pretrained(str(into))
             return tok
 

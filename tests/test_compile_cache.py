@@ -328,6 +328,10 @@ def test_a_first_process_leaves_a_builder_that_waits_for_the_kernels(tiny, monke
     slow.done = True
     assert aot.builder_main(spec, [1], {}, after_kernels=True) == 0
     assert len(looks) == 3
+    first.generate(PROMPTS, PARAMS, use_tqdm=False)  # the first engine switches (and gives back its core)
+    from pagedlm.engine import threads
+
+    assert not first.engine.runner.compiled.kernels_pending and "kernels" not in threads._yielded
 
     later = LLM(tiny, quantization="int8", enforce_eager=False, compile_mode="background", **ENGINE)
     compiled = later.engine.runner.compiled

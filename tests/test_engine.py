@@ -62,20 +62,34 @@ def test_seed_reproducible_regardless_of_batch(tiny_llama_dir, alone_llm):
 @pytest.mark.slow
 @pytest.mark.parametrize("quantization", ["none", "auto"])
 def test_real_model_batched_equals_alone(smollm2_llm, quantization):
+    """Preempted, chunked and batched, greedy decoding gives what each prompt gives alone. Exactly
+    with float activations. With ``auto``'s int8 activations it cannot be exact: a chunk boundary
+    moves x by a last bit, which flips an int8 rounding somewhere, and the flips cascade through
+    the layers (measured: up to ~0.2 nats on a log-probability, as llama.cpp's Q8 activations
+    behave). There the outputs agree up to a first difference at a close call: the token taken
+    is the alone run's runner-up, within 0.5 nats of its choice."""
     from pagedlm import LLM
 
     prompts = ["The capital of France is", "def add(a, b):\n   ",
                "In 1969, the first human to walk on the Moon was"]
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     ref = smollm2_llm if quantization == "none" else LLM(smollm2_llm.engine.weights_path, dtype="float32",
                                                           kv_cache_memory=64 << 20, quantization=quantization)
-    alone = [ref.generate([p], params, use_tqdm=False)[0].outputs[0].token_ids for p in prompts]
+    alone = [ref.generate([p], params, use_tqdm=False)[0].outputs[0] for p in prompts]
     # 12 blocks of 4 = 48 tokens for 3 sequences of up to 26: preemption; 8-token chunks.
     small = LLM(smollm2_llm.engine.weights_path, dtype="float32", block_size=4, num_kv_blocks=12,
                 max_num_batched_tokens=8, quantization=quantization)
     batched = [o.outputs[0].token_ids for o in small.generate(prompts, params, use_tqdm=False)]
     assert small.engine.get_metrics()["num_preemptions"] > 0
-    assert batched == alone
+    if quantization == "none":
+        assert batched == [a.token_ids for a in alone]
+        return
+    for a, b in zip(alone, batched):
+        i = next((i for i, (x, y) in enumerate(zip(a.token_ids, b)) if x != y), None)
+        if i is None:
+            continue
+        top = a.logprobs[i]
+        assert b[i] in top and top[a.token_ids[i]].logprob - top[b[i]].logprob < 0.5, (i, top, b[i])
 
 
 def test_prefix_cache_computes_only_new_tokens(tiny_llama_dir):

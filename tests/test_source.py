@@ -114,7 +114,7 @@ def test_failed_tokenizer_prefetch_raises_on_the_callers_thread(tiny_gguf, monke
 
     calls = []
 
-    def broken(model_path, weights_path):
+    def broken(model_path, weights_path, gguf_file=None):
         calls.append(weights_path)
         raise ValueError(f"cannot convert the tokenizer of {weights_path}")
 

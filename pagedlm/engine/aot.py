@@ -310,6 +310,35 @@ def _load_model(spec: StepSpec):
                       prepared_rows=None if spec.crossover_measured else spec.dense_min_rows)
 
 
+def _load_for_building(spec: StepSpec):
+    """(model, KV caches) for building packages: small caches, since the block dimension is
+    dynamic and a package serves any pool size."""
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1
+    model = _load_model(spec)
+    caches = [torch.zeros(a.kv_cache_shape(4, spec.block_size), dtype=getattr(torch, spec.cache_dtype),
+                          device=spec.device) for a in model.attention_layers()]
+    return model, caches
+
+
+def _publish(model: nn.Module, bucket: int, block_size: int, caches: list[torch.Tensor], path: Path) -> None:
+    """Build, smoke-test and publish one bucket's package at ``path`` (under its lock, unless
+    another process published it meanwhile): whole and checked, or not at all."""
+    from pagedlm import cache
+
+    with cache.locked(path):
+        if not path.exists():
+            tmp = path.with_name(f"{cache.TMP_PREFIX}{os.getpid()}-{path.name}")
+            try:
+                build_package(model, bucket, block_size, caches, tmp)
+                _smoke_test(tmp, model, bucket, caches)
+                os.replace(tmp, path)
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+
 FAILED_SUFFIX = ".failed"  # beside an entry: why the builder could not make it (read once, then removed)
 
 
@@ -338,13 +367,7 @@ def builder_main(spec: StepSpec, buckets: list[int], expected: dict[int, str], t
     if not spec.kernels:  # the engine multiplies with torch's kernels: so must the graph built for it
         os.environ["PAGEDLM_KERNELS"] = "0"
     try:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.compile_threads = 1
-        model = _load_model(spec)
-        # Small caches: the block dimension is dynamic, so the package serves any pool size.
-        caches = [torch.zeros(a.kv_cache_shape(4, spec.block_size), dtype=getattr(torch, spec.cache_dtype),
-                              device=spec.device) for a in model.attention_layers()]
+        model, caches = _load_for_building(spec)
     except BaseException as e:  # noqa: BLE001 - report, then exit
         for b in buckets:
             _fail(Path(expected[b]), f"the builder could not load the model: {type(e).__name__}: {e}")
@@ -356,16 +379,7 @@ def builder_main(spec: StepSpec, buckets: list[int], expected: dict[int, str], t
             key_path = spec.path(model, bucket)
             if key_path != target:
                 raise RuntimeError(f"the builder's model keys differently ({key_path.name}, not {target.name})")
-            with cache.locked(key_path):
-                if not key_path.exists():
-                    tmp = key_path.with_name(f"{cache.TMP_PREFIX}{os.getpid()}-{key_path.name}")
-                    try:
-                        build_package(model, bucket, spec.block_size, caches, tmp)
-                        _smoke_test(tmp, model, bucket, caches)
-                        os.replace(tmp, key_path)  # whole, checked, or not at all
-                    finally:
-                        with contextlib.suppress(OSError):
-                            tmp.unlink()
+            _publish(model, bucket, spec.block_size, caches, key_path)
             log.info("bucket %d: %s in %.1f s", bucket, key_path.name, time.perf_counter() - t0)
         except BaseException as e:  # noqa: BLE001 - this bucket stays eager
             log.error("bucket %d failed:\n%s", bucket, traceback.format_exc())
@@ -398,12 +412,7 @@ def _build_after_kernels(spec: StepSpec, buckets: list[int], threads: int, wait_
             return 0
         time.sleep(1.0)
     try:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.compile_threads = 1
-        model = _load_model(spec)
-        caches = [torch.zeros(a.kv_cache_shape(4, spec.block_size), dtype=getattr(torch, spec.cache_dtype),
-                              device=spec.device) for a in model.attention_layers()]
+        model, caches = _load_for_building(spec)
     except BaseException:  # noqa: BLE001 - nobody waits on this builder: the engines build later
         log.error("the builder could not load the model:\n%s", traceback.format_exc())
         return 1
@@ -415,16 +424,7 @@ def _build_after_kernels(spec: StepSpec, buckets: list[int], threads: int, wait_
             continue
         t0 = time.perf_counter()
         try:
-            with cache.locked(path):
-                if not path.exists():
-                    tmp = path.with_name(f"{cache.TMP_PREFIX}{os.getpid()}-{path.name}")
-                    try:
-                        build_package(model, bucket, spec.block_size, caches, tmp)
-                        _smoke_test(tmp, model, bucket, caches)
-                        os.replace(tmp, path)
-                    finally:
-                        with contextlib.suppress(OSError):
-                            tmp.unlink()
+            _publish(model, bucket, spec.block_size, caches, path)
             log.info("bucket %d: %s in %.1f s (after the kernels)", bucket, path.name, time.perf_counter() - t0)
         except BaseException:  # noqa: BLE001 - an engine that wants it builds it (and reports) itself
             log.error("bucket %d failed:\n%s", bucket, traceback.format_exc())

@@ -155,15 +155,16 @@ class ModelSource:
         with self._tok_lock:
             if self._tokenizer_loaded or self._tok_thread is not None:
                 return
-            self._tok_thread = threading.Thread(target=self._load_tokenizer_in_thread, daemon=True,
+            gguf = self.gguf if self.is_gguf else None  # opened here, on the caller's thread
+            self._tok_thread = threading.Thread(target=self._load_tokenizer_in_thread, args=(gguf,), daemon=True,
                                                 name="pagedlm-tokenizer")
             self._tok_thread.start()
 
-    def _load_tokenizer_in_thread(self) -> None:
+    def _load_tokenizer_in_thread(self, gguf) -> None:
         from pagedlm.tokenizer import load_tokenizer
 
         try:
-            tok = load_tokenizer(self.path, self.weights_path)
+            tok = load_tokenizer(self.path, self.weights_path, gguf)
         except BaseException:  # noqa: BLE001 (tokenizer() retries on the caller's thread and raises there)
             return
         with self._tok_lock:
@@ -181,7 +182,7 @@ class ModelSource:
                 # on the caller's thread (with its own traceback), never lost on another one.
                 from pagedlm.tokenizer import load_tokenizer
 
-                self._tokenizer = load_tokenizer(self.path, self.weights_path)
+                self._tokenizer = load_tokenizer(self.path, self.weights_path, self.gguf if self.is_gguf else None)
                 self._tokenizer_loaded = True
             return self._tokenizer
 
