@@ -58,3 +58,24 @@ def http(server):
 
     with httpx.Client(base_url=server.url, timeout=60) as c:
         yield c
+
+
+@pytest.fixture(autouse=True)
+def _engine_threads_isolated():
+    """Each test starts with the engines' thread bookkeeping (``pagedlm.engine.threads``: cores
+    yielded to builders, the governor's cap) empty and torch's thread count as the session set
+    it, and leaves them so: an engine a test drops while a builder runs would
+    otherwise leave the next tests a core short."""
+    from pagedlm.engine import threads
+
+    count = torch.get_num_threads()
+
+    def clear():
+        threads._base.clear()
+        threads._yielded.clear()
+        threads._capped = False
+        torch.set_num_threads(count)
+
+    clear()
+    yield
+    clear()
