@@ -35,16 +35,26 @@ from benchmarks.common import load_hf_gguf, machine, measure_matmul  # noqa: E40
 from pagedlm.bench import BenchConfig, check_report, make_workload, run_workload  # noqa: E402
 
 
-def bench_pagedlm(path: str, work, dtype: str) -> dict:
+def bench_pagedlm(path: str, work, dtype: str, cold: bool = False) -> dict:
+    """Warm (default): every decode bucket compiled before timing (reported apart: compile_s).
+    Cold: the engine's first call, as a new user meets it (run with an empty cache root): no
+    warmup, whatever is not built yet runs eagerly while the builders work in the background."""
     from pagedlm.engine.engine import EngineConfig, LLMEngine
 
+    t = time.perf_counter()
     eng = LLMEngine(EngineConfig(model=path, dtype=dtype, max_num_seqs=min(256, len(work)),
                                  max_num_batched_tokens=2048))
-    t = time.perf_counter()
-    eng.warmup()  # compile every decode bucket before timing (reported apart: compile_s)
-    run_workload(eng, [(w[0][:16], 4) for w in work[:4]], tag="warm")
-    compile_s = time.perf_counter() - t
+    load_s = time.perf_counter() - t
+    compile_s = 0.0
+    if not cold:
+        t = time.perf_counter()
+        eng.warmup()
+        run_workload(eng, [(w[0][:16], 4) for w in work[:4]], tag="warm")
+        compile_s = time.perf_counter() - t
     r = run_workload(eng, work)
+    r["load_s"] = load_s
+    if eng.runner.compiled is not None:
+        r["buckets_after"] = {str(k): v for k, v in eng.runner.compiled.states().items()}
     check_report(r)  # a failed request or a missing token fails the benchmark (exit non-zero)
     r["params"] = sum(p.numel() for p in eng.runner.model.parameters())
     r["preemptions"] = eng.get_metrics()["num_preemptions"]
@@ -150,9 +160,17 @@ def main() -> None:
     ap.add_argument("--dtype", default="auto", help="pagedlm and transformers dtype (default: auto, "
                     "which is float32 on CPUs without native bf16)")
     ap.add_argument("--llama-cpp-python", default=None, help="a python with llama_cpp installed")
+    ap.add_argument("--cold", action="store_true", help="the first call with empty caches: a fresh cache "
+                    "root (PAGEDLM_CACHE_DIR, TORCHINDUCTOR_CACHE_DIR) and no warmup; builders left "
+                    "running are stopped at exit")
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None, help="PNG of throughput vs number of requests")
     args = ap.parse_args()
+    if args.cold:
+        root = tempfile.mkdtemp(prefix="pagedlm-cold-")
+        os.environ["PAGEDLM_CACHE_DIR"] = os.path.join(root, "pagedlm")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, "inductor")
+        print(f"cold: cache root {root}")
     from pagedlm.engine.engine import default_model_path
     from pagedlm.model.registry import resolve_dtype
 
@@ -164,7 +182,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp()
     for n in counts:
         work = make_workload(BenchConfig(num_requests=n, input_len=(32, 256), output_len=(32, 256), seed=0), 49152)
-        ours = bench_pagedlm(path, work, args.dtype)
+        ours = bench_pagedlm(path, work, args.dtype, cold=args.cold)
         row = {"requests": n, "pagedlm": ours}
         if not args.no_hf:
             row["transformers"] = bench_hf(path, work, dtype)
@@ -174,15 +192,16 @@ def main() -> None:
         row["roofline_tok_s"] = gflops * 1e9 / flops_per_token
         row["pagedlm_fraction_of_roofline"] = ours["total_tokens_per_s"] / row["roofline_tok_s"]
         rows.append(row)
-        print(f"requests={n}: pagedlm {ours['total_tokens_per_s']:.0f} total tok/s "
-              f"({ours['output_tokens_per_s']:.0f} out, {ours['wall_s']:.1f} s)", end="")
+        print(f"requests={n}{' (cold)' if args.cold else ''}: pagedlm {ours['total_tokens_per_s']:.0f} total "
+              f"tok/s ({ours['output_tokens_per_s']:.0f} out, {ours['wall_s']:.1f} s; load {ours['load_s']:.1f} s, "
+              f"longest stall {ours['itl_max_ms']:.0f} ms; compile before timing {ours['compile_s']:.0f} s; buckets after {ours.get('buckets_after')})", end="")
         for other in ("transformers", "llama.cpp"):
             if row.get(other):
                 o = row[other]
                 print(f"; {other} {o['total_tokens_per_s']:.0f} tok/s ({o['wall_s']:.1f} s, "
                       f"pagedlm {ours['total_tokens_per_s'] / o['total_tokens_per_s']:.2f}x)", end="")
         print(f"; roofline {row['roofline_tok_s']:.0f} tok/s -> {row['pagedlm_fraction_of_roofline']:.0%}")
-    report = {"machine": machine(), "dtype": str(dtype), "matmul_GFLOPs": gflops, "rows": rows}
+    report = {"machine": machine(), "cold": args.cold, "dtype": str(dtype), "matmul_GFLOPs": gflops, "rows": rows}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)

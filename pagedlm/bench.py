@@ -147,6 +147,7 @@ def run_workload(eng, work: list[tuple[list[int], int]], tag: str = "bench") -> 
         "ttft_p99_ms": _pct(ttft, 0.99) * 1e3,
         "itl_mean_ms": (statistics.fmean(itl) * 1e3) if itl else float("nan"),
         "itl_p50_ms": _pct(itl, 0.5) * 1e3, "itl_p99_ms": _pct(itl, 0.99) * 1e3,
+        "itl_max_ms": max(itl) * 1e3 if itl else float("nan"),  # the longest stall a stream saw
     }
 
 

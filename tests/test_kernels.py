@@ -154,3 +154,129 @@ def test_torch_int4_kernel_rows_are_independent_too():
     alone = torch.cat([qw.mm(x[i:i + 1]) for i in range(9)])
     for rows in (2, 3, 4, 6, 8, 9):
         assert torch.equal(qw.mm(x[:rows]), alone[:rows]), rows
+
+
+# ---- decode attention over the paged cache (pagedlm::paged_attention) ------------------------
+
+def _paged_case(lens, heads, kv_heads, d, bs=16, dtype=torch.float32, seed=0):
+    """A cache whose blocks are shuffled between rows, NaN in every slot a row must not read (the
+    scratch block and each row's last block past its length), and the rows' queries."""
+    g = torch.Generator().manual_seed(seed)
+    per = [(n + bs - 1) // bs for n in lens]
+    nb = sum(per) + 1
+    cache = torch.randn(2, nb, bs, kv_heads, d, generator=g).to(dtype)
+    cache[:, -1] = float("nan")
+    perm = torch.randperm(nb - 1, generator=g)
+    tables = torch.full((len(lens), max(per) + 2), nb - 1, dtype=torch.long)
+    o = 0
+    for i, (n, k) in enumerate(zip(lens, per)):
+        tables[i, :k] = perm[o : o + k]
+        o += k
+        cache[:, tables[i, k - 1], (n - 1) % bs + 1 :] = float("nan")
+    q = torch.randn(len(lens), heads, d, generator=g).to(dtype)
+    return q, cache, tables, torch.tensor(lens)
+
+
+def _attention_reference(q, cache, tables, lens, scale, window):
+    """Float64, one row at a time, the visible keys gathered by position."""
+    _, _, bs, kvh, d = cache.shape
+    heads = q.shape[1]
+    out = []
+    for i, n in enumerate(lens.tolist()):
+        lo = max(0, n - window) if window else 0
+        slots = torch.tensor([int(tables[i, t // bs]) * bs + t % bs for t in range(lo, n)])
+        k = cache[0].reshape(-1, kvh, d)[slots].double()
+        v = cache[1].reshape(-1, kvh, d)[slots].double()
+        qq = q[i].double().view(kvh, heads // kvh, d)
+        p = (torch.einsum("hgd,thd->hgt", qq, k) * scale).softmax(-1)
+        out.append(torch.einsum("hgt,thd->hgd", p, v).reshape(heads, d))
+    return torch.stack(out)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 100])
+@pytest.mark.parametrize("shape", [(9, 3, 64, 16), (8, 8, 32, 16), (16, 2, 128, 32), (4, 1, 80, 16), (40, 2, 64, 16)],
+                         ids=["smollm2", "mha", "d128", "mqa-d80", "g20"])
+def test_paged_attention_equals_float64_reference(shape, window, dtype):
+    """Lengths 1 to 1000 (one key, a partial block, several chunks of 256 merged), GQA groups of
+    1 to 20, sliding windows; never reading a slot past a row's length (they hold NaN)."""
+    heads, kvh, d, bs = shape
+    lens = [1, 17, 256, 257, 300, 1000]
+    q, cache, tables, lt = _paged_case(lens, heads, kvh, d, bs, dtype)
+    scale = d ** -0.5
+    y = ops.paged_attention(q, cache, tables, lt, scale, window)
+    assert y.dtype == dtype and y.shape == q.shape and torch.isfinite(y).all()
+    ref = _attention_reference(q, cache, tables, lt, scale, window)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bfloat16: the output's own rounding
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_attention_rows_are_independent_bit_for_bit(dtype):
+    """A row's output is the same alone, in any batch, and on one thread or two: decode steps and
+    speculative verification rows then agree exactly."""
+    q, cache, tables, lt = _paged_case([5, 700, 64, 1, 513], 9, 3, 64, dtype=dtype, seed=3)
+    batch = ops.paged_attention(q, cache, tables, lt, 0.125, 0)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one_thread = ops.paged_attention(q, cache, tables, lt, 0.125, 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(batch, one_thread)
+    for i in range(len(lt)):
+        alone = ops.paged_attention(q[i : i + 1], cache, tables[i : i + 1], lt[i : i + 1], 0.125, 0)
+        assert torch.equal(alone, batch[i : i + 1])
+    # the same rows in another order
+    order = torch.tensor([4, 2, 0, 3, 1])
+    assert torch.equal(ops.paged_attention(q[order], cache, tables[order], lt[order], 0.125, 0), batch[order])
+
+
+@needs_kernels
+def test_paged_attention_rejects_bad_input():
+    q, cache, tables, lt = _paged_case([20, 3], 9, 3, 64)
+    with pytest.raises(RuntimeError, match="length"):
+        ops.paged_attention(q, cache, tables, torch.tensor([0, 3]), 0.125, 0)
+    with pytest.raises(RuntimeError, match="length"):
+        ops.paged_attention(q, cache, tables[:, :1], torch.tensor([20, 3]), 0.125, 0)
+    with pytest.raises(RuntimeError, match="head size"):
+        ops.paged_attention(q[..., :60], cache[..., :60].contiguous(), tables, lt, 0.125, 0)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.paged_attention(q, cache.half(), tables, lt, 0.125, 0)
+
+
+@needs_kernels
+def test_both_attention_backends_use_the_kernel_and_agree_with_sdpa(monkeypatch):
+    """With the kernels loaded, the eager backend's decode rows and the compiled step's backend
+    both call the kernel (same rows, same bits); with them unloaded, the eager backend's SDPA
+    path gives the same attention up to float32 rounding."""
+    from pagedlm.model.layers import attention as A
+
+    lens = [40, 1, 333]
+    q, cache, tables, lt = _paged_case(lens, 9, 3, 64)
+    k = torch.randn(3, 3, 64)
+    v = torch.randn(3, 3, 64)
+    slots = torch.tensor([int(tables[i, (n - 1) // 16]) * 16 + (n - 1) % 16 for i, n in enumerate(lens)])
+    calls = []
+    real = ops.paged_attention
+
+    def counting(*a):
+        calls.append(a[0].shape[0])
+        return real(*a)
+
+    def run(backend_meta):
+        c = cache.clone()
+        return backend_meta.backend.forward(q, k, v, c, backend_meta, 0.125, None)
+
+    eager_meta = A.AttentionMetadata(slot_mapping=slots, num_decodes=3, decode_block_tables=tables,
+                                     decode_context_lens=lt, decode_max_context=max(lens), block_size=16)
+    paged_meta = A.PagedDecodeMetadata(slots, tables, lt, 16)
+    monkeypatch.setattr(kernels, "loaded", lambda: type("Ops", (), {"paged_attention": staticmethod(counting)}))
+    eager, paged = run(eager_meta), run(paged_meta)
+    assert calls == [3, 3] and torch.equal(eager, paged)
+    monkeypatch.setattr(kernels, "loaded", lambda: None)
+    sdpa = run(A.AttentionMetadata(slot_mapping=slots, num_decodes=3, decode_block_tables=tables,
+                                   decode_context_lens=lt, decode_max_context=max(lens), block_size=16))
+    torch.testing.assert_close(sdpa, eager, rtol=1e-5, atol=1e-5)

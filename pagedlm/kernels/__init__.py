@@ -222,3 +222,13 @@ def _register_fakes() -> None:
     @torch.library.register_fake("pagedlm::int4_mm")
     def _(x, codes, scale, mins, int8_act, n):
         return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake("pagedlm::paged_attention")
+    def _(q, kv_cache, block_tables, context_lens, scale, window):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def loaded():
+    """``torch.ops.pagedlm`` if this process has loaded the kernels already, else None (never
+    builds or loads them: callers that may use them, such as attention, follow the weights)."""
+    return _state.get("ops")

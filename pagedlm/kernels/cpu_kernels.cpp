@@ -553,6 +553,235 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
 }
 
+
+// ---- Decode attention over the paged KV cache -------------------------------------------
+//
+// Each decode row's query heads against its own context, read in place through its block table
+// (no gathered copy of the context, which the eager path made and the compiled one re-read per
+// head): per KV head, the keys and values are read once for the query heads that share them.
+// A row's keys are taken in chunks of kAttnChunk (each chunk: its scores, their max, exp and sum,
+// and the values weighted by them), and the chunks are merged in order. What a row computes
+// depends only on that row (its query, context and length), never on the other rows or the
+// number of threads: a row's output is bit-identical alone, in a batch, or as a speculative
+// verification row.
+
+typedef int v8i __attribute__((vector_size(32)));
+typedef float v8fu __attribute__((vector_size(32), aligned(4)));
+typedef unsigned short v8us __attribute__((vector_size(16), aligned(2)));
+typedef unsigned int v8ui __attribute__((vector_size(32)));
+
+constexpr int64_t kAttnChunk = 256;
+
+inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
+
+inline float hsum8v(v8f v) {
+  // A fixed tree: halves, quarters, pairs.
+  const float a = (v[0] + v[4]) + (v[2] + v[6]);
+  const float b = (v[1] + v[5]) + (v[3] + v[7]);
+  return a + b;
+}
+
+template <typename KT>
+inline v8f kv8(const KT* p) {
+  if constexpr (std::is_same_v<KT, float>) {
+    return *reinterpret_cast<const v8fu*>(p);
+  } else {  // bfloat16: the top half of a float
+    const v8ui u = __builtin_convertvector(*reinterpret_cast<const v8us*>(p), v8ui) << 16;
+    v8f f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+}
+
+// e^x for x <= 0 (a score minus its chunk's max), Cephes' expf: x = n ln2 + r, e^r by a degree-6
+// polynomial, 2^n in the exponent bits. Below -87 (e^x under float's normal range) it is 0.
+inline v8f exp8(v8f x) {
+  const v8i tiny = x < splat8(-87.0f);
+  x = tiny ? splat8(-87.0f) : x;
+  const v8f fx = x * 1.44269504088896341f + 0.5f;
+  v8f t = __builtin_convertvector(__builtin_convertvector(fx, v8i), v8f);
+  t = t > fx ? t - 1.0f : t;  // floor
+  x = x - t * 0.693359375f + t * 2.12194440e-4f;
+  v8f y = splat8(1.9875691500e-4f);
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * (x * x) + x + 1.0f;
+  const v8i bits = (__builtin_convertvector(t, v8i) + 127) << 23;
+  v8f p2;
+  std::memcpy(&p2, &bits, sizeof p2);
+  return tiny ? splat8(0.0f) : y * p2;
+}
+
+struct AttnArgs {
+  const float* q;         // (rows, heads, D), already scaled
+  const void* k;          // (slots, kv_heads, D): the cache's K half
+  const void* v;          // (slots, kv_heads, D)
+  const int64_t* tables;  // row r's table at tables + r * table_stride
+  int64_t table_stride, block_size, heads, kv_heads, D;
+  float* part;            // per task: g maxima, g sums, g x D weighted values
+};
+
+// One chunk [t0, t1) of row r's keys for KV head h: the partial softmax of its g query heads.
+// Each query head in turn keeps its query (scores) or its weighted sum (values) in registers
+// while it runs over the chunk's keys: the chunk's K and V come from memory once and then from
+// the cache for the other heads of the group.
+template <typename KT>
+void attn_chunk(const AttnArgs& a, int64_t r, int64_t h, int64_t t0, int64_t t1, float* out) {
+  constexpr int64_t CB = 8;  // vectors of 8 dims held in registers per pass (64 dims)
+  const int64_t g = a.heads / a.kv_heads, D = a.D, nv = D / 8, n = t1 - t0;
+  const int64_t np = (n + 7) / 8 * 8;
+  float sbuf[16 * kAttnChunk];
+  std::vector<float> big;
+  float* s = sbuf;
+  if (g > 16) {
+    big.resize(g * kAttnChunk);
+    s = big.data();
+  }
+  // The chunk's rows in the K / V halves, block by block (no division per key).
+  int64_t rowsbuf[kAttnChunk];
+  const int64_t* table = a.tables + r * a.table_stride;
+  for (int64_t t = t0; t < t1;) {
+    const int64_t blk = t / a.block_size, off = t % a.block_size;
+    const int64_t stop = std::min(t1, t + a.block_size - off);
+    const int64_t base = (table[blk] * a.block_size + off) * a.kv_heads + h;
+    for (int64_t u = t; u < stop; ++u) rowsbuf[u - t0] = (base + (u - t) * a.kv_heads) * D;
+    t = stop;
+  }
+  const float* q = a.q + (r * a.heads + h * g) * D;
+  const KT* kb = static_cast<const KT*>(a.k);
+  const KT* vb = static_cast<const KT*>(a.v);
+  for (int64_t j = 0; j < g; ++j) {
+    float* sj = s + j * kAttnChunk;
+    for (int64_t c0 = 0; c0 < nv; c0 += CB) {
+      const int64_t cn = std::min(CB, nv - c0);
+      v8f qr[CB];
+      for (int64_t c = 0; c < cn; ++c) qr[c] = *reinterpret_cast<const v8fu*>(q + j * D + 8 * (c0 + c));
+      for (int64_t t = 0; t < n; ++t) {
+        const KT* kp = kb + rowsbuf[t] + 8 * c0;
+        v8f acc = splat8(0.0f);
+        for (int64_t c = 0; c < cn; ++c) acc += qr[c] * kv8<KT>(kp + 8 * c);
+        const float part = hsum8v(acc);
+        sj[t] = c0 == 0 ? part : sj[t] + part;
+      }
+    }
+  }
+  float* maxima = out;
+  float* sums = out + g;
+  float* acc = out + 2 * g;
+  for (int64_t j = 0; j < g; ++j) {
+    float* sj = s + j * kAttnChunk;
+    float m = sj[0];
+    for (int64_t t = 1; t < n; ++t) m = std::max(m, sj[t]);
+    v8f sum = splat8(0.0f);
+    for (int64_t t = 0; t < np; t += 8) {
+      v8f p = exp8(*reinterpret_cast<const v8fu*>(sj + t) - m);
+      if (t + 8 > n) {
+        for (int64_t l = n - t; l < 8; ++l) p[l] = 0.0f;
+      }
+      *reinterpret_cast<v8fu*>(sj + t) = p;
+      sum += p;
+    }
+    maxima[j] = m;
+    sums[j] = hsum8v(sum);
+    for (int64_t c0 = 0; c0 < nv; c0 += CB) {
+      const int64_t cn = std::min(CB, nv - c0);
+      v8f ar[CB];
+      for (int64_t c = 0; c < cn; ++c) ar[c] = splat8(0.0f);
+      for (int64_t t = 0; t < n; ++t) {
+        const KT* vp = vb + rowsbuf[t] + 8 * c0;
+        const v8f p = splat8(sj[t]);
+        for (int64_t c = 0; c < cn; ++c) ar[c] += p * kv8<KT>(vp + 8 * c);
+      }
+      for (int64_t c = 0; c < cn; ++c) *reinterpret_cast<v8fu*>(acc + j * D + 8 * (c0 + c)) = ar[c];
+    }
+  }
+}
+
+// q (rows, heads, D) float32 / bfloat16 / float16; kv_cache (2, blocks, block_size, kv_heads, D)
+// float32 or bfloat16; block_tables (rows, width) int64 (rows may be strided); context_lens (rows,)
+// int64, each >= 1, keys [0, len) visible (the last window of them when window > 0).
+// -> (rows, heads, D) in q's dtype. The cache's slots past a row's length are never read.
+at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_tables,
+                           const at::Tensor& context_lens, double scale, int64_t window) {
+  TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2, "paged_attention: q ", q.sizes(),
+              ", kv_cache ", kv_cache.sizes());
+  const int64_t rows = q.size(0), heads = q.size(1), D = q.size(2), kvh = kv_cache.size(3);
+  TORCH_CHECK(kv_cache.size(4) == D && D % 8 == 0 && kvh > 0 && heads % kvh == 0,
+              "paged_attention: head size ", D, " (a multiple of 8) and ", heads, " heads over ", kvh,
+              " KV heads");
+  TORCH_CHECK(kv_cache.scalar_type() == at::kFloat || kv_cache.scalar_type() == at::kBFloat16,
+              "paged_attention: float32 or bfloat16 cache expected, got ", kv_cache.scalar_type());
+  TORCH_CHECK(kv_cache.is_contiguous(), "paged_attention: a contiguous cache expected");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == rows && block_tables.stride(1) == 1 &&
+              block_tables.scalar_type() == at::kLong, "paged_attention: int64 block tables (rows, width) "
+              "with unit column stride expected");
+  const at::Tensor lens = context_lens.to(at::kLong).contiguous();
+  TORCH_CHECK(lens.numel() == rows, "paged_attention: ", rows, " rows but ", lens.numel(), " lengths");
+  const at::Tensor qf = (q.to(at::kFloat) * scale).contiguous();
+  const int64_t g = heads / kvh, bs = kv_cache.size(2), width = block_tables.size(1);
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  // Tasks: (row, chunk, kv head); a row's chunks follow its length only.
+  std::vector<int64_t> first(rows + 1, 0), lo(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t len = lp[r];
+    TORCH_CHECK(len >= 1 && (len + bs - 1) / bs <= width, "paged_attention: row ", r, " has length ", len,
+                " for a table of ", width, " blocks of ", bs);
+    lo[r] = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+    first[r + 1] = first[r] + (len - lo[r] + kAttnChunk - 1) / kAttnChunk;
+  }
+  const int64_t stride = 2 * g + g * D;
+  at::Tensor part = at::empty({first[rows] * kvh * stride}, qf.options());
+  at::Tensor out = at::empty({rows, heads, D}, qf.options());
+  const int64_t half = kv_cache.stride(0);
+  const char* base = static_cast<const char*>(kv_cache.data_ptr());
+  const AttnArgs a{qf.data_ptr<float>(), base, base + half * kv_cache.element_size(),
+                   block_tables.data_ptr<int64_t>(), block_tables.stride(0), bs, heads, kvh, D,
+                   part.data_ptr<float>()};
+  const bool bf16 = kv_cache.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, first[rows] * kvh, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t task = i / kvh, h = i % kvh;
+      const int64_t r = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
+      const int64_t t0 = lo[r] + (task - first[r]) * kAttnChunk, t1 = std::min(lp[r], t0 + kAttnChunk);
+      float* o = a.part + i * stride;
+      if (bf16) {
+        attn_chunk<uint16_t>(a, r, h, t0, t1, o);
+      } else {
+        attn_chunk<float>(a, r, h, t0, t1, o);
+      }
+    }
+  });
+  // Merge each row's chunks in order.
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, rows * kvh, 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> w(64);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / kvh, h = i % kvh, nc = first[r + 1] - first[r];
+      for (int64_t j = 0; j < g; ++j) {
+        float m = -INFINITY;
+        for (int64_t c = 0; c < nc; ++c) m = std::max(m, a.part[((first[r] + c) * kvh + h) * stride + j]);
+        float l = 0.0f;
+        if (static_cast<int64_t>(w.size()) < nc) w.resize(nc);
+        for (int64_t c = 0; c < nc; ++c) {
+          const float* pc = a.part + ((first[r] + c) * kvh + h) * stride;
+          w[c] = std::exp(pc[j] - m);
+          l += w[c] * pc[g + j];
+        }
+        float* dst = op + (r * heads + h * g + j) * D;
+        for (int64_t d = 0; d < D; ++d) {
+          float x = 0.0f;
+          for (int64_t c = 0; c < nc; ++c) x += w[c] * a.part[((first[r] + c) * kvh + h) * stride + 2 * g + j * D + d];
+          dst[d] = x / l;
+        }
+      }
+    }
+  });
+  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+}
+
 std::string isa() { return kIsa; }
 
 }  // namespace
@@ -560,12 +789,15 @@ std::string isa() { return kIsa; }
 TORCH_LIBRARY(pagedlm, m) {
   m.def("int8_mm(Tensor x, Tensor w, Tensor scale, bool int8_act) -> Tensor");
   m.def("int4_mm(Tensor x, Tensor codes, Tensor scale, Tensor mins, bool int8_act, int n) -> Tensor");
+  m.def("paged_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor context_lens, float scale, "
+        "int window) -> Tensor");
   m.def("isa() -> str");
 }
 
 TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
+  m.impl("paged_attention", &paged_attention);
 }
 
 TORCH_LIBRARY_IMPL(pagedlm, CompositeExplicitAutograd, m) {

@@ -40,6 +40,20 @@ from torch import nn
 MASKED_SCORE = -1e30
 
 
+def attention_kernel(q: torch.Tensor, kv_cache: torch.Tensor):
+    """pagedlm's decode attention kernel (``pagedlm::paged_attention``, pagedlm/kernels) when it
+    serves these tensors, else None. It is used once this process has loaded pagedlm's CPU
+    kernels (the quantized weights load them): attention then follows the weights, and a
+    compiled step's graph is keyed with them (engine/aot.py ``StepSpec.kernels``)."""
+    from pagedlm import kernels
+
+    ops = kernels.loaded()
+    if (ops is None or q.device.type != "cpu" or kv_cache.dim() != 5 or q.shape[-1] % 8
+            or kv_cache.dtype not in (torch.float32, torch.bfloat16)):
+        return None
+    return ops.paged_attention
+
+
 @dataclass
 class PrefillSegment:
     q_start: int  # first token of this chunk in the flat batch
@@ -129,7 +143,14 @@ class TorchAttentionBackend:
         TorchAttentionBackend.write_kv(kv_cache, k, v, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes
-        if nd:
+        kernel = attention_kernel(q, kv_cache)
+        if nd and kernel is not None:
+            # Each row read in place through its table: no gathered copy of the contexts (a
+            # 48-row step copied ~37 MB per layer), and a row's output does not depend on the batch.
+            nblocks = (meta.decode_max_context + meta.block_size - 1) // meta.block_size
+            out[:nd] = kernel(q[:nd], kv_cache, meta.decode_block_tables[:, :nblocks], meta.decode_context_lens,
+                              scale, window or 0)
+        elif nd:
             t = meta.decode_max_context
             nblocks = (t + meta.block_size - 1) // meta.block_size
             bt = meta.decode_block_tables[:, :nblocks]
@@ -148,6 +169,12 @@ class TorchAttentionBackend:
             out[:nd] = o.squeeze(2)
         for i, seg in enumerate(meta.prefills):
             s, n = seg.q_start, seg.q_len
+            if seg.decode_rows and kernel is not None:
+                # Row r as the decode step of its position: the same kernel, context_len - n + r + 1 keys.
+                lens = torch.arange(seg.context_len - n + 1, seg.context_len + 1, device=q.device)
+                out[s : s + n] = kernel(q[s : s + n], kv_cache, seg.block_table[None].expand(n, -1), lens, scale,
+                                        window or 0)
+                continue
             if seg.decode_rows and window is None:
                 h, d = kv_cache.shape[-2:]
                 kv = kv_cache[:, seg.block_table].view(2, 1, -1, h, d).transpose(2, 3)
@@ -259,6 +286,9 @@ class PagedAttentionBackend:
     def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor,
                 meta: PagedDecodeMetadata, scale: float, window: int | None) -> torch.Tensor:
         PagedAttentionBackend.write_kv(kv_cache, k, v, meta.slot_mapping)
+        kernel = attention_kernel(q, kv_cache)
+        if kernel is not None:
+            return kernel(q, kv_cache, meta.block_tables, meta.context_lens, scale, window or 0)
         _, nb, bs, kvh, d = kv_cache.shape
         return PagedAttentionBackend._attend(q, kv_cache[0].view(nb * bs, kvh, d), kv_cache[1].view(nb * bs, kvh, d),
                                              meta, scale, window, bs)
