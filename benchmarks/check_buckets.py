@@ -1,8 +1,11 @@
 """Compiled decode at a given batch size against eager, on the default model (issue 21).
 
 N prompts of the same length decode together, so every decode step runs one N-row bucket;
-the compiled run and an eager run must both complete every request (no "error" finish) and
-produce the same greedy tokens. Exits 1 on any failed request or difference.
+the compiled run and an eager run must both complete every request (no "error" finish), and
+with float activations (``--quantization none``) produce the same greedy tokens. Exits 1 on any
+failed request, or on a difference where tokens must agree. With ``auto``'s int8 activations a
+last-bit difference in x can round a value the other way and greedy paths may part at a close
+call (docs/architecture.md, "Batch invariance"): the agreement is then reported, not required.
 
     python benchmarks/check_buckets.py --dtype bfloat16 --quantization none --requests 64
 """
@@ -46,8 +49,9 @@ def main() -> int:
             print(f"  compiled buckets trusted: {sorted(b for b, lora in llm.engine.runner.compiled.checked)}; "
                   f"sent back to eager: {llm.engine.runner.compiled.eager_graphs}")
     same = sum(a == b for a, b in zip(tokens[False], tokens[True]))
-    print(f"identical greedy tokens: {same} of {args.requests}")
-    return 1 if bad or same != args.requests else 0
+    must_agree = args.quantization == "none"
+    print(f"identical greedy tokens: {same} of {args.requests}" + ("" if must_agree else " (int8 activations: reported, not required)"))
+    return 1 if bad or (must_agree and same != args.requests) else 0
 
 
 if __name__ == "__main__":

@@ -48,3 +48,22 @@ def load_hf_gguf(path: str, dtype: torch.dtype):
 
     return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
                                                 dtype=dtype).eval()
+
+
+def finish_report(report: dict, code: int, json_path: str | None, check, passed: str, name: str) -> int:
+    """The end of a soak run: record the server's exit code, print and save the report, print
+    every failed check (and a non-zero server exit) and ``name`` passed/FAILED. Returns the
+    process's exit status (1 on any failure)."""
+    import json
+    import sys
+
+    report["exit_code"] = code
+    print(json.dumps(report, indent=2))
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+    fails = check(report) + ([f"server exit code {code}"] if code != 0 else [])
+    for f in fails:
+        print("FAIL:", f, file=sys.stderr)
+    print(name, "FAILED" if fails else f"passed: {passed}")
+    return 1 if fails else 0

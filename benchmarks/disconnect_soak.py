@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import httpx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import finish_report  # noqa: E402
 from benchmarks.serve_bench import wait_listening  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over a lazy dog while paged attention keeps keys and values in small "
@@ -282,18 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         proc.terminate()
         code = proc.wait(60)
-    report["exit_code"] = code
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-    fails = check(report) + ([f"server exit code {code}"] if code != 0 else [])
-    for f in fails:
-        print("FAIL:", f, file=sys.stderr)
-    print("disconnect soak", "FAILED" if fails else
-          f"passed: {report['streams']} streams at concurrency {report['concurrency']} in {report['duration_s']} s; "
-          f"engine empty {report['settle_s']} s after the last; KV usage 0; /health 200")
-    return 1 if fails else 0
+    return finish_report(report, code, args.json, check,
+                         f"{report['streams']} streams at concurrency {report['concurrency']} in {report['duration_s']} s; "
+                         f"engine empty {report['settle_s']} s after the last; KV usage 0; /health 200",
+                         "disconnect soak")
 
 
 if __name__ == "__main__":

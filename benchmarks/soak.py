@@ -36,6 +36,7 @@ import httpx
 import psutil
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import finish_report  # noqa: E402
 from benchmarks.serve_bench import wait_listening  # noqa: E402
 
 WORDS = ("the quick brown fox jumps over a lazy dog while paged attention keeps keys and values in small "
@@ -316,19 +317,11 @@ def main() -> int:
     finally:
         proc.terminate()
         code = proc.wait(60)
-    report["exit_code"] = code
-    print(json.dumps(report, indent=2))
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(report, f, indent=2)
-    fails = check(report) + ([f"server exit code {code}"] if code != 0 else [])
-    for f in fails:
-        print("FAIL:", f, file=sys.stderr)
-    print("soak", "FAILED" if fails else f"passed: {report['requests']} requests in {report['duration_s']} s; "
-          f"RSS {report['before']['rss_mib']:.0f} -> {report['after']['rss_mib']:.0f} MiB "
-          f"({report['rss_growth']:+.2%}); threads {report['before']['threads']} -> {report['after']['threads']}; "
-          f"fds {report['before']['fds']} -> {report['after']['fds']}")
-    return 1 if fails else 0
+    return finish_report(report, code, args.json, check,
+                         f"{report['requests']} requests in {report['duration_s']} s; "
+                         f"RSS {report['before']['rss_mib']:.0f} -> {report['after']['rss_mib']:.0f} MiB "
+                         f"({report['rss_growth']:+.2%}); threads {report['before']['threads']} -> "
+                         f"{report['after']['threads']}; fds {report['before']['fds']} -> {report['after']['fds']}", "soak")
 
 
 if __name__ == "__main__":
