@@ -160,7 +160,9 @@ class ModelRunner(ModelRunnerBase):
         state = kernels.build_state()
         if state == "building":
             return
-        switched = use_kernels(self._waiting_kernels) if state == "ready" else 0
+        # A crossover given (not measured) stays as given.
+        dtype = self.compute_dtype if self._spec_args[3] else None
+        switched = use_kernels(self._waiting_kernels, dtype) if state == "ready" else 0
         if switched:
             log.info("pagedlm's CPU kernels are built: %d weights multiply with them from this step on", switched)
         else:
