@@ -450,8 +450,21 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 # Runs a module (argv[1]) as __main__ at idle priority from its first instruction: its imports
-# (torch, ~2 s of CPU) then do not compete with the engine either.
-IDLE_LAUNCH = ("import os, runpy, sys\n"
+# (torch, ~2 s of CPU) then do not compete with the engine either. The engine stops a builder's
+# process group while a step runs (SIGSTOP, then SIGCONT: CompiledDecode.builders_paused); should
+# the engine die in between, the kernel sends this process SIGCONT (PR_SET_PDEATHSIG), which it
+# passes on to its group (its compilers), at most once a second (it receives its own too).
+IDLE_LAUNCH = ("import os, runpy, signal, sys, time\n"
                "try:\n    os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
                "except (AttributeError, OSError):\n    pass\n"
+               "_last = [0.0]\n"
+               "def _cont(*_):\n"
+               "    if time.monotonic() - _last[0] > 1.0:\n"
+               "        _last[0] = time.monotonic()\n"
+               "        os.killpg(0, signal.SIGCONT)\n"
+               "try:\n"
+               "    import ctypes\n"
+               "    signal.signal(signal.SIGCONT, _cont)\n"
+               "    ctypes.CDLL(None).prctl(1, int(signal.SIGCONT))\n"
+               "except (AttributeError, OSError, ValueError):\n    pass\n"
                "sys.argv = sys.argv[1:]\nrunpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)")

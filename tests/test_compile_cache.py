@@ -8,11 +8,13 @@ when the test says so, so that what runs while a bucket is "compiling" is under 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -231,6 +233,11 @@ def test_the_builder_loads_the_model_the_engine_keyed(smollm2):
     """The builder reloads the model from the StepSpec. SmolLM2's GGUF has int4 and int8 weights,
     whose dense crossovers are measured apart: with different values for the two kinds, the
     builder's keys still equal the engine's for every bucket."""
+    from pagedlm import kernels
+
+    # Both sides with the kernels: built first (in a fresh cache the engine's weights would wait for
+    # them while the rebuilt model, loaded later, might find them built).
+    kernels.ops()
     llm = LLM(smollm2, enforce_eager=False, compile_mode="background", num_kv_blocks=8, max_num_seqs=64)
     runner = llm.engine.runner
     qweights = aot.quantized_weights(runner.model)
@@ -339,3 +346,122 @@ def test_a_first_process_leaves_a_builder_that_waits_for_the_kernels(tiny, monke
     out = later.generate(PROMPTS, PARAMS, use_tqdm=False)
     ref = LLM(tiny, quantization="int8", enforce_eager=True, **ENGINE).generate(PROMPTS, PARAMS, use_tqdm=False)
     assert compiled.states()[1] == "compiled" and out[0].outputs[0].token_ids == ref[0].outputs[0].token_ids
+
+
+# ---- builders stop while a step runs ------------------------------------------------------------
+
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def _reaches(pid: int, stopped: bool, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if (_proc_state(pid) == "T") == stopped:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _child_of(pid: int, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = f.read().split()
+        if kids:
+            return int(kids[0])
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} started no child")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SLEEPER = "import subprocess, sys; subprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])"
+needs_proc = pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"),
+                                reason="reads process states and children from /proc")
+
+
+@needs_proc
+def test_builders_and_their_compilers_stop_while_a_step_runs():
+    """A builder and the compiler it runs (its process group) are stopped inside
+    ``builders_paused`` and run again after it."""
+    import types
+
+    from pagedlm.engine.compiled import CompiledDecode
+
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPER], start_new_session=True)
+    try:
+        child = _child_of(proc.pid)
+        holder = types.SimpleNamespace(builder=proc, after_builder=None)
+        with CompiledDecode.builders_paused(holder):
+            assert _reaches(proc.pid, True) and _reaches(child, True)
+        assert _reaches(proc.pid, False) and _reaches(child, False)
+        proc.kill()
+        proc.wait()
+        with CompiledDecode.builders_paused(holder):  # an exited builder: nothing to signal
+            pass
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@needs_proc
+def test_the_engine_stops_its_builder_during_each_step(tiny, built, reference, monkeypatch, tmp_path):
+    monkeypatch.setenv("PAGEDLM_CACHE_DIR", str(tmp_path))
+    go = tmp_path / "go"
+    _fake_builder(monkeypatch, built, go)
+    llm = LLM(tiny, enforce_eager=False, compile_mode="background", **ENGINE)
+    runner, compiled = llm.engine.runner, llm.engine.runner.compiled
+    states = []
+    execute = runner._execute_eager
+
+    def spy(inputs):
+        if compiled.builder is not None and compiled.builder.poll() is None:
+            states.append(_reaches(compiled.builder.pid, True, timeout=2.0))  # SIGSTOP lands at once
+        return execute(inputs)
+
+    runner._execute_eager = spy
+    try:
+        out = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+        assert out[0].outputs[0].token_ids == reference
+        assert states and all(states)  # stopped in every step it was alive for
+        assert _reaches(compiled.builder.pid, False)  # and running between steps
+    finally:
+        go.touch()
+        compiled.builder.wait(30)
+
+
+@needs_proc
+def test_a_builder_whose_engine_dies_mid_step_goes_on(tmp_path):
+    """The engine is killed while its builder's group is stopped: the kernel's SIGCONT
+    (PR_SET_PDEATHSIG, set by ``cache.IDLE_LAUNCH``) wakes the builder, which wakes its compiler."""
+    (tmp_path / "fake_builder_mod.py").write_text(SLEEPER)
+    engine = textwrap.dedent("""
+        import os, signal, subprocess, sys, time
+        from pagedlm.cache import IDLE_LAUNCH
+        p = subprocess.Popen([sys.executable, "-c", IDLE_LAUNCH, "fake_builder_mod"], start_new_session=True)
+        print(p.pid, flush=True)
+        sys.stdin.readline()  # the test saw the compiler start
+        os.killpg(p.pid, signal.SIGSTOP)  # a step begins ...
+        print("stopped", flush=True)
+        sys.stdin.readline()  # the test saw both stop
+        os._exit(0)  # ... and the engine dies in it
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    parent = subprocess.Popen([sys.executable, "-c", engine], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, env=env)
+    pid = int(parent.stdout.readline())
+    try:
+        child = _child_of(pid)
+        parent.stdin.write("go\n")
+        parent.stdin.flush()
+        assert parent.stdout.readline().strip() == "stopped"
+        assert _reaches(pid, True) and _reaches(child, True)
+        parent.stdin.write("die\n")
+        parent.stdin.flush()
+        assert parent.wait(10) == 0
+        assert _reaches(pid, False) and _reaches(child, False)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)

@@ -292,7 +292,14 @@ class ModelRunner(ModelRunnerBase):
                           torch.tensor(pos, dtype=torch.long, device=dev), meta, logit_rows, samples, prompt_rows)
 
     def execute(self, inputs: StepInputs) -> torch.Tensor | None:
-        """Run the model; return float32 logits for ``inputs.logit_rows`` (None if none needed)."""
+        """Run the model; return float32 logits for ``inputs.logit_rows`` (None if none needed).
+        Background builders of compiled steps are stopped meanwhile (``builders_paused``)."""
+        if self.compiled is None:
+            return self._execute(inputs)
+        with self.compiled.builders_paused():
+            return self._execute(inputs)
+
+    def _execute(self, inputs: StepInputs) -> torch.Tensor | None:
         if inputs.compiled is not None:
             with torch.no_grad():  # not inference_mode: compiled graphs take no inference tensors
                 logits = self.compiled.execute(inputs.compiled)
