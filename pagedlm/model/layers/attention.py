@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pagedlm import kernels
+
 # The score of a masked key: finite, so that no softmax over keys can meet -inf - -inf (NaN),
 # yet exp(MASKED_SCORE - any real score) is exactly 0 in float32.
 MASKED_SCORE = -1e30
@@ -45,8 +47,6 @@ def attention_kernel(q: torch.Tensor, kv_cache: torch.Tensor):
     serves these tensors, else None. It is used once this process has loaded pagedlm's CPU
     kernels (the quantized weights load them): attention then follows the weights, and a
     compiled step's graph is keyed with them (engine/aot.py ``StepSpec.kernels``)."""
-    from pagedlm import kernels
-
     ops = kernels.loaded()
     if (ops is None or q.device.type != "cpu" or kv_cache.dim() != 5 or q.shape[-1] % 8
             or kv_cache.dtype not in (torch.float32, torch.bfloat16)):

@@ -280,11 +280,7 @@ def use_kernels(weights: list[QuantizedWeight], compute_dtype: torch.dtype | Non
         # Measured, a fresh server's 32-row steps took 305 ms on the dense GEMM over float32
         # weights that the int4 kernel runs in ~60 ms.
         for kind in {w.kind for w in waiting}:
-            ws = [w for w in waiting if w.kind == kind]
-            rows = max(measure_crossover(ws, compute_dtype), KERNEL_ROWS + 1)
-            log.info("%s weights now on pagedlm's kernels: dense GEMM from %d rows (measured)", kind, rows)
-            for w in ws:
-                w.dense_min_rows = rows
+            _measure_and_set_crossover(kind, [w for w in waiting if w.kind == kind], compute_dtype)
     return len(waiting)
 
 
@@ -510,14 +506,22 @@ def finalize_quantization(model: torch.nn.Module, compute_dtype: torch.dtype, qc
         # compiled step's builder reproduces the engine's model exactly).
         rows = qcfg.dense_min_rows.get(kind) if isinstance(qcfg.dense_min_rows, dict) else qcfg.dense_min_rows
         if rows is None:
-            rows = measure_crossover(ws, compute_dtype)
-            if all(w.kernel is not None for w in ws):
-                # pagedlm's kernels read the weights once for up to KERNEL_ROWS rows, and a row's
-                # result is the same bit for bit at any row count: decode (1 row) and speculative
-                # verification (1 + k <= 8 rows) then give identical logits. A crossover below
-                # that, measured on a busy machine, would send verification to the dense GEMM.
-                rows = max(rows, KERNEL_ROWS + 1)
-            log.info("%s weights: dense GEMM from %d rows on this machine (measured)", kind, rows)
-        for w in ws:
-            w.dense_min_rows = rows
+            _measure_and_set_crossover(kind, ws, compute_dtype)
+        else:
+            for w in ws:
+                w.dense_min_rows = rows
     return counts
+
+
+def _measure_and_set_crossover(kind: str, ws: list[QuantizedWeight], compute_dtype: torch.dtype) -> None:
+    """Measure the dense crossover of these weights (one kind) on this machine and set it."""
+    rows = measure_crossover(ws, compute_dtype)
+    if all(w.kernel is not None for w in ws):
+        # pagedlm's kernels read the weights once for up to KERNEL_ROWS rows, and a row's
+        # result is the same bit for bit at any row count: decode (1 row) and speculative
+        # verification (1 + k <= 8 rows) then give identical logits. A crossover below
+        # that, measured on a busy machine, would send verification to the dense GEMM.
+        rows = max(rows, KERNEL_ROWS + 1)
+    log.info("%s weights: dense GEMM from %d rows on this machine (measured)", kind, rows)
+    for w in ws:
+        w.dense_min_rows = rows
