@@ -70,7 +70,7 @@ def _int8_act_bound(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -
 def test_int4_mm_equals_the_dequantised_reference(shape, int8_act, sdtype):
     n, k = shape
     codes, scale, mins, w = _random_int4(n, k, seed=n + k, dtype=sdtype)
-    for rows in (1, 2, 3, 4, 5, 8, 11) if n * k < 1 << 20 else (1, 4, 9):
+    for rows in (1, 2, 3, 4, 5, 8, 11, 40) if n * k < 1 << 20 else (1, 4, 9, 40):
         x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows))
         ref = x.double() @ w.t()
         y = _int4(x, codes, scale, mins, int8_act).double()
@@ -89,24 +89,28 @@ def test_int4_mm_equals_the_dequantised_reference(shape, int8_act, sdtype):
 @pytest.mark.parametrize("sdtype", [torch.float32, torch.float16], ids=["f32-scales", "f16-scales"])
 def test_int4_mm_rows_are_independent_bit_for_bit(int8_act, dtype, sdtype):
     codes, scale, mins, _ = _random_int4(203, 200, seed=3, dtype=sdtype)  # a padded tile and a padded block
-    x = torch.randn(11, 200).to(dtype)
-    alone = torch.cat([_int4(x[i:i + 1], codes, scale, mins, int8_act) for i in range(11)])
-    for rows in range(2, 12):
+    x = torch.randn(70, 200).to(dtype)
+    alone = torch.cat([_int4(x[i:i + 1], codes, scale, mins, int8_act) for i in range(70)])
+    # Up to 8 rows share a pass over the weights; from 9 (int8 activations) the many-rows path
+    # runs them in chunks of 32 (33 and 70: a chunk and a partial one).
+    for rows in [*range(2, 12), 31, 32, 33, 70]:
         assert torch.equal(_int4(x[:rows], codes, scale, mins, int8_act), alone[:rows]), rows
     assert torch.equal(_int4(x[5:8], codes, scale, mins, int8_act), alone[5:8])
+    assert torch.equal(_int4(x[20:60], codes, scale, mins, int8_act), alone[20:60])
 
 
 @needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int4_mm_does_not_depend_on_the_thread_count(threads):
     codes, scale, mins, _ = _random_int4(1000, 576, seed=4)
-    x = torch.randn(3, 576)
     before = torch.get_num_threads()
     try:
-        torch.set_num_threads(1)
-        one = _int4(x, codes, scale, mins, True)
-        torch.set_num_threads(threads)
-        assert torch.equal(_int4(x, codes, scale, mins, True), one)
+        for rows in (3, 100):  # the few-rows path and the many-rows one (x prepared in parallel too)
+            x = torch.randn(rows, 576)
+            torch.set_num_threads(1)
+            one = _int4(x, codes, scale, mins, True)
+            torch.set_num_threads(threads)
+            assert torch.equal(_int4(x, codes, scale, mins, True), one), rows
     finally:
         torch.set_num_threads(before)
 
@@ -250,14 +254,14 @@ sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
 torch.ops.load_library({lib!r})
 from tests.test_int4_kernel import _random_int4, _int8_act_bound, _int4
 assert torch.ops.pagedlm.isa() == "scalar"
-x = torch.randn(5, 70)
+x = torch.randn(12, 70)  # past 8 rows: the many-rows path with int8 activations
 for act, sd in ((False, torch.float32), (True, torch.float32), (True, torch.float16)):
     codes, scale, mins, w = _random_int4(37, 70, seed=5, dtype=sd)
     ref = x.double() @ w.t()
     y = _int4(x, codes, scale, mins, act, torch.ops.pagedlm.int4_mm).double()
     tol = 1e-5 * (x.double().abs() @ w.abs().t()) + 1e-6 + (_int8_act_bound(x, codes, scale) if act else 0)
     assert ((y - ref).abs() <= tol).all(), act
-    alone = torch.cat([_int4(x[i:i + 1], codes, scale, mins, act, torch.ops.pagedlm.int4_mm) for i in range(5)])
+    alone = torch.cat([_int4(x[i:i + 1], codes, scale, mins, act, torch.ops.pagedlm.int4_mm) for i in range(12)])
     assert torch.equal(alone.double(), y)
 from pagedlm.model.layers.quant import round_activations_int8
 w8 = torch.randint(-127, 128, (37, 64), dtype=torch.int8)

@@ -1,4 +1,5 @@
-// Weight-only matmuls for a few rows (decode steps, speculative verification) on CPU.
+// Weight-only matmuls for a few rows (decode steps, speculative verification) on CPU, and for
+// int4 with int8 activations also for many rows (prefill chunks, large batches: int4_chunk_i8).
 //
 // torch's _weight_int8pack_mm computes each row of x against the whole weight: verifying k
 // proposals re-reads and re-converts SmolLM2's 28 MB output head k + 1 times. Here each weight
@@ -129,6 +130,7 @@ constexpr RowsFn kRows[kMaxRows + 1] = {nullptr,        int8_rows<1>, int8_rows<
 
 constexpr int kBlock = 32;
 constexpr int kTile = 8;  // output rows per tile of the int4 layout
+constexpr int kChunk = 32;  // rows per pass of the many-rows int4 path
 
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
 constexpr const char* kIsa = "avx512vnni";
@@ -283,6 +285,31 @@ inline void int4_tile_f32(const Int4Args& a, int64_t t) {
   for (int m = 0; m < M; ++m)
     store_tile(a.y + m * a.N, t, a.N, _mm256_add_ps(acc[m], min_terms<S>(a, t, a.sx + m * a.nb)));
 }
+
+// Many rows (prefill chunks, large decode batches), int8 activations: rows in chunks of kChunk
+// whose accumulators live in a small stack buffer, so that a tile's unpacked codes stay in
+// registers (mostly: GCC jams two blocks into the row loop, which measured faster than one block
+// a pass, with fewer spills) while every row of the chunk multiplies them; int4_tile_i8 keeps
+// everything in registers and runs out of them past 8 rows. Each (row, output) runs exactly
+// int4_tile_i8's operations in its order: the block sums, then the min terms in a second chain
+// added at the end. Measured on SmolLM2's shapes, 512 rows, AVX2: ~1.35x the dense float32 GEMM.
+template <typename S>
+inline void int4_chunk_i8(const Int4Args& a, int64_t t, int64_t rows) {
+  __m256 acc[kChunk], macc[kChunk];
+  for (int64_t m = 0; m < rows; ++m) acc[m] = macc[m] = _mm256_setzero_ps();
+  const uint8_t* c = a.codes + t * a.nb * 128;
+  for (int64_t b = 0; b < a.nb; ++b) {
+    __m256i v[8];
+    unpack_tile_block(c + b * 128, v);
+    const __m256 s = load8<S>(a.scale, (t * a.nb + b) * kTile), mn = load8<S>(a.mins, (t * a.nb + b) * kTile);
+    for (int64_t m = 0; m < rows; ++m) {
+      const __m256i d = block_dot_i8(v, a.xq + (m * a.nb + b) * kBlock);
+      acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(s, _mm256_set1_ps(a.dx[m * a.nb + b])), acc[m]);
+      macc[m] = _mm256_fmadd_ps(mn, _mm256_set1_ps(a.sx[m * a.nb + b]), macc[m]);
+    }
+  }
+  for (int64_t m = 0; m < rows; ++m) store_tile(a.y + m * a.N, t, a.N, _mm256_add_ps(acc[m], macc[m]));
+}
 #else
 // Portable reference of both modes (the same sums, in the same per-row order for every row count).
 template <typename S, bool I8>
@@ -321,7 +348,24 @@ template <typename S, int M>
 inline void int4_tile_i8(const Int4Args& a, int64_t t) { int4_tile_ref<S, true>(a, t, M); }
 template <typename S, int M>
 inline void int4_tile_f32(const Int4Args& a, int64_t t) { int4_tile_ref<S, false>(a, t, M); }
+template <typename S>
+inline void int4_chunk_i8(const Int4Args& a, int64_t t, int64_t rows) { int4_tile_ref<S, true>(a, t, rows); }
 #endif
+
+// Tiles [t0, t1) for all rows of x with int8 activations, kChunk rows at a time: a thread's
+// tiles (its share of the weights, from cache) pass once per chunk, the chunk's x stays in cache.
+template <typename S>
+void int4_many_i8(const Int4Args& a, int64_t rows, int64_t Kp, int64_t t0, int64_t t1) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
+    Int4Args c = a;
+    c.xq += r0 * Kp;
+    c.dx += r0 * a.nb;
+    c.sx += r0 * a.nb;
+    c.y += r0 * a.N;
+    const int64_t m = std::min<int64_t>(kChunk, rows - r0);
+    for (int64_t t = t0; t < t1; ++t) int4_chunk_i8<S>(c, t, m);
+  }
+}
 
 // Tiles [t0, t1) for M rows of x.
 template <typename S, bool I8, int M>
@@ -357,45 +401,48 @@ PreparedX prepare_x(const at::Tensor& x, bool int8_act) {
   thread_local std::vector<int8_t> xq_buf;
   xf_buf.resize(rows * Kp);
   sx_buf.resize(rows * nb);
-  float* xfw = xf_buf.data();
-  const at::Tensor xc = x.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "prepare_x", [&] {
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t k = 0; k < K; ++k) xfw[r * Kp + k] = static_cast<float>(xp[r * K + k]);
-      for (int64_t k = K; k < Kp; ++k) xfw[r * Kp + k] = 0.f;
-    }
-  });
-  float* sxp = sx_buf.data();
-  int8_t* xqp = nullptr;
-  float* dxp = nullptr;
   if (int8_act) {
     xq_buf.resize(rows * Kp);
     dx_buf.resize(rows * nb);
-    xqp = xq_buf.data();
-    dxp = dx_buf.data();
   }
-  for (int64_t i = 0; i < rows * nb; ++i) {
-    const float* v = xfw + i * kBlock;
-    float s = 0.f, amax = 0.f;
-    for (int k = 0; k < kBlock; ++k) {
-      s += v[k];
-      amax = std::max(amax, std::abs(v[k]));
-    }
-    sxp[i] = s;
-    if (int8_act) {
-      const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-      dxp[i] = d;
-      int32_t qs = 0;
-      for (int k = 0; k < kBlock; ++k) {
-        xqp[i * kBlock + k] = static_cast<int8_t>(std::nearbyint(v[k] * id));
-        qs += xqp[i * kBlock + k];
+  float* xfw = xf_buf.data();
+  float* sxp = sx_buf.data();
+  int8_t* xqp = int8_act ? xq_buf.data() : nullptr;
+  float* dxp = int8_act ? dx_buf.data() : nullptr;
+  const at::Tensor xc = x.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "prepare_x", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    // Rows are independent: a prefill chunk's rows split over the threads (decode's few rows
+    // stay on the calling thread: a fork costs more than they do).
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t k = 0; k < K; ++k) xfw[r * Kp + k] = static_cast<float>(xp[r * K + k]);
+        for (int64_t k = K; k < Kp; ++k) xfw[r * Kp + k] = 0.f;
+        for (int64_t i = r * nb; i < (r + 1) * nb; ++i) {
+          const float* v = xfw + i * kBlock;
+          float s = 0.f, amax = 0.f;
+          for (int k = 0; k < kBlock; ++k) {
+            s += v[k];
+            amax = std::max(amax, std::abs(v[k]));
+          }
+          sxp[i] = s;
+          if (int8_act) {
+            const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+            dxp[i] = d;
+            int32_t qs = 0;
+            for (int k = 0; k < kBlock; ++k) {
+              xqp[i * kBlock + k] = static_cast<int8_t>(std::nearbyint(v[k] * id));
+              qs += xqp[i * kBlock + k];
+            }
+            // The min term sums the rounded x too: the product is then exactly that of the
+            // rounded activations (which the dense GEMM reproduces for many rows,
+            // quant.round_activations_int8).
+            sxp[i] = d * static_cast<float>(qs);
+          }
+        }
       }
-      // The min term sums the rounded x too: the product is then exactly that of the rounded
-      // activations (which the dense GEMM reproduces for many rows, quant.round_activations_int8).
-      sxp[i] = d * static_cast<float>(qs);
-    }
-  }
+    });
+  });
   return PreparedX{xfw, xqp, dxp, sxp, Kp, nb};
 }
 
@@ -422,6 +469,14 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   const int64_t Kp = px.Kp;
   const at::Tensor cc = codes.contiguous(), sc = scale.contiguous(), mc = mins.contiguous();
   at::Tensor y = at::empty({rows, N}, x.options().dtype(at::kFloat));
+  if (int8_act && rows > kMaxRows) {
+    const Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr(), mc.data_ptr(), px.xf, px.xq, px.dx, px.sx,
+                     y.data_ptr<float>(), N, nb};
+    at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
+      half ? int4_many_i8<uint16_t>(a, rows, Kp, t0, t1) : int4_many_i8<float>(a, rows, Kp, t0, t1);
+    });
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
     const int64_t m = std::min<int64_t>(kMaxRows, rows - r0);
     const Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr(), mc.data_ptr(),

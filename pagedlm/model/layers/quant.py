@@ -19,8 +19,9 @@ replaced by the exact dequantization of the quantized weight, so both kernels mu
   for all rows, every row computed identically whatever their number; int4 with x rounded to
   int8 per block of 32, as llama.cpp), else torch's ``_weight_int4pack_mm_for_cpu`` /
   ``_weight_int8pack_mm``;
-* many rows (prefill, large decode batches): the dense GEMM, which beats them there (for int4
-  with int8 activations, over x rounded as the kernel rounds it: the same products).
+* many rows (prefill, large decode batches): pagedlm's int4 kernel with int8 activations where
+  it is faster than the dense GEMM (AVX2: at every size), else the dense GEMM (for int4 with
+  int8 activations over x rounded as the kernel rounds it: the same products).
 
 The row count where the dense GEMM starts to win is measured on this machine at start-up over
 the model's own layers (``measure_crossover``), not taken from a constant.
@@ -449,12 +450,15 @@ def current_weight_dtype() -> torch.dtype:
 
 
 def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype,
-                      candidates=(1, 2, 4, 8, 16, 32, 64, 128), budget_s: float = 1.0) -> int:
+                      candidates=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), budget_s: float = 1.0) -> int:
     """Smallest row count at which the dense GEMM over these weights is at least as fast as the
     weight-only kernel (measured here, over the model's own layers so weights stream from memory
-    as in a real step); beyond the largest candidate if it never is. From 1 row: torch's AVX2 int4
-    kernel (what multiplies while pagedlm's kernels build) loses to the dense GEMV at one row
-    (~550 vs ~30 ms a SmolLM2 step, measured)."""
+    as in a real step); never (``1 << 30``) if the kernel still wins at the largest candidate.
+    From 1 row: torch's AVX2 int4 kernel (what multiplies while pagedlm's kernels build) loses to
+    the dense GEMV at one row (~550 vs ~30 ms a SmolLM2 step, measured). pagedlm's int4 kernel
+    with int8 activations beats float32 GEMM at every size on AVX2 (SmolLM2, 512 rows: 336 vs
+    493 ms over 90 layers), so there the kernel multiplies prefill chunks too; a bfloat16 GEMM on
+    AMX wins from some row count, which this finds."""
     from pagedlm.model.layers.matmul import linear
 
     if not weights:
@@ -465,10 +469,12 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
 
     def run(rows: int, dense: bool, repeats: int = 3) -> float:
         x = torch.randn(rows, hidden, dtype=compute_dtype)
+        # Many rows are compute-bound: fewer layers measure them as well, within the budget.
+        layers = same[:max(8, len(same) * 64 // rows)]
         best = float("inf")
         for _ in range(repeats):
             t = time.perf_counter()
-            for w in same:
+            for w in layers:
                 linear(x, w.dense) if dense else w.mm(x)
             best = min(best, time.perf_counter() - t)
         return best
@@ -481,8 +487,8 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
             if dense <= kernel:
                 return rows
             if time.perf_counter() > t_end:
-                break
-    return candidates[-1] * 2
+                return rows * 2  # out of time: the kernel up to here, as measured
+    return 1 << 30
 
 
 def finalize_quantization(model: torch.nn.Module, compute_dtype: torch.dtype, qcfg: QuantConfig) -> dict[str, int]:
