@@ -402,6 +402,9 @@ def _warm(args: argparse.Namespace) -> int:
               f"buckets: {compiled.sizes}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
+    if compiled.kernels_pending:  # a machine's first run: the buckets are keyed with the kernels
+        print("waiting for pagedlm's CPU kernels to build (once per machine) ...", file=sys.stderr)
+        eng.runner.wait_for_kernels()
     compiled.request(list(buckets))
     compiled.wait(list(buckets))
     for b in buckets:

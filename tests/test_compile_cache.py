@@ -229,6 +229,43 @@ def test_cache_warm_and_list(tiny, built, monkeypatch, tmp_path, capsys):
     shutil.rmtree(tmp_path / "compiled")
 
 
+def test_cache_warm_on_a_first_run_waits_for_the_kernels(tiny, built, monkeypatch, tmp_path, capsys):
+    """`pagedlm cache warm` of a quantized model on a machine whose kernels are still building:
+    it used to ask for buckets under the key without the kernels, which nobody builds (builders
+    key with the kernels), and wait for them forever. Now it waits for the kernels, then asks
+    for the buckets under the key later processes look up."""
+    import threading
+
+    from pagedlm import kernels
+    from pagedlm.cli import main
+    from tests.test_prepared import _SlowKernels
+
+    if kernels.ops() is None:
+        pytest.skip("no C++ compiler: pagedlm's kernels are not built here")
+    monkeypatch.setenv("PAGEDLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PAGEDLM_PREPARED_CACHE", "0")
+    launched = []
+
+    def command(spec, buckets, expected, after_kernels=False):
+        launched.append((spec.kernels, buckets, after_kernels))
+        script = "import sys\nfor t in sys.argv[1:]: open(t + '.failed', 'w').write('test: not built')"
+        return [sys.executable, "-c", script, *expected.values()]
+
+    monkeypatch.setattr(aot, "builder_command", command)
+    slow = _SlowKernels(monkeypatch)
+    timer = threading.Timer(1.0, lambda: setattr(slow, "done", True))  # the build ends a second later
+    timer.start()
+    try:
+        rc = main(["cache", "warm", "--model", tiny, "--quantization", "int8", "--dtype", "float32",
+                   "--max-num-seqs", "4", "--buckets", "1"])
+    finally:
+        timer.cancel()
+    captured = capsys.readouterr()
+    assert "waiting for pagedlm's CPU kernels" in captured.err
+    assert launched == [(True, [1], False)]  # one builder, under the key with the kernels
+    assert rc == 1 and "bucket    1: eager (test: not built)" in captured.out
+
+
 def test_the_builder_loads_the_model_the_engine_keyed(smollm2):
     """The builder reloads the model from the StepSpec. SmolLM2's GGUF has int4 and int8 weights,
     whose dense crossovers are measured apart: with different values for the two kinds, the

@@ -149,6 +149,17 @@ class ModelRunner(ModelRunnerBase):
             precision = torch.bfloat16
         return precision
 
+    def wait_for_kernels(self, timeout_s: float = 900.0) -> None:
+        """Block until weights waiting for pagedlm's kernels have switched to them (or their build
+        failed): ``pagedlm cache warm`` must build the buckets under the key with the kernels,
+        and an engine that never steps would otherwise wait for the other key forever."""
+        deadline = time.monotonic() + timeout_s
+        while self._waiting_kernels and time.monotonic() < deadline:
+            self._next_kernel_poll = 0.0
+            self._poll_kernels()
+            if self._waiting_kernels:
+                time.sleep(0.2)
+
     def _poll_kernels(self) -> None:
         """Between steps (at most every 0.2 s), while pagedlm's kernels build in the background:
         once they are built, the waiting weights switch to them, and the compiled steps (keyed
