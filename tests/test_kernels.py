@@ -69,6 +69,24 @@ def test_int8_mm_rows_are_independent_bit_for_bit(dtype, act):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows", [3, 40])  # x prepared on the calling thread / split over threads
+def test_the_kernels_round_activations_exactly_as_the_dense_path(rows):
+    """Through an identity weight, int8_mm returns x as its int8 activations (code times block
+    scale, one rounding): bit for bit ``round_activations_int8``, ties to even included, so the
+    kernels and the dense GEMM past the crossover multiply the same x."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(rows, 96, generator=g)
+    x[:, 0] = 127.0  # amax 127: the step is 1, and k + 0.5 ties
+    x[:, 1:9] = torch.tensor([2.5, -3.5, 0.5, -0.5, 1.5, -2.5, 126.5, -126.5])
+    x[0, 32:64] = 0.0  # an all-zero block
+    x[1, 64:96] = -1e-30  # a tiny block
+    eye = torch.eye(96, dtype=torch.int8)
+    y = ops.int8_mm(x, eye, torch.ones(96), True)
+    assert torch.equal(y, round_activations_int8(x))
+    assert torch.equal(y[:, 1:9], torch.tensor([2.0, -4.0, 0.0, -0.0, 2.0, -2.0, 126.0, -126.0]).expand(rows, -1))
+
+
+@needs_kernels
 def test_int8_mm_extreme_values_do_not_saturate():
     """|w| = 127 against x rounding to 127 everywhere: vpmaddubsw's int16 pairs at their largest
     (2 x 127 x 127) must not saturate."""

@@ -395,6 +395,43 @@ struct PreparedX {
   int64_t Kp, nb;
 };
 
+// One block of 32 floats to int8: amax / 127 as the scale, each value rounded to nearest even
+// (as std::nearbyint in the default rounding mode); returns the sum of the codes.
+inline int32_t quantize_block(const float* v, int8_t* q, float* scale) {
+#if defined(__AVX2__)
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  __m256 m = _mm256_setzero_ps();
+  for (int k = 0; k < kBlock; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(v + k)));
+  __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+  m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+  const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+  const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+  *scale = d;
+  __m256i i32[4];
+  for (int j = 0; j < 4; ++j) i32[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + 8 * j), _mm256_set1_ps(id)));
+  // |values| <= 127: packing saturates nothing; the packs interleave 128-bit lanes, the permute undoes it.
+  const __m256i p16 = _mm256_packs_epi16(_mm256_packs_epi32(i32[0], i32[1]), _mm256_packs_epi32(i32[2], i32[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(p16, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  const __m256i s = _mm256_add_epi32(_mm256_add_epi32(i32[0], i32[1]), _mm256_add_epi32(i32[2], i32[3]));
+  __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(s), _mm256_extracti128_si256(s, 1));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
+  s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
+  return _mm_cvtsi128_si32(s4);
+#else
+  float amax = 0.f;
+  for (int k = 0; k < kBlock; ++k) amax = std::max(amax, std::abs(v[k]));
+  const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+  *scale = d;
+  int32_t qs = 0;
+  for (int k = 0; k < kBlock; ++k) {
+    q[k] = static_cast<int8_t>(std::nearbyint(v[k] * id));
+    qs += q[k];
+  }
+  return qs;
+#endif
+}
+
 PreparedX prepare_x(const at::Tensor& x, bool int8_act) {
   const int64_t rows = x.size(0), K = x.size(1), nb = (K + kBlock - 1) / kBlock, Kp = nb * kBlock;
   thread_local std::vector<float> xf_buf, sx_buf, dx_buf;
@@ -420,24 +457,16 @@ PreparedX prepare_x(const at::Tensor& x, bool int8_act) {
         for (int64_t k = K; k < Kp; ++k) xfw[r * Kp + k] = 0.f;
         for (int64_t i = r * nb; i < (r + 1) * nb; ++i) {
           const float* v = xfw + i * kBlock;
-          float s = 0.f, amax = 0.f;
-          for (int k = 0; k < kBlock; ++k) {
-            s += v[k];
-            amax = std::max(amax, std::abs(v[k]));
-          }
-          sxp[i] = s;
           if (int8_act) {
-            const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-            dxp[i] = d;
-            int32_t qs = 0;
-            for (int k = 0; k < kBlock; ++k) {
-              xqp[i * kBlock + k] = static_cast<int8_t>(std::nearbyint(v[k] * id));
-              qs += xqp[i * kBlock + k];
-            }
             // The min term sums the rounded x too: the product is then exactly that of the
             // rounded activations (which the dense GEMM reproduces for many rows,
             // quant.round_activations_int8).
-            sxp[i] = d * static_cast<float>(qs);
+            const int32_t qs = quantize_block(v, xqp + i * kBlock, dxp + i);
+            sxp[i] = dxp[i] * static_cast<float>(qs);
+          } else {
+            float s = 0.f;
+            for (int k = 0; k < kBlock; ++k) s += v[k];
+            sxp[i] = s;
           }
         }
       }
