@@ -62,11 +62,20 @@ def _run(path, dtype, eager, logprobs=None, **kw):
     return llm, outs if logprobs else [o.token_ids for o in outs]
 
 
-def test_compiled_decode_equals_eager_float32(tiny_dir):
+def test_compiled_decode_equals_eager_float32(tiny_dir, monkeypatch):
     """Six requests through four slots of a 96-token cache, 16-token steps: chunked prefill,
-    preemption, decode batches of 1 to 4 padded to buckets 1, 2, 4. Token for token."""
+    preemption, decode batches of 1 to 4 padded to buckets 1, 2, 4 (the kernels skip the padding
+    rows: a bucket-4 step of 3 live rows limits them to 3). Token for token."""
+    from pagedlm import kernels
+
+    limits = []
+    real = kernels.row_limit
+    monkeypatch.setattr(kernels, "row_limit", lambda n: limits.append(n) or real(n))
+    have_kernels = kernels.ops() is not None  # loaded: attention runs pagedlm's kernel
     _, ref = _run(tiny_dir, "float32", True)
     llm, outs = _run(tiny_dir, "float32", False)
+    if have_kernels:
+        assert 3 in limits  # a step of 3 live rows in bucket 4
     compiled = llm.engine.runner.compiled
     assert compiled is not None and not compiled.failed
     assert compiled.compiled_buckets >= {1, 2, 4}  # every bucket ran

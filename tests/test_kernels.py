@@ -298,3 +298,39 @@ def test_both_attention_backends_use_the_kernel_and_agree_with_sdpa(monkeypatch)
     sdpa = run(A.AttentionMetadata(slot_mapping=slots, num_decodes=3, decode_block_tables=tables,
                                    decode_context_lens=lt, decode_max_context=max(lens), block_size=16))
     torch.testing.assert_close(sdpa, eager, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+@pytest.mark.parametrize("live", [1, 5, 9, 40])
+def test_a_row_limit_skips_padding_rows_and_keeps_live_ones_bit_for_bit(live):
+    """``kernels.row_limit(n)`` (a compiled step's live rows in its bucket): the three kernels compute
+    the first n rows exactly as without it and write zeros past them; outside it, every row again."""
+    from tests.test_int4_kernel import _int4, _random_int4
+
+    rows = 48
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(rows, 96, generator=g)
+    w, scale = _weights(70, 96)
+    codes, s4, m4, _ = _random_int4(70, 96, seed=2)
+    lens = [1 + (7 * i) % 300 for i in range(rows)]
+    lens[-1] = 0  # a padding row's length: never looked at past the limit
+    q, cache, tables, lt = _paged_case([max(n, 1) for n in lens], 9, 3, 64, seed=4)
+    lt[-1] = 0
+    full = {
+        "int8": lambda: ops.int8_mm(x, w, scale, True),
+        "int8-float": lambda: ops.int8_mm(x, w, scale, False),
+        "int4": lambda: _int4(x, codes, s4, m4, True),
+        "int4-float": lambda: _int4(x, codes, s4, m4, False),
+        "attention": lambda: ops.paged_attention(q, cache, tables, lt, 0.125, 0),
+    }
+    with kernels.row_limit(rows - 1):  # the padding row's length 0 would be refused
+        want = {k: f() for k, f in full.items()}
+    with kernels.row_limit(live):
+        got = {k: f() for k, f in full.items()}
+    for k in full:
+        assert torch.equal(got[k][:live], want[k][:live]), k
+        assert not got[k][live:].any(), k
+    y = ops.int8_mm(x, w, scale, True)  # the limit is gone again: every row
+    assert torch.equal(y[:-1], want["int8"][:-1]) and y[-1].any()
+    with pytest.raises(RuntimeError, match="length"):
+        full["attention"]()

@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from pagedlm import kernels
 from pagedlm.engine.scheduler import SchedulerOutput
 from pagedlm.model.layers.attention import AttentionMetadata, PagedDecodeMetadata
 
@@ -649,20 +650,24 @@ class CompiledDecode:
             log.info("compiling the %s for batch bucket %d (the first time ~1 min on 2 cores; "
                      "inductor caches it on disk) ...", _what(batch.lora), batch.bucket)
         t0 = time.perf_counter()
+        # A scheduled step's rows past num_rows are padding: pagedlm's kernels skip them (warm-up's
+        # steps compute every row, and the self-check compares them too).
+        live = batch.num_rows if batch.sched is not None and batch.num_rows > 0 else None
         try:
-            package = self.packages.get(batch.bucket) if not batch.lora else None
-            direct = self.direct.get(key)
-            if package is not None:
-                logits = package(tables)
-            elif direct is not None:
-                compiled, args, table_at, width_at = direct
-                args = list(args)
-                args[table_at] = tables
-                if width_at is not None:
-                    args[width_at] = batch.width
-                logits = compiled(*args)[0]
-            else:
-                logits = self._compiled(key)(buf.ids, buf.pos, buf.slots, tables, buf.lens)[0]
+            with kernels.row_limit(live):
+                package = self.packages.get(batch.bucket) if not batch.lora else None
+                direct = self.direct.get(key)
+                if package is not None:
+                    logits = package(tables)
+                elif direct is not None:
+                    compiled, args, table_at, width_at = direct
+                    args = list(args)
+                    args[table_at] = tables
+                    if width_at is not None:
+                        args[width_at] = batch.width
+                    logits = compiled(*args)[0]
+                else:
+                    logits = self._compiled(key)(buf.ids, buf.pos, buf.slots, tables, buf.lens)[0]
         except Exception as e:  # compile or run failure: never fail the request
             reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             if batch.lora:  # base steps keep their graphs

@@ -12,6 +12,7 @@ torch's own kernels, which compute the same products. A build failure is logged 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -226,6 +227,23 @@ def _register_fakes() -> None:
     @torch.library.register_fake("pagedlm::paged_attention")
     def _(q, kv_cache, block_tables, context_lens, scale, window):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@contextlib.contextmanager
+def row_limit(n: int | None):
+    """Within this block, on this thread, pagedlm's kernels compute the first ``n`` rows of their
+    inputs only and write zeros to the rest: a compiled decode step runs its bucket's row count,
+    and rows past the live ones are padding (compiled.py). Rows are independent, so live rows come
+    out bit for bit the same. A no-op when the kernels are not loaded or ``n`` is None."""
+    ops = _state.get("ops")
+    if ops is None or n is None:
+        yield
+        return
+    old = ops.set_row_limit(n)
+    try:
+        yield
+    finally:
+        ops.set_row_limit(old)
 
 
 def loaded():

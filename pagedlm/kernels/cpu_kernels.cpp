@@ -129,6 +129,26 @@ constexpr RowsFn kRows[kMaxRows + 1] = {nullptr,        int8_rows<1>, int8_rows<
 // same instructions in the same order whatever the number of rows or the tiling.
 
 constexpr int kBlock = 32;
+
+// A compiled decode step runs its batch bucket's row count (say 64) for fewer live rows (say 40):
+// the rows past them are padding, whose results nobody reads. The engine sets this thread's row
+// limit around such a step (``set_row_limit``; pagedlm.kernels.row_limit), and the kernels then
+// compute the live rows only and write zeros to the padding ones. Rows are independent, so a
+// live row's result is the same bit for bit. -1: no limit.
+thread_local int64_t tRowLimit = -1;
+
+inline int64_t live_rows(int64_t rows) { return tRowLimit >= 0 && tRowLimit < rows ? tRowLimit : rows; }
+
+// Zeros in rows [live, end) of a (rows, ...) result.
+inline void zero_padding(at::Tensor& y, int64_t live) {
+  if (live < y.size(0)) y.narrow(0, live, y.size(0) - live).zero_();
+}
+
+int64_t set_row_limit(int64_t n) {
+  const int64_t old = tRowLimit;
+  tRowLimit = n;
+  return old;
+}
 constexpr int kTile = 8;  // output rows per tile of the int4 layout
 constexpr int kChunk = 32;  // rows per pass of the many-rows int4 path
 
@@ -486,18 +506,21 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   TORCH_CHECK(codes.scalar_type() == at::kByte && (half || scale.scalar_type() == at::kFloat) &&
               mins.scalar_type() == scale.scalar_type(), "int4_mm: uint8 codes and float32 or float16 scales "
               "and mins expected");
-  const int64_t rows = x.size(0), K = x.size(1), tiles = codes.size(0), N = n_out,
-                nb = (K + kBlock - 1) / kBlock;
+  int64_t rows = x.size(0);
+  const int64_t K = x.size(1), tiles = codes.size(0), N = n_out, nb = (K + kBlock - 1) / kBlock;
   TORCH_CHECK(N > (tiles - 1) * kTile && N <= tiles * kTile, "int4_mm: ", N, " outputs do not fill ", tiles,
               " tiles of ", kTile);
   TORCH_CHECK(codes.size(1) == nb * 128 && scale.size(0) == tiles && scale.size(1) == nb * kTile &&
               mins.sizes() == scale.sizes(), "int4_mm: shapes ", x.sizes(), ", ", codes.sizes(), ", ",
               scale.sizes(), ", ", mins.sizes(), " (codes (N / 8, ceil(K / 32) * 128), scales (N / 8, "
               "ceil(K / 32) * 8) expected)");
-  const PreparedX px = prepare_x(x, int8_act);
+  const int64_t all_rows = rows;
+  rows = live_rows(rows);
+  const PreparedX px = prepare_x(x.narrow(0, 0, rows), int8_act);
   const int64_t Kp = px.Kp;
   const at::Tensor cc = codes.contiguous(), sc = scale.contiguous(), mc = mins.contiguous();
-  at::Tensor y = at::empty({rows, N}, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({all_rows, N}, x.options().dtype(at::kFloat));
+  zero_padding(y, rows);
   if (int8_act && rows > kMaxRows) {
     const Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr(), mc.data_ptr(), px.xf, px.xq, px.dx, px.sx,
                      y.data_ptr<float>(), N, nb};
@@ -604,16 +627,19 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
               w.sizes());
   TORCH_CHECK(w.scalar_type() == at::kChar && scale.scalar_type() == at::kFloat, "int8_mm: int8 weight and "
               "float32 scales expected");
-  const int64_t rows = x.size(0), N = w.size(0), K = w.size(1);
+  int64_t rows = x.size(0);
+  const int64_t N = w.size(0), K = w.size(1);
   TORCH_CHECK(K % (int8_act ? kBlock : 16) == 0, "int8_mm: the input size must be a multiple of ",
               int8_act ? kBlock : 16, ", got ", K);
   const at::Tensor wc = w.contiguous(), sc = scale.contiguous();
   at::Tensor y = at::empty({rows, N}, x.options().dtype(at::kFloat));
+  zero_padding(y, live_rows(rows));
+  rows = live_rows(rows);
   const int8_t* wp = wc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   if (int8_act) {
-    const PreparedX px = prepare_x(x, true);
+    const PreparedX px = prepare_x(x.narrow(0, 0, rows), true);
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
       const int64_t m = std::min<int64_t>(kMaxRows, rows - r0);
       const Int8Args a{wp, sp, px.xq + r0 * px.Kp, px.dx + r0 * px.nb, yp + r0 * N, N, K, px.nb};
@@ -624,7 +650,7 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
       });
     }
   } else {
-    const at::Tensor xf = x.to(at::kFloat).contiguous();
+    const at::Tensor xf = x.narrow(0, 0, rows).to(at::kFloat).contiguous();
     const float* xp = xf.data_ptr<float>();
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
       const int64_t m = std::min<int64_t>(kMaxRows, rows - r0);
@@ -792,18 +818,19 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
                            const at::Tensor& context_lens, double scale, int64_t window) {
   TORCH_CHECK(q.dim() == 3 && kv_cache.dim() == 5 && kv_cache.size(0) == 2, "paged_attention: q ", q.sizes(),
               ", kv_cache ", kv_cache.sizes());
-  const int64_t rows = q.size(0), heads = q.size(1), D = q.size(2), kvh = kv_cache.size(3);
+  const int64_t all_rows = q.size(0), rows = live_rows(all_rows), heads = q.size(1), D = q.size(2),
+                kvh = kv_cache.size(3);
   TORCH_CHECK(kv_cache.size(4) == D && D % 8 == 0 && kvh > 0 && heads % kvh == 0,
               "paged_attention: head size ", D, " (a multiple of 8) and ", heads, " heads over ", kvh,
               " KV heads");
   TORCH_CHECK(kv_cache.scalar_type() == at::kFloat || kv_cache.scalar_type() == at::kBFloat16,
               "paged_attention: float32 or bfloat16 cache expected, got ", kv_cache.scalar_type());
   TORCH_CHECK(kv_cache.is_contiguous(), "paged_attention: a contiguous cache expected");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == rows && block_tables.stride(1) == 1 &&
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == all_rows && block_tables.stride(1) == 1 &&
               block_tables.scalar_type() == at::kLong, "paged_attention: int64 block tables (rows, width) "
               "with unit column stride expected");
   const at::Tensor lens = context_lens.to(at::kLong).contiguous();
-  TORCH_CHECK(lens.numel() == rows, "paged_attention: ", rows, " rows but ", lens.numel(), " lengths");
+  TORCH_CHECK(lens.numel() == all_rows, "paged_attention: ", all_rows, " rows but ", lens.numel(), " lengths");
   const at::Tensor qf = (q.to(at::kFloat) * scale).contiguous();
   const int64_t g = heads / kvh, bs = kv_cache.size(2), width = block_tables.size(1);
   const int64_t* lp = lens.data_ptr<int64_t>();
@@ -818,7 +845,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
   }
   const int64_t stride = 2 * g + g * D;
   at::Tensor part = at::empty({first[rows] * kvh * stride}, qf.options());
-  at::Tensor out = at::empty({rows, heads, D}, qf.options());
+  at::Tensor out = at::empty({all_rows, heads, D}, qf.options());
+  zero_padding(out, rows);
   const int64_t half = kv_cache.stride(0);
   const char* base = static_cast<const char*>(kv_cache.data_ptr());
   const AttnArgs a{qf.data_ptr<float>(), base, base + half * kv_cache.element_size(),
@@ -876,6 +904,7 @@ TORCH_LIBRARY(pagedlm, m) {
   m.def("paged_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor context_lens, float scale, "
         "int window) -> Tensor");
   m.def("isa() -> str");
+  m.def("set_row_limit(int n) -> int");
 }
 
 TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
@@ -886,4 +915,5 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
 
 TORCH_LIBRARY_IMPL(pagedlm, CompositeExplicitAutograd, m) {
   m.impl("isa", &isa);
+  m.impl("set_row_limit", &set_row_limit);
 }
