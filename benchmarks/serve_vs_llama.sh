@@ -15,6 +15,11 @@ p = SamplingParams(temperature=0, max_tokens=64, ignore_eos=True)
 ms = [1e3 / llm.generate(make_prompt(rng, 64), p, use_tqdm=False)[0].metrics.decode_tokens_per_s for _ in range(8)]
 print(f"offline decode: {statistics.median(ms):.2f} ms/token median of 8 (best {min(ms):.2f})")
 PY
+for c in $C; do
+  [ "$c" -gt 1 ] || continue
+  echo "== offline closed loop (LLMEngine, no server), $c clients"
+  python benchmarks/closed_loop.py --concurrency $c
+done
 for mode in process thread; do
   echo "== pagedlm --engine-core $mode"
   python benchmarks/serve_bench.py --launch --concurrency $C --serve-arg=--engine-core --serve-arg=$mode --json
