@@ -132,6 +132,9 @@ def test_steps_run_eagerly_until_the_swap_at_a_step_boundary(tiny, built, refere
     llm = LLM(tiny, enforce_eager=False, compile_mode="background", **ENGINE)
     runner, compiled = llm.engine.runner, llm.engine.runner.compiled
     assert compiled.states()[1] == "eager"
+    # The builder runs during steps here (it is stopped during each step otherwise: tested below),
+    # so that the test can wait for its copy to land mid-request.
+    monkeypatch.setattr(compiled, "builders_paused", contextlib.nullcontext)
     eager_steps = []
     execute = runner._execute_eager
 
@@ -139,6 +142,9 @@ def test_steps_run_eagerly_until_the_swap_at_a_step_boundary(tiny, built, refere
         eager_steps.append(compiled.states()[1])
         if len(eager_steps) == 6:
             go.touch()  # the "compile" finishes while the request decodes
+            deadline = time.monotonic() + 60
+            while not compiled.entry(1).exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
         elif len(eager_steps) > 6:
             time.sleep(0.05)  # eager steps slow enough for the builder's copy to land mid-request
         return execute(inputs)
@@ -182,6 +188,63 @@ def test_a_failed_build_leaves_the_bucket_eager_with_one_warning(tiny, built, re
     assert compiled.states()[1] == "eager" and "no C++ compiler" in compiled.aot_failed[1]
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("pagedlm")]
     assert len(warnings) == 1 and "could not be built" in warnings[0]
+
+
+GROUP_ENGINE = {**ENGINE, "max_num_seqs": 32, "num_kv_blocks": 96}
+
+
+def test_a_dynamic_group_of_buckets_shares_one_package(tiny, monkeypatch, tmp_path):
+    """Buckets 16 and 32 (and 64) are one package with a dynamic batch dimension: built once, loaded
+    once, and each bucket's steps give the eager step's tokens."""
+    monkeypatch.setenv("PAGEDLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(aot, "builder_command", lambda *a: [sys.executable, "-c", "pass"])
+    monkeypatch.setattr(aot, "_idle_priority", lambda threads: None)  # not this test process
+    # The builder, in this process, matches the engine's kernels through the environment and the
+    # kernels' state: both put back afterwards.
+    from pagedlm import kernels
+
+    monkeypatch.setenv("PAGEDLM_KERNELS", os.environ.get("PAGEDLM_KERNELS", "1"))
+    monkeypatch.setattr(kernels, "_state", dict(kernels._state))
+    llm = LLM(tiny, enforce_eager=False, compile_mode="background", **GROUP_ENGINE)
+    compiled = llm.engine.runner.compiled
+    entries = {b: compiled.entry(b) for b in (8, 16, 32)}
+    assert entries[16] == entries[32] != entries[8] and entries[16].name.startswith("decode_b16-64-")
+    assert aot.builder_main(compiled.aot, [16, 32], {b: str(entries[b]) for b in (16, 32)}) == 0
+    assert sorted(p.name for p in (tmp_path / "compiled").glob("*.pt2")) == [entries[16].name]
+
+    prompts = [{"prompt_token_ids": [(7 * i + j) % 97 + 1 for j in range(5 + i % 7)]} for i in range(24)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    ref = LLM(tiny, enforce_eager=True, **GROUP_ENGINE).generate(prompts, params, use_tqdm=False)
+    llm = LLM(tiny, enforce_eager=False, compile_mode="background", **GROUP_ENGINE)
+    compiled = llm.engine.runner.compiled
+    assert compiled.states()[16] == compiled.states()[32] == "compiled"  # loaded at start-up
+    assert compiled.packages[16].loader is compiled.packages[32].loader  # one library
+    for n in (24, 12):  # bucket 32, then bucket 16
+        out = llm.generate(prompts[:n], params, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in out] == [r.outputs[0].token_ids for r in ref[:n]]
+    assert {(16, False), (32, False)} <= compiled.checked and not compiled.eager_graphs
+
+
+def test_a_dynamic_group_that_fails_to_build_falls_back_to_a_package_per_bucket(tiny, monkeypatch, tmp_path,
+                                                                               caplog):
+    monkeypatch.setenv("PAGEDLM_CACHE_DIR", str(tmp_path))
+    asked = []
+
+    def command(spec, buckets, expected):
+        asked.append(sorted(Path(p).name.split("-")[0] for p in expected.values()))
+        script = "import sys\nfor t in sys.argv[1:]: open(t + '.failed', 'w').write('test: cannot export')"
+        return [sys.executable, "-c", script, *expected.values()]
+    monkeypatch.setattr(aot, "builder_command", command)
+    with caplog.at_level(logging.WARNING, logger="pagedlm"):
+        llm = LLM(tiny, enforce_eager=False, compile_mode="background", **GROUP_ENGINE)
+        compiled = llm.engine.runner.compiled
+        compiled.warmup([16, 32])
+    assert asked == [["decode_b16", "decode_b16"], ["decode_b16", "decode_b32"]]  # the group, then one each
+    assert compiled.entry(16) != compiled.entry(32) and compiled.states()[16] == "eager"
+    assert "cannot export" in compiled.aot_failed[32]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name.startswith("pagedlm")]
+    assert "shared by batch buckets [16, 32]" in warnings[0] and "each builds its own" in warnings[0]
+    assert len(warnings) == 3  # the group, then each bucket once
 
 
 def _key(tiny: str, **kw) -> str:
@@ -229,6 +292,16 @@ def test_cache_warm_and_list(tiny, built, monkeypatch, tmp_path, capsys):
     shutil.rmtree(tmp_path / "compiled")
 
 
+def _fresh_cache_with_kernels(monkeypatch, tmp_path) -> None:
+    """An empty cache root (no prepared models); skips where pagedlm's kernels cannot be built."""
+    from pagedlm import kernels
+
+    if kernels.ops() is None:
+        pytest.skip("no C++ compiler: pagedlm's kernels are not built here")
+    monkeypatch.setenv("PAGEDLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("PAGEDLM_PREPARED_CACHE", "0")
+
+
 def test_cache_warm_on_a_first_run_waits_for_the_kernels(tiny, built, monkeypatch, tmp_path, capsys):
     """`pagedlm cache warm` of a quantized model on a machine whose kernels are still building:
     it used to ask for buckets under the key without the kernels, which nobody builds (builders
@@ -236,14 +309,10 @@ def test_cache_warm_on_a_first_run_waits_for_the_kernels(tiny, built, monkeypatc
     for the buckets under the key later processes look up."""
     import threading
 
-    from pagedlm import kernels
     from pagedlm.cli import main
     from tests.test_prepared import _SlowKernels
 
-    if kernels.ops() is None:
-        pytest.skip("no C++ compiler: pagedlm's kernels are not built here")
-    monkeypatch.setenv("PAGEDLM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("PAGEDLM_PREPARED_CACHE", "0")
+    _fresh_cache_with_kernels(monkeypatch, tmp_path)
     launched = []
 
     def command(spec, buckets, expected, after_kernels=False):
@@ -287,6 +356,9 @@ def test_the_builder_loads_the_model_the_engine_keyed(smollm2):
     rebuilt = aot._load_model(spec)
     for b in (1, 16, 64):  # 16: past the int4 crossover, not the int8 one
         assert spec.path(rebuilt, b) == spec.path(runner.model, b)
+    # A crossover inside a dynamic group splits it: 16 and 32 share a package, 64 has its own.
+    assert [aot.package_rows(runner.model, b) for b in (8, 16, 32, 64)] == [(8, 8), (16, 32), (16, 32), (64, 64)]
+    assert spec.path(rebuilt, 16) == spec.path(rebuilt, 32) != spec.path(rebuilt, 64)
 
 
 def test_an_engine_leaves_a_bucket_to_the_builder_that_claimed_it(tiny, built, reference, monkeypatch, tmp_path):
@@ -346,10 +418,7 @@ def test_a_first_process_leaves_a_builder_that_waits_for_the_kernels(tiny, monke
     from pagedlm import kernels
     from tests.test_prepared import _SlowKernels
 
-    if kernels.ops() is None:
-        pytest.skip("no C++ compiler: pagedlm's kernels are not built here")
-    monkeypatch.setenv("PAGEDLM_CACHE_DIR", str(tmp_path))
-    monkeypatch.setenv("PAGEDLM_PREPARED_CACHE", "0")
+    _fresh_cache_with_kernels(monkeypatch, tmp_path)
     launched = []
 
     def command(spec, buckets, expected, after_kernels=False):

@@ -135,6 +135,29 @@ def _settings(model: nn.Module, bucket: int) -> list:
     return out
 
 
+# Batch buckets that share one package with a dynamic batch dimension, where every setting of the
+# step agrees across them (a measured crossover inside a group splits it). The small, hot buckets
+# keep packages of their own. A group meets the product-path switch of layers/matmul.py
+# (SMALL_BATCH_ROWS, 2..127 rows) at neither side. Measured (docs/benchmarks.md, sixth session):
+# one package for 16-64 compiles in about half the time of three and steps as fast, bit for bit.
+DYNAMIC_GROUPS = ((16, 32, 64), (128, 256, 512))
+
+
+def package_rows(model: nn.Module, bucket: int, dynamic: bool = True) -> tuple[int, int]:
+    """The batch sizes ``(lo, hi)`` the package running ``bucket`` serves: the run of buckets of
+    its group around it with its settings, or ``(bucket, bucket)`` for a bucket of its own."""
+    group = next((g for g in DYNAMIC_GROUPS if bucket in g), None) if dynamic else None
+    if group is None:
+        return bucket, bucket
+    mine = _settings(model, bucket)
+    lo = hi = group.index(bucket)
+    while lo > 0 and _settings(model, group[lo - 1]) == mine:
+        lo -= 1
+    while hi < len(group) - 1 and _settings(model, group[hi + 1]) == mine:
+        hi += 1
+    return group[lo], group[hi]
+
+
 _SOURCE_DIGEST: str | None = None
 
 
@@ -180,19 +203,31 @@ class StepSpec:
     kernels: bool = True  # pagedlm's CPU kernels were available to the engine (the builder matches it)
     crossover_measured: bool = True  # the engine measured dense_min_rows (was not given it)
 
-    def key(self, model: nn.Module, bucket: int) -> str:
+    def key(self, model: nn.Module, rows: tuple[int, int]) -> str:
         from pagedlm import cache
 
         names, tensors, _ = step_tensors(model)
         return cache.key(
-            "decode-step-v1", source_digest(), torch.__version__, cpu_flags(), sys.version, self.model_key,
-            self.dtype, self.cache_dtype, self.block_size, bucket, self.device, self.kernels,
-            [(n, list(t.shape), str(t.dtype)) for n, t in zip(names, tensors)], _settings(model, bucket))
+            "decode-step-v2", source_digest(), torch.__version__, cpu_flags(), sys.version, self.model_key,
+            self.dtype, self.cache_dtype, self.block_size, list(rows), self.device, self.kernels,
+            [(n, list(t.shape), str(t.dtype)) for n, t in zip(names, tensors)], _settings(model, rows[0]))
 
-    def path(self, model: nn.Module, bucket: int) -> Path:
+    def path(self, model: nn.Module, bucket: int, dynamic: bool = True) -> Path:
+        """The cache entry of the package running ``bucket`` (shared by the buckets of a dynamic
+        group, ``decode_b16-64-...``; ``dynamic=False``: the bucket's own)."""
         from pagedlm import cache
 
-        return cache.cache_dir(KIND) / (cache.entry_name(f"decode_b{bucket}", self.key(model, bucket)) + ".pt2")
+        lo, hi = package_rows(model, bucket, dynamic)
+        name = f"decode_b{lo}" if lo == hi else f"decode_b{lo}-{hi}"
+        return cache.cache_dir(KIND) / (cache.entry_name(name, self.key(model, (lo, hi))) + ".pt2")
+
+    def rows_of(self, model: nn.Module, bucket: int, entry: Path) -> tuple[int, int]:
+        """The batch sizes of the package at ``entry`` (the engine's choice for ``bucket``:
+        shared, or the bucket's own after a shared one failed to build)."""
+        for dynamic in (True, False):
+            if self.path(model, bucket, dynamic) == entry:
+                return package_rows(model, bucket, dynamic)
+        raise RuntimeError(f"the builder's model keys differently (not {entry.name})")
 
 
 def config_key(cfg) -> list:
@@ -262,13 +297,18 @@ def _example_inputs(bucket: int, caches: list[torch.Tensor], device) -> tuple:
     return ids, pos, slots, tables, lens
 
 
-def build_package(model: nn.Module, bucket: int, block_size: int, caches: list[torch.Tensor], target: Path) -> None:
-    """Export and compile ``bucket``'s step into the file ``target``."""
+def build_package(model: nn.Module, rows: tuple[int, int], block_size: int, caches: list[torch.Tensor],
+                  target: Path) -> None:
+    """Export and compile the step for batches of ``rows[0]`` to ``rows[1]`` rows (one size: a
+    static batch dimension) into the file ``target``."""
+    lo, hi = rows
     step = StepFunction(model, block_size)
-    args = _example_inputs(bucket, caches, caches[0].device)
+    args = _example_inputs(hi, caches, caches[0].device)
     width = torch.export.Dim("width", min=2, max=MAX_DIM)
     blocks = torch.export.Dim("blocks", min=2, max=MAX_DIM)
-    shapes = (None, None, None, {1: width}, None, [None] * len(step.tensors), [{1: blocks}] * len(caches))
+    b = None if lo == hi else {0: torch.export.Dim("batch", min=lo, max=hi)}
+    tables = {1: width} if b is None else {0: b[0], 1: width}
+    shapes = (b, b, b, tables, b, [None] * len(step.tensors), [{1: blocks}] * len(caches))
     with torch.no_grad():
         ep = torch.export.export(step, (*args, list(step.tensors), list(caches)), dynamic_shapes=shapes, strict=False)
     baked = sum(t.numel() * t.element_size() for t in ep.constants.values() if isinstance(t, torch.Tensor))
@@ -284,11 +324,13 @@ class PackagedStep:
     """A loaded package, called with a flat argument list built once: every input but the block
     table is the same tensor at every step (weights, caches, the bucket's persistent buffers)."""
 
-    def __init__(self, path: Path, weights: list[torch.Tensor], caches: list[torch.Tensor], buffers) -> None:
+    def __init__(self, path: Path, weights: list[torch.Tensor], caches: list[torch.Tensor], buffers,
+                 loader=None) -> None:
         self.path = path
         # The C++ loader itself: ``torch._inductor.aoti_load_package`` would first import
-        # inductor and Dynamo (~2 s of a warm start), which running a package never needs.
-        self.loader = torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
+        # inductor and Dynamo (~2 s of a warm start), which running a package never needs. The
+        # buckets of a dynamic group share one (``loader``).
+        self.loader = loader or torch._C._aoti.AOTIModelPackageLoader(str(path), "model", False, 1, -1)
         self.args = [buffers.ids, buffers.pos, buffers.slots, None, buffers.lens, *weights, *caches]
 
     def __call__(self, tables: torch.Tensor) -> torch.Tensor:
@@ -322,17 +364,19 @@ def _load_for_building(spec: StepSpec):
     return model, caches
 
 
-def _publish(model: nn.Module, bucket: int, block_size: int, caches: list[torch.Tensor], path: Path) -> None:
-    """Build, smoke-test and publish one bucket's package at ``path`` (under its lock, unless
-    another process published it meanwhile): whole and checked, or not at all."""
+def _publish(model: nn.Module, rows: tuple[int, int], block_size: int, caches: list[torch.Tensor],
+             path: Path) -> None:
+    """Build, smoke-test and publish one package at ``path`` (under its lock, unless another
+    process published it meanwhile): whole and checked, or not at all."""
     from pagedlm import cache
 
     with cache.locked(path):
         if not path.exists():
             tmp = path.with_name(f"{cache.TMP_PREFIX}{os.getpid()}-{path.name}")
             try:
-                build_package(model, bucket, block_size, caches, tmp)
-                _smoke_test(tmp, model, bucket, caches)
+                build_package(model, rows, block_size, caches, tmp)
+                for n in sorted(set(rows)):
+                    _smoke_test(tmp, model, n, caches)
                 os.replace(tmp, path)
             finally:
                 with contextlib.suppress(OSError):
@@ -355,9 +399,13 @@ def builder_main(spec: StepSpec, buckets: list[int], expected: dict[int, str], t
 
     if after_kernels:
         return _build_after_kernels(spec, buckets, threads)
-    # Claim each bucket before the (slow) model load: a bucket another builder already makes is
-    # left to it (engines started one after another then share one builder per bucket).
-    claims = {b: cache.claim(expected[b]) for b in buckets}
+    # One entry per package (the buckets of a dynamic group share one), claimed before the (slow)
+    # model load: an entry another builder already makes is left to it (engines started one after
+    # another then share one builder per entry).
+    entries: dict[str, int] = {}
+    for b in sorted(buckets):
+        entries.setdefault(expected[b], b)
+    claims = {b: cache.claim(path) for path, b in entries.items()}
     for b in [b for b, fd in claims.items() if fd is None]:
         log.info("bucket %d: another builder is making it", b)
     buckets = [b for b, fd in claims.items() if fd is not None]
@@ -376,11 +424,9 @@ def builder_main(spec: StepSpec, buckets: list[int], expected: dict[int, str], t
         target = Path(expected[bucket])
         t0 = time.perf_counter()
         try:
-            key_path = spec.path(model, bucket)
-            if key_path != target:
-                raise RuntimeError(f"the builder's model keys differently ({key_path.name}, not {target.name})")
-            _publish(model, bucket, spec.block_size, caches, key_path)
-            log.info("bucket %d: %s in %.1f s", bucket, key_path.name, time.perf_counter() - t0)
+            rows = spec.rows_of(model, bucket, target)
+            _publish(model, rows, spec.block_size, caches, target)
+            log.info("bucket %d: %s in %.1f s", bucket, target.name, time.perf_counter() - t0)
         except BaseException as e:  # noqa: BLE001 - this bucket stays eager
             log.error("bucket %d failed:\n%s", bucket, traceback.format_exc())
             _fail(target, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -424,7 +470,7 @@ def _build_after_kernels(spec: StepSpec, buckets: list[int], threads: int, wait_
             continue
         t0 = time.perf_counter()
         try:
-            _publish(model, bucket, spec.block_size, caches, path)
+            _publish(model, package_rows(model, bucket), spec.block_size, caches, path)
             log.info("bucket %d: %s in %.1f s (after the kernels)", bucket, path.name, time.perf_counter() - t0)
         except BaseException:  # noqa: BLE001 - an engine that wants it builds it (and reports) itself
             log.error("bucket %d failed:\n%s", bucket, traceback.format_exc())

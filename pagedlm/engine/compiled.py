@@ -151,6 +151,8 @@ class CompiledDecode:
         self.after_builder: subprocess.Popen | None = None  # waits for the kernels, then builds
         self._next_poll = 0.0
         self._entries: dict[int, Path] = {}  # bucket -> its cache entry (StepSpec.path), per KV layout
+        self._loaders: dict[Path, object] = {}  # entry -> its loaded library (shared by a dynamic group)
+        self.static_buckets: set[int] = set()  # their dynamic group's package failed: one each
         self.max_model_len = max_model_len or getattr(getattr(model, "config", None), "max_position_embeddings", None)
         self.device = device
         self.sizes = bucket_sizes(max_num_seqs)
@@ -423,7 +425,7 @@ class CompiledDecode:
         """The bucket's cache entry (its key walks every tensor of the model: computed once)."""
         path = self._entries.get(bucket)
         if path is None:
-            path = self._entries[bucket] = self.aot.path(self.model, bucket)
+            path = self._entries[bucket] = self.aot.path(self.model, bucket, bucket not in self.static_buckets)
         return path
 
     def states(self) -> dict[int, str]:
@@ -466,7 +468,9 @@ class CompiledDecode:
 
         _, tensors, _ = step_tensors(self.model)
         try:
-            self.packages[bucket] = PackagedStep(path, tensors, self.caches, self._buffers(bucket))
+            step = PackagedStep(path, tensors, self.caches, self._buffers(bucket), self._loaders.get(path))
+            self.packages[bucket] = step
+            self._loaders[path] = step.loader
         except Exception as e:  # noqa: BLE001 - a bad entry: rebuilt, this bucket eager meanwhile
             log.warning("the cached decode step of bucket %d (%s) does not load (%s: %s); rebuilding it",
                         bucket, path.name, type(e).__name__, e)
@@ -565,32 +569,46 @@ class CompiledDecode:
         from pagedlm.engine.aot import FAILED_SUFFIX
 
         exited = self.builder is None or self.builder.poll() is not None
-        for b, path in list(self.pending.items()):
+        for path in dict.fromkeys(self.pending.values()):  # the buckets of a dynamic group share one
+            buckets = [b for b, p in self.pending.items() if p == path]
             failed = Path(str(path) + FAILED_SUFFIX)
             # Read before the entry is looked for: a builder publishes its entry, then exits.
             building = not exited or cache.claimed(path)
             if path.exists():
-                del self.pending[b]
-                self._load(b, path)
+                for b in buckets:
+                    del self.pending[b]
+                    self._load(b, path)
             elif failed.exists():
-                del self.pending[b]
                 try:
                     reason = failed.read_text(errors="replace")
                     failed.unlink()
                 except OSError as e:
                     reason = str(e)
-                self.aot_failed[b] = reason
-                log.warning("the compiled decode step of batch bucket %d could not be built (%s); it runs "
-                            "eagerly", b, reason)
+                self._failed(buckets, path, reason)
             elif not building:  # nobody makes it (any more)
-                del self.pending[b]
                 who = ("another process's builder" if self.builder is None
                        else f"the builder (exit code {self.builder.returncode})")
-                self.aot_failed[b] = f"{who} exited without building it"
-                log.warning("the compiled decode step of batch bucket %d was not built (%s exited); it runs "
-                            "eagerly", b, who)
+                self._failed(buckets, path, f"{who} exited without building it")
         if exited:
             self._start_builder()
+
+    def _failed(self, buckets: list[int], path: Path, reason: str) -> None:
+        """The package at ``path`` was not built: a dynamic group's buckets each build their own
+        instead (one warning); a bucket's own runs eagerly (one warning)."""
+        for b in buckets:
+            del self.pending[b]
+        shared = [b for b in self.sizes if self._entries.get(b) == path]
+        if len(shared) > 1:
+            log.warning("the compiled decode step shared by batch buckets %s could not be built (%s); each builds "
+                        "its own", shared, reason)
+            self.static_buckets.update(shared)
+            for b in shared:
+                self._entries.pop(b, None)
+            self.request(buckets)
+            return
+        for b in buckets:
+            self.aot_failed[b] = reason
+            log.warning("the compiled decode step of batch bucket %d could not be built (%s); it runs eagerly", b, reason)
 
     @contextlib.contextmanager
     def builders_paused(self):

@@ -44,12 +44,14 @@ def split_dtype(dtype: torch.dtype, device: str | torch.device = "cpu") -> tuple
 
 # Rows for which W @ x^T beats x @ W^T on CPU (fp32, weights streamed from memory): for a few
 # rows MKL's GEMM path for F.linear is up to 2.2x slower than the transposed product (measured:
-# 30 layers of SmolLM2 at 8 rows, 104 ms vs 46 ms); from ~128 rows F.linear wins.
+# 30 layers of SmolLM2 at 8 rows, 104 ms vs 46 ms); from ~128 rows F.linear wins. Compared, not
+# looked up (``in range``): a symbolic batch size (a dynamic-batch package, engine/aot.py) then
+# decides it from its bounds instead of being pinned to one size.
 SMALL_BATCH_ROWS = range(2, 128)
 
 
 def _cpu_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    if x.device.type == "cpu" and x.dim() == 2 and x.shape[0] in SMALL_BATCH_ROWS:
+    if x.device.type == "cpu" and x.dim() == 2 and SMALL_BATCH_ROWS.start <= x.shape[0] < SMALL_BATCH_ROWS.stop:
         y = (weight @ x.t()).t().contiguous()  # (out, rows) -> (rows, out)
         return y if bias is None else y + bias
     return F.linear(x, weight, bias)
