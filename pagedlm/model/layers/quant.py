@@ -458,7 +458,7 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
     the dense GEMV at one row (~550 vs ~30 ms a SmolLM2 step, measured). pagedlm's int4 kernel
     with int8 activations beats float32 GEMM at every size on AVX2 (SmolLM2, 512 rows: 336 vs
     493 ms over 90 layers), so there the kernel multiplies prefill chunks too; a bfloat16 GEMM on
-    AMX wins from some row count, which this finds."""
+    AMX wins from some row count (SmolLM2 on a 2-core Sapphire Rapids: ~128), which this finds."""
     from pagedlm.model.layers.matmul import linear
 
     if not weights:
@@ -466,6 +466,10 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
     hidden = weights[0].dense.shape[1]
     same = [w for w in weights if w.dense.shape[1] == hidden] or weights
     t_end = time.perf_counter() + budget_s
+
+    def dense_mm(w: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
+        # What ``mm`` runs past the crossover: x rounded as the kernel rounds it.
+        return linear(round_activations_int8(x) if w.int8_act else x, w.dense)
 
     def run(rows: int, dense: bool, repeats: int = 3) -> float:
         x = torch.randn(rows, hidden, dtype=compute_dtype)
@@ -475,28 +479,38 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
         for _ in range(repeats):
             t = time.perf_counter()
             for w in layers:
-                linear(x, w.dense) if dense else w.mm(x)
+                dense_mm(w, x) if dense else w.mm(x)
             best = min(best, time.perf_counter() - t)
         return best
 
     with torch.inference_mode():
+        # Every weight touched both ways first: a prepared model is mapped from its file, and
+        # whichever path reads a page first pays its fault (on an AMX Xeon a start-up measured
+        # "dense from 16 rows" where the kernel is 2x faster, against 64-128 warm).
+        x1 = torch.randn(1, hidden, dtype=compute_dtype)
+        for w in same:
+            dense_mm(w, x1)
+            w.mm(x1)
+
         def dense_wins(rows: int) -> bool:
             dense, kernel = run(rows, True, 1), run(rows, False, 1)
             if max(dense, kernel) < 2 * min(dense, kernel):  # close: best of 3 each
                 dense, kernel = run(rows, True), run(rows, False)
             return dense <= kernel
 
-        for i, rows in enumerate(candidates):
-            # The dense GEMM must win here and at the next size too: one hiccup of the machine
-            # during the kernel's runs (measured: a start-up beside other work gave "dense from
-            # 16 rows", where the kernel is 2.5x faster) would otherwise slow every later step.
-            if dense_wins(rows) and (i + 1 == len(candidates) or dense_wins(candidates[i + 1])):
-                return rows
-            if time.perf_counter() > t_end:
-                # Out of time with the kernel ahead. From 256 rows both are compute-bound and
-                # their ratio stays (SmolLM2, AVX2: 1.7x at 256 rows, 1.5x at 512): never dense.
-                return 1 << 30 if rows >= 256 else rows * 2
-    return 1 << 30
+        # The first candidate where the dense GEMM wins, and at the next size too (one hiccup of
+        # the machine during the kernel's runs would otherwise slow every later step), found by
+        # bisection: the dense GEMM gains on the kernel as rows grow. Out of time, the smallest
+        # size known to qualify, or never: the kernel is the safe side (at most ~1.5x slower
+        # at 512 rows, where a wrong "dense" costs up to 2x at 16-32).
+        lo, hi = 0, len(candidates)  # the answer's index lies in [lo, hi]; hi: none qualifies
+        while lo < hi and time.perf_counter() < t_end:
+            mid = (lo + hi) // 2
+            if dense_wins(candidates[mid]) and (mid + 1 == len(candidates) or dense_wins(candidates[mid + 1])):
+                hi = mid
+            else:
+                lo = mid + 1
+        return candidates[hi] if hi < len(candidates) else 1 << 30
 
 
 def finalize_quantization(model: torch.nn.Module, compute_dtype: torch.dtype, qcfg: QuantConfig) -> dict[str, int]:
