@@ -25,7 +25,7 @@ for mode in process thread; do
   python benchmarks/serve_bench.py --launch --concurrency $C --serve-arg=--engine-core --serve-arg=$mode --json
 done
 echo "== llama-server -np 32"
-${LLAMA_BIN:-/tmp/llama-bin}/llama-server -m $G -np 32 -c 16384 -t 2 --port 8391 > /tmp/m/llama-server.log 2>&1 &
+${LLAMA_BIN:-/tmp/llama-bin}/llama-server -m $G -np 32 -c 16384 -t 2 --port 8391 > "${TMPDIR:-/tmp}/llama-server.log" 2>&1 &
 LP=$!
 for i in $(seq 60); do curl -sf http://127.0.0.1:8391/health >/dev/null && break; sleep 1; done
 python benchmarks/serve_bench.py --url http://127.0.0.1:8391 --concurrency $C --json
