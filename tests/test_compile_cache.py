@@ -571,3 +571,19 @@ def test_a_builder_whose_engine_dies_mid_step_goes_on(tmp_path):
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
+
+
+def test_a_moe_model_decodes_eagerly_without_starting_a_builder(tmp_path, monkeypatch, caplog):
+    """The expert routing reads its counts on the host: no package of a MoE step can be built, so
+    none is tried (every build failed, in every process, with a warning per bucket)."""
+    monkeypatch.setenv("PAGEDLM_CACHE_DIR", str(tmp_path))
+
+    def no_builder(*a, **k):
+        raise AssertionError("a builder was started for a MoE model")
+    monkeypatch.setattr(aot, "builder_command", no_builder)
+    moe = save_tiny("mixtral", str(tmp_path / "moe"))
+    with caplog.at_level(logging.INFO, logger="pagedlm"):
+        llm = LLM(moe, enforce_eager=False, compile_mode="background", **ENGINE)
+        out = llm.generate(PROMPTS, PARAMS, use_tqdm=False)
+    assert llm.engine.runner.compiled is None and len(out[0].outputs[0].token_ids) == PARAMS.max_tokens
+    assert any("MoE models decode eagerly" in r.getMessage() for r in caplog.records)

@@ -48,6 +48,12 @@ class StepInputs:
     compiled: object = None  # the compiled decode step's batch bucket, when it runs this step
 
 
+def _has_moe(model: torch.nn.Module) -> bool:
+    from pagedlm.model.layers.moe import SparseMoeBlock
+
+    return any(isinstance(m, SparseMoeBlock) for m in model.modules())
+
+
 class ModelRunnerBase(abc.ABC):
     """What the engine needs of a model runner, in this process (``ModelRunner``) or over ranks
     (``DistributedModelRunner``): declared here, so the engine reads attributes, not ``getattr``."""
@@ -130,6 +136,11 @@ class ModelRunner(ModelRunnerBase):
             from pagedlm.lora import LoRAManager
 
             self.lora = LoRAManager(self.model, max_loras, max_lora_rank, self.dtype, self.device)
+        if not enforce_eager and _has_moe(self.model):
+            # The expert routing reads its per-expert counts on the host (``layers/moe.py``): no
+            # whole-graph capture or export of the step can hold it, and every build would fail.
+            log.info("MoE models decode eagerly: the expert routing reads its counts on the host")
+            enforce_eager = True
         if not enforce_eager:
             from pagedlm.engine.compiled import CompiledDecode
 
