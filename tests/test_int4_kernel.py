@@ -348,3 +348,23 @@ def test_the_measured_crossover_leaves_verification_rows_to_the_kernel(tmp_path,
     qws = [q for m in model.modules() for meth in (getattr(m, "quant_method", None), getattr(m, "head_method", None))
            if (q := getattr(meth, "qweight", None)) is not None]
     assert qws and all(q.kernel is not None and q.dense_min_rows == KERNEL_ROWS + 1 for q in qws)
+
+
+@needs_kernels
+def test_bfloat16_keeps_the_files_float16_scales(smollm2):
+    """A GGUF's Q4 scales and mins are float16 and stay exact in a bfloat16 model: rounded to
+    bfloat16 they moved every weight (up to ~1.6% of a quantisation step through the min), and the
+    tiles could no longer store them in float16 (24 bytes a block and 8 rows instead of 20)."""
+    from pagedlm import LLM
+    from pagedlm.engine.aot import quantized_weights
+
+    def int4(dtype):
+        llm = LLM(smollm2, dtype=dtype, enforce_eager=True, num_kv_blocks=4)
+        return [w for w in quantized_weights(llm.engine.runner.model) if w.kind == "int4"]
+    bf16, f32 = int4("bfloat16"), int4("float32")
+    assert len(bf16) == len(f32) == 120
+    for a, b in zip(bf16, f32):
+        assert a.kernel_scales[0].dtype == torch.float16 and torch.equal(a.kernel_scales[0], b.kernel_scales[0])
+        assert torch.equal(a.kernel_scales[1], b.kernel_scales[1])
+        # The dense copy: the file's exact dequantisation, rounded once to the weights' dtype.
+        assert torch.equal(a.dense, b.dense.to(a.dense.dtype))

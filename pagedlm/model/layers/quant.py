@@ -203,19 +203,20 @@ def quantize_int4(dense: torch.Tensor, compute_dtype: torch.dtype,
         # within an ulp. A cold start then dequantises ~100M weights once, not twice.
         deq = dense
     else:
-        # The dense copy is what the kernel computes with: codes with the scales as stored.
-        deq = int4_dequantize(codes, scale.to(compute_dtype).float(), zero.to(compute_dtype).float()).to(dense.dtype)
-    scale, zero = scale.to(compute_dtype), zero.to(compute_dtype)
+        # The dense copy is what pagedlm's kernel computes with: the codes with the scales as
+        # loaded, not rounded to a bfloat16 compute dtype (a GGUF's float16 scales stay exact).
+        deq = int4_dequantize(codes, scale.float(), zero.float()).to(dense.dtype)
     ops = _kernel_ops() if codes.device.type == "cpu" else None
     if ops is not None:
-        qw = QuantizedWeight("int4", *_int4_kernel_form(codes, scale, zero), deq)
+        qw = QuantizedWeight("int4", *_int4_kernel_form(codes, scale.float(), zero.float()), deq)
         qw.kernel, qw.kernel_scales, qw.int8_act = ops.int4_mm, qw.scales, INT4_INT8_ACTIVATIONS
         return qw
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-    sz = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (in / 32, out, 2)
-    qw = QuantizedWeight("int4", packed, sz, deq)
+    # torch's kernel takes its scales in x's dtype.
+    sz = torch.stack([scale.to(compute_dtype), zero.to(compute_dtype)], -1).transpose(0, 1).contiguous()
+    qw = QuantizedWeight("int4", packed, sz, deq)  # (in / 32, out, 2) scales and zeros
     if codes.device.type == "cpu" and kernels_coming():
-        qw.pending_kernel = _int4_kernel_form(codes, scale, zero)
+        qw.pending_kernel = _int4_kernel_form(codes, scale.float(), zero.float())
     return qw
 
 
