@@ -14,8 +14,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 # (label, ratio, target): docs/benchmarks.md's sixth-session tables.
 ROWS = [
-    ("prefill 512\nvs llama-bench (24)", 4.25, 2.0),
-    ("decode b1\nvs llama-bench (24)", 1.09, 1.5),
+    ("prefill 512\nvs llama-bench (24)", 3.89, 2.0),
+    ("decode b1\nvs llama-bench (24)", 1.31, 1.5),
     ("48 requests warm\nvs transformers (22)", 1.92, 3.0),
     ("48 requests cold\nvs transformers (22)", 1.23, 1.5),
     ("serve 32 streams\nvs llama-server (23)", 2.79, 3.0),
