@@ -139,7 +139,8 @@ def _settings(model: nn.Module, bucket: int) -> list:
 # step agrees across them (a measured crossover inside a group splits it). The small, hot buckets
 # keep packages of their own. A group meets the product-path switch of layers/matmul.py
 # (SMALL_BATCH_ROWS, 2..127 rows) at neither side. Measured (docs/benchmarks.md, sixth session):
-# one package for 16-64 compiles in about half the time of three and steps as fast, bit for bit.
+# one package for 16-64 compiles in about half the time of three and steps as fast (bit for bit
+# in float32; bfloat16 may round a fused reduction differently once the batch is symbolic).
 DYNAMIC_GROUPS = ((16, 32, 64), (128, 256, 512))
 
 
