@@ -222,6 +222,48 @@ def test_avx512_vnni_path_runs():
     assert ops.isa() == "avx512vnni"  # the tests above then ran vpdpbusd
 
 
+@pytest.mark.skipif(not {"amx_tile", "amx_int8", "avx512_vnni"} <= _flags(), reason="this CPU has no AMX: the tile "
+                    "path is only compile-checked (test_amx_path_compiles)")
+@needs_kernels
+def test_amx_path_runs_and_equals_the_vector_path_bit_for_bit(tmp_path):
+    """Past 8 rows with int8 activations the tile unit computes the blocks' integer sums; every
+    float operation after them is the vector path's, so both give the same bits (the vector path
+    run in another process with PAGEDLM_AMX=0)."""
+    assert ops.amx()  # the rows-independence tests above then ran the tile path from 9 rows
+    code = f"""
+import sys, torch
+sys.path.insert(0, {os.path.dirname(os.path.dirname(__file__))!r})
+from tests.test_int4_kernel import _random_int4, _int4, ops
+assert ops.amx() is {{amx}}
+out = []
+for (n, k), sd in (((960, 576), torch.float16), ((576, 1536), torch.float32), ((203, 200), torch.float16)):
+    codes, scale, mins, _ = _random_int4(n, k, seed=7, dtype=sd)
+    for rows in (9, 16, 40):
+        x = torch.randn(rows, k, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        out.append(_int4(x, codes, scale, mins, True))
+torch.save(out, sys.argv[1])
+"""
+    res = {}
+    for amx, env in ((True, "1"), (False, "0")):
+        path = str(tmp_path / f"{env}.pt")
+        done = subprocess.run([sys.executable, "-c", code.replace("{amx}", str(amx)), path], capture_output=True,
+                              text=True, env={**os.environ, "PAGEDLM_AMX": env}, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        res[amx] = torch.load(path)
+    assert all(torch.equal(a, b) for a, b in zip(res[True], res[False], strict=True))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or shutil.which("objdump") is None, reason="needs g++ and objdump")
+def test_amx_path_compiles(tmp_path):
+    """Where the CPU lacks AMX the tile path cannot run here; it must still build, and use tdpbsud."""
+    obj = str(tmp_path / "k.o")
+    done = _compile(["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+                     "-mamx-tile", "-mamx-int8"], obj, link=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    asm = subprocess.run(["objdump", "-d", "--no-show-raw-insn", obj], capture_output=True, text=True).stdout
+    assert re.search(r"\btdpbsud\b", asm) and re.search(r"\bldtilecfg\b", asm)
+
+
 def _compile(flags: list[str], out: str, link: bool) -> subprocess.CompletedProcess:
     cmd = kernels.build_command(out, march=None)
     if not link:  # an object file: no shared library, no libraries to link
