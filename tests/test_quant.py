@@ -161,3 +161,50 @@ def test_unknown_quantization_cli(capsys):
         main(["generate", "hi", "--quantization", "int3"])
     assert e.value.code == 2
     assert "int3" in capsys.readouterr().err
+
+
+class _FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _TimedWeight:
+    """Stands for a quantized weight in ``measure_crossover``: its kernel and its dense GEMM
+    advance a fake clock by a cost that depends on the row count only."""
+
+    def __init__(self, clock: _FakeClock, kernel_s, dense_s):
+        self.dense = torch.empty(8, 64)
+        self.clock, self.kernel_s, self.dense_s = clock, kernel_s, dense_s
+
+    def mm(self, x):
+        self.clock.now += self.kernel_s(x.shape[0])
+
+    def dense_mm(self, x):
+        self.clock.now += self.dense_s(x.shape[0])
+
+
+@pytest.mark.parametrize("crossover", [1, 16, 128, 512])
+def test_measure_crossover_finds_where_the_dense_gemm_wins(monkeypatch, crossover):
+    from pagedlm.model.layers import quant
+
+    clock = _FakeClock()
+    monkeypatch.setattr(quant.time, "perf_counter", clock)
+    # The kernel costs 1 ms a row; the dense GEMM a fixed amount that the kernel reaches at `crossover`.
+    ws = [_TimedWeight(clock, lambda r: 1e-3 * r, lambda r: 1e-3 * crossover) for _ in range(4)]
+    assert quant.measure_crossover(ws, torch.float32, budget_s=10.0) == crossover
+    ws = [_TimedWeight(clock, lambda r: 1e-3 * r, lambda r: 1.0) for _ in range(4)]  # dense never wins
+    assert quant.measure_crossover(ws, torch.float32, budget_s=10.0) == 1 << 30
+
+
+def test_measure_crossover_out_of_time_keeps_the_kernel(monkeypatch):
+    """Out of budget before any size qualified: never dense (the kernel is the safe side)."""
+    from pagedlm.model.layers import quant
+
+    clock = _FakeClock()
+    monkeypatch.setattr(quant.time, "perf_counter", clock)
+    # Each measurement costs 1 s of the 1 s budget; the dense GEMM would win from 4 rows.
+    ws = [_TimedWeight(clock, lambda r: 1.0 + r, lambda r: 1.0 + 4) for _ in range(2)]
+    assert quant.measure_crossover(ws, torch.float32, budget_s=1.0) == 1 << 30

@@ -82,14 +82,18 @@ class QuantizedWeight:
     # True). None: nothing to switch.
     pending_kernel: object = None
 
-    def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """x (rows, in) -> (rows, out), in x's dtype."""
+    def dense_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """What ``mm`` runs from ``dense_min_rows`` rows: the dense GEMM. With int8 activations it
+        takes x rounded as the kernel rounds it: a prompt's logits then do not depend on which side
+        of the crossover its rows fell."""
         from pagedlm.model.layers.matmul import linear
 
+        return linear(round_activations_int8(x) if self.int8_act else x, self.dense)
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """x (rows, in) -> (rows, out), in x's dtype."""
         if x.shape[0] >= self.dense_min_rows:
-            # With int8 activations the dense GEMM takes x rounded as the kernel rounds it: a
-            # prompt's logits then do not depend on which side of the crossover its rows fell.
-            return linear(round_activations_int8(x) if self.int8_act else x, self.dense)
+            return self.dense_mm(x)
         if self.kind == "int4":
             if self.kernel is not None:
                 # Same contract as the int8 kernel: weights read once for all rows, rows identical.
@@ -460,17 +464,11 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
     with int8 activations beats float32 GEMM at every size on AVX2 (SmolLM2, 512 rows: 336 vs
     493 ms over 90 layers), so there the kernel multiplies prefill chunks too; a bfloat16 GEMM on
     AMX wins from some row count (SmolLM2 on a 2-core Sapphire Rapids: ~128), which this finds."""
-    from pagedlm.model.layers.matmul import linear
-
     if not weights:
         return 1 << 30
     hidden = weights[0].dense.shape[1]
     same = [w for w in weights if w.dense.shape[1] == hidden] or weights
     t_end = time.perf_counter() + budget_s
-
-    def dense_mm(w: QuantizedWeight, x: torch.Tensor) -> torch.Tensor:
-        # What ``mm`` runs past the crossover: x rounded as the kernel rounds it.
-        return linear(round_activations_int8(x) if w.int8_act else x, w.dense)
 
     def run(rows: int, dense: bool, repeats: int = 3) -> float:
         x = torch.randn(rows, hidden, dtype=compute_dtype)
@@ -480,7 +478,7 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
         for _ in range(repeats):
             t = time.perf_counter()
             for w in layers:
-                dense_mm(w, x) if dense else w.mm(x)
+                w.dense_mm(x) if dense else w.mm(x)
             best = min(best, time.perf_counter() - t)
         return best
 
@@ -490,7 +488,7 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
         # "dense from 16 rows" where the kernel is 2x faster, against 64-128 warm).
         x1 = torch.randn(1, hidden, dtype=compute_dtype)
         for w in same:
-            dense_mm(w, x1)
+            w.dense_mm(x1)
             w.mm(x1)
 
         def dense_wins(rows: int) -> bool:
