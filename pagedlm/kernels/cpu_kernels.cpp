@@ -862,6 +862,8 @@ typedef unsigned short v8us __attribute__((vector_size(16), aligned(2)));
 typedef unsigned int v8ui __attribute__((vector_size(32)));
 
 constexpr int64_t kAttnChunk = 256;
+constexpr int64_t kAttnHeads = 3;
+constexpr int64_t kAttnInline = 4096;  // (keys x query heads) below which a call runs on its thread  // query heads per pass over the values (their sums stay in registers)
 
 inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 
@@ -944,17 +946,20 @@ void attn_chunk(const AttnArgs& a, int64_t r, int64_t h, int64_t t0, int64_t t1,
   const float* q = a.q + (r * a.heads + h * g) * D;
   const KT* kb = static_cast<const KT*>(a.k);
   const KT* vb = static_cast<const KT*>(a.v);
-  for (int64_t j = 0; j < g; ++j) {
-    float* sj = s + j * kAttnChunk;
-    for (int64_t c0 = 0; c0 < nv; c0 += CB) {
-      const int64_t cn = std::min(CB, nv - c0);
-      v8f qr[CB];
-      for (int64_t c = 0; c < cn; ++c) qr[c] = *reinterpret_cast<const v8fu*>(q + j * D + 8 * (c0 + c));
-      for (int64_t t = 0; t < n; ++t) {
-        const KT* kp = kb + rowsbuf[t] + 8 * c0;
+  // Scores: each key's slice converted once for all g query heads (the same operations per
+  // (head, key) as one head at a time).
+  for (int64_t c0 = 0; c0 < nv; c0 += CB) {
+    const int64_t cn = std::min(CB, nv - c0);
+    for (int64_t t = 0; t < n; ++t) {
+      const KT* kp = kb + rowsbuf[t] + 8 * c0;
+      v8f kr[CB];
+      for (int64_t c = 0; c < cn; ++c) kr[c] = kv8<KT>(kp + 8 * c);
+      for (int64_t j = 0; j < g; ++j) {
+        const float* qj = q + j * D + 8 * c0;
         v8f acc = splat8(0.0f);
-        for (int64_t c = 0; c < cn; ++c) acc += qr[c] * kv8<KT>(kp + 8 * c);
+        for (int64_t c = 0; c < cn; ++c) acc += *reinterpret_cast<const v8fu*>(qj + 8 * c) * kr[c];
         const float part = hsum8v(acc);
+        float* sj = s + j * kAttnChunk;
         sj[t] = c0 == 0 ? part : sj[t] + part;
       }
     }
@@ -977,16 +982,26 @@ void attn_chunk(const AttnArgs& a, int64_t r, int64_t h, int64_t t0, int64_t t1,
     }
     maxima[j] = m;
     sums[j] = hsum8v(sum);
+  }
+  // Weighted values: each value's slice converted once for up to kAttnHeads heads at a time.
+  for (int64_t j0 = 0; j0 < g; j0 += kAttnHeads) {
+    const int64_t gn = std::min<int64_t>(kAttnHeads, g - j0);
     for (int64_t c0 = 0; c0 < nv; c0 += CB) {
       const int64_t cn = std::min(CB, nv - c0);
-      v8f ar[CB];
-      for (int64_t c = 0; c < cn; ++c) ar[c] = splat8(0.0f);
+      v8f ar[kAttnHeads][CB];
+      for (int64_t jj = 0; jj < gn; ++jj)
+        for (int64_t c = 0; c < cn; ++c) ar[jj][c] = splat8(0.0f);
       for (int64_t t = 0; t < n; ++t) {
         const KT* vp = vb + rowsbuf[t] + 8 * c0;
-        const v8f p = splat8(sj[t]);
-        for (int64_t c = 0; c < cn; ++c) ar[c] += p * kv8<KT>(vp + 8 * c);
+        v8f vr[CB];
+        for (int64_t c = 0; c < cn; ++c) vr[c] = kv8<KT>(vp + 8 * c);
+        for (int64_t jj = 0; jj < gn; ++jj) {
+          const v8f p = splat8(s[(j0 + jj) * kAttnChunk + t]);
+          for (int64_t c = 0; c < cn; ++c) ar[jj][c] += p * vr[c];
+        }
       }
-      for (int64_t c = 0; c < cn; ++c) *reinterpret_cast<v8fu*>(acc + j * D + 8 * (c0 + c)) = ar[c];
+      for (int64_t jj = 0; jj < gn; ++jj)
+        for (int64_t c = 0; c < cn; ++c) *reinterpret_cast<v8fu*>(acc + (j0 + jj) * D + 8 * (c0 + c)) = ar[jj][c];
     }
   }
 }
@@ -1012,7 +1027,17 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
               "with unit column stride expected");
   const at::Tensor lens = context_lens.to(at::kLong).contiguous();
   TORCH_CHECK(lens.numel() == all_rows, "paged_attention: ", all_rows, " rows but ", lens.numel(), " lengths");
-  const at::Tensor qf = (q.to(at::kFloat) * scale).contiguous();
+  // q in float32, times the scale (as `q.to(float32) * scale` rounds it), in this thread's buffer.
+  thread_local std::vector<float> qbuf, partbuf;
+  qbuf.resize(rows * heads * D);
+  {
+    const at::Tensor qc = q.narrow(0, 0, rows).contiguous();
+    const float sc = static_cast<float>(scale);
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_attention_q", [&] {
+      const scalar_t* qp = qc.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < rows * heads * D; ++i) qbuf[i] = static_cast<float>(qp[i]) * sc;
+    });
+  }
   const int64_t g = heads / kvh, bs = kv_cache.size(2), width = block_tables.size(1);
   const int64_t* lp = lens.data_ptr<int64_t>();
   // Tasks: (row, chunk, kv head); a row's chunks follow its length only.
@@ -1025,30 +1050,46 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
     first[r + 1] = first[r] + (len - lo[r] + kAttnChunk - 1) / kAttnChunk;
   }
   const int64_t stride = 2 * g + g * D;
-  at::Tensor part = at::empty({first[rows] * kvh * stride}, qf.options());
-  at::Tensor out = at::empty({all_rows, heads, D}, qf.options());
+  // Every row in one chunk (decode at contexts up to kAttnChunk): each task writes its heads'
+  // outputs itself, with the merge's operations for one chunk (weight exp(0) = 1).
+  const bool single = first[rows] == rows;
+  partbuf.resize(single ? 0 : first[rows] * kvh * stride);
+  at::Tensor out = at::empty({all_rows, heads, D}, q.options().dtype(at::kFloat));
   zero_padding(out, rows);
+  float* op = out.data_ptr<float>();
   const int64_t half = kv_cache.stride(0);
   const char* base = static_cast<const char*>(kv_cache.data_ptr());
-  const AttnArgs a{qf.data_ptr<float>(), base, base + half * kv_cache.element_size(),
+  const AttnArgs a{qbuf.data(), base, base + half * kv_cache.element_size(),
                    block_tables.data_ptr<int64_t>(), block_tables.stride(0), bs, heads, kvh, D,
-                   part.data_ptr<float>()};
+                   partbuf.data()};
   const bool bf16 = kv_cache.scalar_type() == at::kBFloat16;
-  at::parallel_for(0, first[rows] * kvh, 1, [&](int64_t i0, int64_t i1) {
+  // Little work (a decode row at a short context) runs on this thread: a fork costs more.
+  int64_t keys = 0;
+  for (int64_t r = 0; r < rows; ++r) keys += lp[r] - lo[r];
+  const int64_t ntasks = first[rows] * kvh;
+  at::parallel_for(0, ntasks, keys * heads < kAttnInline ? ntasks : 1, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scratch(single ? stride : 0);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t task = i / kvh, h = i % kvh;
       const int64_t r = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
       const int64_t t0 = lo[r] + (task - first[r]) * kAttnChunk, t1 = std::min(lp[r], t0 + kAttnChunk);
-      float* o = a.part + i * stride;
+      float* o = single ? scratch.data() : a.part + i * stride;
       if (bf16) {
         attn_chunk<uint16_t>(a, r, h, t0, t1, o);
       } else {
         attn_chunk<float>(a, r, h, t0, t1, o);
       }
+      if (single) {
+        for (int64_t j = 0; j < g; ++j) {
+          const float l = 0.0f + 1.0f * o[g + j];
+          float* dst = op + (r * heads + h * g + j) * D;
+          for (int64_t d = 0; d < D; ++d) dst[d] = (0.0f + 1.0f * o[2 * g + j * D + d]) / l;
+        }
+      }
     }
   });
+  if (single) return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
   // Merge each row's chunks in order.
-  float* op = out.data_ptr<float>();
   at::parallel_for(0, rows * kvh, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> w(64);
     for (int64_t i = i0; i < i1; ++i) {
