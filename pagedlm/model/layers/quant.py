@@ -466,18 +466,20 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
     AMX wins from some row count (SmolLM2 on a 2-core Sapphire Rapids: ~128), which this finds."""
     if not weights:
         return 1 << 30
-    hidden = weights[0].dense.shape[1]
-    same = [w for w in weights if w.dense.shape[1] == hidden] or weights
     t_end = time.perf_counter() + budget_s
 
     def run(rows: int, dense: bool, repeats: int = 3) -> float:
-        x = torch.randn(rows, hidden, dtype=compute_dtype)
-        # Many rows are compute-bound: fewer layers measure them as well, within the budget.
-        layers = same[:max(8, len(same) * 16 // rows)]
+        # Many rows are compute-bound: fewer layers measure them as well, within the budget. A
+        # run of consecutive weights in model order: every shape of a layer in its proportion (the
+        # kernel and the GEMM do not cross over at the same size for each shape; SmolLM2 on an AMX
+        # Xeon: its 576 x 1536 down projections alone never, the model's mix from 256 rows).
+        layers = weights[:max(8, len(weights) * 16 // rows)]
+        xs = {k: torch.randn(rows, k, dtype=compute_dtype) for k in {w.dense.shape[1] for w in layers}}
         best = float("inf")
         for _ in range(repeats):
             t = time.perf_counter()
             for w in layers:
+                x = xs[w.dense.shape[1]]
                 w.dense_mm(x) if dense else w.mm(x)
             best = min(best, time.perf_counter() - t)
         return best
@@ -486,8 +488,8 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
         # Every weight touched both ways first: a prepared model is mapped from its file, and
         # whichever path reads a page first pays its fault (on an AMX Xeon a start-up measured
         # "dense from 16 rows" where the kernel is 2x faster, against 64-128 warm).
-        x1 = torch.randn(1, hidden, dtype=compute_dtype)
-        for w in same:
+        for w in weights:
+            x1 = torch.randn(1, w.dense.shape[1], dtype=compute_dtype)
             w.dense_mm(x1)
             w.mm(x1)
 
