@@ -862,8 +862,8 @@ typedef unsigned short v8us __attribute__((vector_size(16), aligned(2)));
 typedef unsigned int v8ui __attribute__((vector_size(32)));
 
 constexpr int64_t kAttnChunk = 256;
-constexpr int64_t kAttnHeads = 3;
-constexpr int64_t kAttnInline = 4096;  // (keys x query heads) below which a call runs on its thread  // query heads per pass over the values (their sums stay in registers)
+constexpr int64_t kAttnHeads = 3;  // query heads per pass over the values (their sums stay in registers)
+constexpr int64_t kAttnInline = 4096;  // (keys x query heads) below which a call runs on its thread
 
 inline v8f splat8(float x) { return v8f{x, x, x, x, x, x, x, x}; }
 
@@ -921,87 +921,105 @@ struct AttnArgs {
 // Each query head in turn keeps its query (scores) or its weighted sum (values) in registers
 // while it runs over the chunk's keys: the chunk's K and V come from memory once and then from
 // the cache for the other heads of the group.
+// KV heads [h0, h1) of row r over keys [t0, t1): per head, out + (h - h0) * (2 g + g D) gets its
+// g query heads' maxima, sums and weighted values. Keys are read in memory order (a slot's heads
+// are contiguous) with the next ones prefetched: the cache of a long batch is far larger than
+// the weights (48 rows x 300 keys: 330 MB a SmolLM2 step) and comes from memory in random blocks.
 template <typename KT>
-void attn_chunk(const AttnArgs& a, int64_t r, int64_t h, int64_t t0, int64_t t1, float* out) {
+void attn_chunk(const AttnArgs& a, int64_t r, int64_t h0, int64_t h1, int64_t t0, int64_t t1, float* out) {
   constexpr int64_t CB = 8;  // vectors of 8 dims held in registers per pass (64 dims)
-  const int64_t g = a.heads / a.kv_heads, D = a.D, nv = D / 8, n = t1 - t0;
-  const int64_t np = (n + 7) / 8 * 8;
-  float sbuf[16 * kAttnChunk];
-  std::vector<float> big;
-  float* s = sbuf;
-  if (g > 16) {
-    big.resize(g * kAttnChunk);
-    s = big.data();
-  }
-  // The chunk's rows in the K / V halves, block by block (no division per key).
-  int64_t rowsbuf[kAttnChunk];
+  constexpr int64_t kAhead = 6;  // keys prefetched ahead
+  const int64_t g = a.heads / a.kv_heads, D = a.D, nv = D / 8, n = t1 - t0, nh = h1 - h0;
+  const int64_t np = (n + 7) / 8 * 8, slot = a.kv_heads * D, stride = 2 * g + g * D;
+  const int64_t row_bytes = nh * D * static_cast<int64_t>(sizeof(KT));
+  thread_local std::vector<float> sbuf;
+  sbuf.resize(nh * g * kAttnChunk);
+  float* s = sbuf.data();  // score of (head h - h0, query j) and key t at s[((h - h0) * g + j) * kAttnChunk + t]
+  // Each key's slot (head 0) in the K / V halves, block by block (no division per key).
+  int64_t rowsbuf[kAttnChunk + kAhead];
   const int64_t* table = a.tables + r * a.table_stride;
   for (int64_t t = t0; t < t1;) {
     const int64_t blk = t / a.block_size, off = t % a.block_size;
     const int64_t stop = std::min(t1, t + a.block_size - off);
-    const int64_t base = (table[blk] * a.block_size + off) * a.kv_heads + h;
-    for (int64_t u = t; u < stop; ++u) rowsbuf[u - t0] = (base + (u - t) * a.kv_heads) * D;
+    const int64_t base = (table[blk] * a.block_size + off) * slot;
+    for (int64_t u = t; u < stop; ++u) rowsbuf[u - t0] = base + (u - t) * slot;
     t = stop;
   }
-  const float* q = a.q + (r * a.heads + h * g) * D;
+  for (int64_t t = n; t < n + kAhead; ++t) rowsbuf[t] = rowsbuf[n - 1];
   const KT* kb = static_cast<const KT*>(a.k);
   const KT* vb = static_cast<const KT*>(a.v);
-  // Scores: each key's slice converted once for all g query heads (the same operations per
-  // (head, key) as one head at a time).
+  auto prefetch = [&](const KT* base, int64_t t) {
+    const char* p = reinterpret_cast<const char*>(base + rowsbuf[t] + h0 * D);
+    for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+  };
+  for (int64_t t = 0; t < std::min(n, kAhead); ++t) prefetch(kb, t);
+  // Scores: each key's slice converted once for its g query heads (the same operations per
+  // (head, key) whatever the order).
   for (int64_t c0 = 0; c0 < nv; c0 += CB) {
     const int64_t cn = std::min(CB, nv - c0);
     for (int64_t t = 0; t < n; ++t) {
-      const KT* kp = kb + rowsbuf[t] + 8 * c0;
-      v8f kr[CB];
-      for (int64_t c = 0; c < cn; ++c) kr[c] = kv8<KT>(kp + 8 * c);
-      for (int64_t j = 0; j < g; ++j) {
-        const float* qj = q + j * D + 8 * c0;
-        v8f acc = splat8(0.0f);
-        for (int64_t c = 0; c < cn; ++c) acc += *reinterpret_cast<const v8fu*>(qj + 8 * c) * kr[c];
-        const float part = hsum8v(acc);
-        float* sj = s + j * kAttnChunk;
-        sj[t] = c0 == 0 ? part : sj[t] + part;
-      }
-    }
-  }
-  float* maxima = out;
-  float* sums = out + g;
-  float* acc = out + 2 * g;
-  for (int64_t j = 0; j < g; ++j) {
-    float* sj = s + j * kAttnChunk;
-    float m = sj[0];
-    for (int64_t t = 1; t < n; ++t) m = std::max(m, sj[t]);
-    v8f sum = splat8(0.0f);
-    for (int64_t t = 0; t < np; t += 8) {
-      v8f p = exp8(*reinterpret_cast<const v8fu*>(sj + t) - m);
-      if (t + 8 > n) {
-        for (int64_t l = n - t; l < 8; ++l) p[l] = 0.0f;
-      }
-      *reinterpret_cast<v8fu*>(sj + t) = p;
-      sum += p;
-    }
-    maxima[j] = m;
-    sums[j] = hsum8v(sum);
-  }
-  // Weighted values: each value's slice converted once for up to kAttnHeads heads at a time.
-  for (int64_t j0 = 0; j0 < g; j0 += kAttnHeads) {
-    const int64_t gn = std::min<int64_t>(kAttnHeads, g - j0);
-    for (int64_t c0 = 0; c0 < nv; c0 += CB) {
-      const int64_t cn = std::min(CB, nv - c0);
-      v8f ar[kAttnHeads][CB];
-      for (int64_t jj = 0; jj < gn; ++jj)
-        for (int64_t c = 0; c < cn; ++c) ar[jj][c] = splat8(0.0f);
-      for (int64_t t = 0; t < n; ++t) {
-        const KT* vp = vb + rowsbuf[t] + 8 * c0;
-        v8f vr[CB];
-        for (int64_t c = 0; c < cn; ++c) vr[c] = kv8<KT>(vp + 8 * c);
-        for (int64_t jj = 0; jj < gn; ++jj) {
-          const v8f p = splat8(s[(j0 + jj) * kAttnChunk + t]);
-          for (int64_t c = 0; c < cn; ++c) ar[jj][c] += p * vr[c];
+      if (c0 == 0) prefetch(kb, t + kAhead);
+      for (int64_t h = h0; h < h1; ++h) {
+        const KT* kp = kb + rowsbuf[t] + h * D + 8 * c0;
+        const float* q = a.q + (r * a.heads + h * g) * D;
+        v8f kr[CB];
+        for (int64_t c = 0; c < cn; ++c) kr[c] = kv8<KT>(kp + 8 * c);
+        for (int64_t j = 0; j < g; ++j) {
+          const float* qj = q + j * D + 8 * c0;
+          v8f acc = splat8(0.0f);
+          for (int64_t c = 0; c < cn; ++c) acc += *reinterpret_cast<const v8fu*>(qj + 8 * c) * kr[c];
+          const float part = hsum8v(acc);
+          float* sj = s + ((h - h0) * g + j) * kAttnChunk;
+          sj[t] = c0 == 0 ? part : sj[t] + part;
         }
       }
-      for (int64_t jj = 0; jj < gn; ++jj)
-        for (int64_t c = 0; c < cn; ++c) *reinterpret_cast<v8fu*>(acc + (j0 + jj) * D + 8 * (c0 + c)) = ar[jj][c];
+    }
+  }
+  for (int64_t t = 0; t < std::min(n, kAhead); ++t) prefetch(vb, t);
+  for (int64_t h = h0; h < h1; ++h) {
+    float* o = out + (h - h0) * stride;
+    float* maxima = o;
+    float* sums = o + g;
+    float* acc = o + 2 * g;
+    const float* sh = s + (h - h0) * g * kAttnChunk;
+    for (int64_t j = 0; j < g; ++j) {
+      float* sj = const_cast<float*>(sh) + j * kAttnChunk;
+      float m = sj[0];
+      for (int64_t t = 1; t < n; ++t) m = std::max(m, sj[t]);
+      v8f sum = splat8(0.0f);
+      for (int64_t t = 0; t < np; t += 8) {
+        v8f p = exp8(*reinterpret_cast<const v8fu*>(sj + t) - m);
+        if (t + 8 > n) {
+          for (int64_t l = n - t; l < 8; ++l) p[l] = 0.0f;
+        }
+        *reinterpret_cast<v8fu*>(sj + t) = p;
+        sum += p;
+      }
+      maxima[j] = m;
+      sums[j] = hsum8v(sum);
+    }
+    // Weighted values: each value's slice converted once for up to kAttnHeads heads at a time
+    // (the first head's pass prefetches the slots of all heads of the task).
+    for (int64_t j0 = 0; j0 < g; j0 += kAttnHeads) {
+      const int64_t gn = std::min<int64_t>(kAttnHeads, g - j0);
+      for (int64_t c0 = 0; c0 < nv; c0 += CB) {
+        const int64_t cn = std::min(CB, nv - c0);
+        v8f ar[kAttnHeads][CB];
+        for (int64_t jj = 0; jj < gn; ++jj)
+          for (int64_t c = 0; c < cn; ++c) ar[jj][c] = splat8(0.0f);
+        for (int64_t t = 0; t < n; ++t) {
+          if (h == h0 && j0 == 0 && c0 == 0) prefetch(vb, t + kAhead);
+          const KT* vp = vb + rowsbuf[t] + h * D + 8 * c0;
+          v8f vr[CB];
+          for (int64_t c = 0; c < cn; ++c) vr[c] = kv8<KT>(vp + 8 * c);
+          for (int64_t jj = 0; jj < gn; ++jj) {
+            const v8f p = splat8(sh[(j0 + jj) * kAttnChunk + t]);
+            for (int64_t c = 0; c < cn; ++c) ar[jj][c] += p * vr[c];
+          }
+        }
+        for (int64_t jj = 0; jj < gn; ++jj)
+          for (int64_t c = 0; c < cn; ++c) *reinterpret_cast<v8fu*>(acc + (j0 + jj) * D + 8 * (c0 + c)) = ar[jj][c];
+      }
     }
   }
 }
@@ -1066,24 +1084,30 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
   // Little work (a decode row at a short context) runs on this thread: a fork costs more.
   int64_t keys = 0;
   for (int64_t r = 0; r < rows; ++r) keys += lp[r] - lo[r];
-  const int64_t ntasks = first[rows] * kvh;
+  // Tasks: (row, chunk) with all its KV heads (their slots are contiguous) where there are enough
+  // of them for the threads, else (row, chunk, KV head).
+  const int64_t hs = first[rows] >= 2 * at::get_num_threads() ? kvh : 1, per = kvh / hs;
+  const int64_t ntasks = first[rows] * per;
   at::parallel_for(0, ntasks, keys * heads < kAttnInline ? ntasks : 1, [&](int64_t i0, int64_t i1) {
-    std::vector<float> scratch(single ? stride : 0);
+    std::vector<float> scratch(single ? hs * stride : 0);
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t task = i / kvh, h = i % kvh;
+      const int64_t task = i / per, h0 = i % per * hs;
       const int64_t r = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
       const int64_t t0 = lo[r] + (task - first[r]) * kAttnChunk, t1 = std::min(lp[r], t0 + kAttnChunk);
-      float* o = single ? scratch.data() : a.part + i * stride;
+      float* o = single ? scratch.data() : a.part + (task * kvh + h0) * stride;
       if (bf16) {
-        attn_chunk<uint16_t>(a, r, h, t0, t1, o);
+        attn_chunk<uint16_t>(a, r, h0, h0 + hs, t0, t1, o);
       } else {
-        attn_chunk<float>(a, r, h, t0, t1, o);
+        attn_chunk<float>(a, r, h0, h0 + hs, t0, t1, o);
       }
       if (single) {
-        for (int64_t j = 0; j < g; ++j) {
-          const float l = 0.0f + 1.0f * o[g + j];
-          float* dst = op + (r * heads + h * g + j) * D;
-          for (int64_t d = 0; d < D; ++d) dst[d] = (0.0f + 1.0f * o[2 * g + j * D + d]) / l;
+        for (int64_t h = h0; h < h0 + hs; ++h) {
+          const float* oh = o + (h - h0) * stride;
+          for (int64_t j = 0; j < g; ++j) {
+            const float l = 0.0f + 1.0f * oh[g + j];
+            float* dst = op + (r * heads + h * g + j) * D;
+            for (int64_t d = 0; d < D; ++d) dst[d] = (0.0f + 1.0f * oh[2 * g + j * D + d]) / l;
+          }
         }
       }
     }
