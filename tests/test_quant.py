@@ -179,7 +179,7 @@ class _TimedWeight:
         self.dense = torch.empty(8, 64)
         self.clock, self.kernel_s, self.dense_s = clock, kernel_s, dense_s
 
-    def mm(self, x):
+    def kernel_mm(self, x):
         self.clock.now += self.kernel_s(x.shape[0])
 
     def dense_mm(self, x):
@@ -192,11 +192,12 @@ def test_measure_crossover_finds_where_the_dense_gemm_wins(monkeypatch, crossove
 
     clock = _FakeClock()
     monkeypatch.setattr(quant.time, "perf_counter", clock)
+    monkeypatch.setattr(quant.time, "thread_time", clock)
     # The kernel costs 1 ms a row; the dense GEMM a fixed amount that the kernel reaches at `crossover`.
     ws = [_TimedWeight(clock, lambda r: 1e-3 * r, lambda r: 1e-3 * crossover) for _ in range(4)]
-    assert quant.measure_crossover(ws, torch.float32, budget_s=10.0) == crossover
+    assert quant.measure_crossover(ws, torch.float32, budget_s=100.0) == crossover
     ws = [_TimedWeight(clock, lambda r: 1e-3 * r, lambda r: 1.0) for _ in range(4)]  # dense never wins
-    assert quant.measure_crossover(ws, torch.float32, budget_s=10.0) == 1 << 30
+    assert quant.measure_crossover(ws, torch.float32, budget_s=100.0) == 1 << 30
 
 
 def test_measure_crossover_out_of_time_keeps_the_kernel(monkeypatch):
@@ -205,6 +206,7 @@ def test_measure_crossover_out_of_time_keeps_the_kernel(monkeypatch):
 
     clock = _FakeClock()
     monkeypatch.setattr(quant.time, "perf_counter", clock)
+    monkeypatch.setattr(quant.time, "thread_time", clock)
     # Each measurement costs 1 s of the 1 s budget; the dense GEMM would win from 4 rows.
     ws = [_TimedWeight(clock, lambda r: 1.0 + r, lambda r: 1.0 + 4) for _ in range(2)]
     assert quant.measure_crossover(ws, torch.float32, budget_s=1.0) == 1 << 30

@@ -94,6 +94,10 @@ class QuantizedWeight:
         """x (rows, in) -> (rows, out), in x's dtype."""
         if x.shape[0] >= self.dense_min_rows:
             return self.dense_mm(x)
+        return self.kernel_mm(x)
+
+    def kernel_mm(self, x: torch.Tensor) -> torch.Tensor:
+        """What ``mm`` runs below ``dense_min_rows`` rows: the weight-only kernel."""
         if self.kind == "int4":
             if self.kernel is not None:
                 # Same contract as the int8 kernel: weights read once for all rows, rows identical.
@@ -455,7 +459,7 @@ def current_weight_dtype() -> torch.dtype:
 
 
 def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype,
-                      candidates=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), budget_s: float = 1.0) -> int:
+                      candidates=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), budget_s: float = 2.0) -> int:
     """Smallest row count at which the dense GEMM over these weights is at least as fast as the
     weight-only kernel (measured here, over the model's own layers so weights stream from memory
     as in a real step); never (``1 << 30``) if the kernel still wins at the largest candidate.
@@ -466,24 +470,35 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
     AMX wins from some row count (SmolLM2 on a 2-core Sapphire Rapids: ~128), which this finds."""
     if not weights:
         return 1 << 30
-    t_end = time.perf_counter() + budget_s
+    t_end = time.thread_time() + budget_s  # CPU time of this thread, as the runs (below)
 
-    def run(rows: int, dense: bool, repeats: int = 3) -> float:
+    def run(rows: int, dense: bool) -> float:
         # Many rows are compute-bound: fewer layers measure them as well, within the budget. A
         # run of consecutive weights in model order: every shape of a layer in its proportion (the
         # kernel and the GEMM do not cross over at the same size for each shape; SmolLM2 on an AMX
         # Xeon: its 576 x 1536 down projections alone never, the model's mix from 256 rows).
         layers = weights[:max(8, len(weights) * 16 // rows)]
         xs = {k: torch.randn(rows, k, dtype=compute_dtype) for k in {w.dense.shape[1] for w in layers}}
-        best = float("inf")
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for w in layers:
-                x = xs[w.dense.shape[1]]
-                w.dense_mm(x) if dense else w.mm(x)
-            best = min(best, time.perf_counter() - t)
-        return best
+        t = time.thread_time()
+        for w in layers:
+            x = xs[w.dense.shape[1]]
+            w.dense_mm(x) if dense else w.kernel_mm(x)
+        return time.thread_time() - t
 
+    # On one thread, timed by its CPU time: a start-up measures while other work may run (the
+    # compiled steps' builder, a kernel build, other processes), and its answer is kept with the
+    # prepared model. Wall time over two threads, with another process busy on one core, gave
+    # SmolLM2's int8 head anything from 4 rows to never (dense wins from 9 when quiet); preemption
+    # does not count in a thread's CPU time, and both paths split over threads alike.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _bisect_crossover(weights, compute_dtype, candidates, t_end, run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bisect_crossover(weights, compute_dtype, candidates, t_end, run) -> int:
     with torch.inference_mode():
         # Every weight touched both ways first: a prepared model is mapped from its file, and
         # whichever path reads a page first pays its fault (on an AMX Xeon a start-up measured
@@ -491,12 +506,12 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
         for w in weights:
             x1 = torch.randn(1, w.dense.shape[1], dtype=compute_dtype)
             w.dense_mm(x1)
-            w.mm(x1)
+            w.kernel_mm(x1)
 
         def dense_wins(rows: int) -> bool:
-            dense, kernel = run(rows, True, 1), run(rows, False, 1)
-            if max(dense, kernel) < 2 * min(dense, kernel):  # close: best of 3 each
-                dense, kernel = run(rows, True), run(rows, False)
+            dense = kernel = float("inf")
+            for _ in range(3):  # best of 3 each, alternating
+                dense, kernel = min(dense, run(rows, True)), min(kernel, run(rows, False))
             return dense <= kernel
 
         # The first candidate where the dense GEMM wins, and at the next size too (one hiccup of
@@ -505,7 +520,7 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
         # size known to qualify, or never: the kernel is the safe side (at most ~1.5x slower
         # at 512 rows, where a wrong "dense" costs up to 2x at 16-32).
         lo, hi = 0, len(candidates)  # the answer's index lies in [lo, hi]; hi: none qualifies
-        while lo < hi and time.perf_counter() < t_end:
+        while lo < hi and time.thread_time() < t_end:
             mid = (lo + hi) // 2
             if dense_wins(candidates[mid]) and (mid + 1 == len(candidates) or dense_wins(candidates[mid + 1])):
                 hi = mid
