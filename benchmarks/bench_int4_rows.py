@@ -37,7 +37,8 @@ def main() -> int:
     llm = LLM(enforce_eager=True)
     ws = [w for w in quantized_weights(llm.engine.runner.model) if w.kind == "int4" and w.kernel is not None]
     dtype = ws[0].dense.dtype
-    print(f"{len(ws)} int4 layers; kernels ISA {ops.isa()}; {torch.get_num_threads()} threads; {dtype}")
+    print(f"{len(ws)} int4 layers; kernels ISA {ops.isa()}{' + AMX tiles' if ops.amx() else ''}; "
+          f"{torch.get_num_threads()} threads; {dtype}")
     print(f"| rows | dense {str(dtype).removeprefix('torch.')} GEMM ms | int4 kernel ms | dense GFLOP/s | kernel GFLOP/s | kernel speed-up |")
     print("|---:|---:|---:|---:|---:|---:|")
     with torch.inference_mode():
