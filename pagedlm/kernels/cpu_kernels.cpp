@@ -1088,7 +1088,19 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
   // of them for the threads, else (row, chunk, KV head).
   const int64_t hs = first[rows] >= 2 * at::get_num_threads() ? kvh : 1, per = kvh / hs;
   const int64_t ntasks = first[rows] * per;
-  at::parallel_for(0, ntasks, keys * heads < kAttnInline ? ntasks : 1, [&](int64_t i0, int64_t i1) {
+  // Each thread a run of tasks of about equal keys (rows' lengths differ: equal counts of tasks
+  // left one thread waiting on the other), or all on this thread when the work is small.
+  std::vector<int64_t> cum(ntasks + 1, 0);
+  for (int64_t i = 0; i < ntasks; ++i) {
+    const int64_t task = i / per;
+    const int64_t r = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
+    const int64_t t0 = lo[r] + (task - first[r]) * kAttnChunk;
+    cum[i + 1] = cum[i] + std::min(lp[r], t0 + kAttnChunk) - t0 + 16;  // + a task's fixed cost
+  }
+  const int64_t parts = keys * heads < kAttnInline ? 1 : std::min<int64_t>(at::get_num_threads(), ntasks);
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    const int64_t i0 = std::lower_bound(cum.begin(), cum.end(), cum[ntasks] * p0 / parts) - cum.begin();
+    const int64_t i1 = std::lower_bound(cum.begin(), cum.end(), cum[ntasks] * p1 / parts) - cum.begin();
     std::vector<float> scratch(single ? hs * stride : 0);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t task = i / per, h0 = i % per * hs;
