@@ -100,6 +100,21 @@ def test_int4_mm_rows_are_independent_bit_for_bit(int8_act, dtype, sdtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("scale", [1.0, 1e-37, 1e30], ids=["normal", "denormal-out", "huge"])
+def test_int4_mm_bfloat16_rows_bit_for_bit_with_whole_tile_pairs(scale):
+    """bf16 x and outputs in whole pairs of tiles (N a multiple of 16): where the tile unit runs,
+    it writes bfloat16 itself (rounded as torch rounds: denormals kept), and every row still
+    equals the row alone (which goes through float32 and torch's conversion)."""
+    codes, sc, mins, _ = _random_int4(96, 576, seed=6, dtype=torch.float16)
+    x = (torch.randn(40, 576) * scale).to(torch.bfloat16)
+    alone = torch.cat([_int4(x[i:i + 1], codes, sc, mins, True) for i in range(40)])
+    for rows in (9, 16, 17, 40):
+        y = _int4(x[:rows], codes, sc, mins, True)
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y.view(torch.int16), alone[:rows].view(torch.int16)), rows
+
+
+@needs_kernels
 @pytest.mark.parametrize("threads", [1, 2])
 def test_int4_mm_does_not_depend_on_the_thread_count(threads):
     codes, scale, mins, _ = _random_int4(1000, 576, seed=4)

@@ -174,6 +174,7 @@ struct Int4Args {
   const float* sx;   // (rows, nb) per-block sums of x
   float* y;
   int64_t N, nb;
+  uint16_t* yb = nullptr;  // the tile path: bfloat16 output here instead of y (see store_bf16x16)
 };
 
 // Scales and mins as stored: float32, or float16 (uint16_t bits).
@@ -396,6 +397,16 @@ inline void amx_configure() {
 
 inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 
+// 16 floats to bfloat16 as torch rounds them (c10::BFloat16: to nearest even, denormals kept,
+// NaN 0x7FC0), written in place of a float result and its conversion (a pass over y per call).
+inline void store_bf16x16(uint16_t* p, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+
 // Tiles t and t + 1 (16 outputs) for rows [0, rows) of x, whose int8 activations, block scales
 // and block sums are padded with zero rows to a multiple of 16. bbuf: nb * 512 bytes; sm: nb * 32
 // floats (scratch).
@@ -466,7 +477,14 @@ void int4_amx_pair(const Int4Args& a, int64_t t, int64_t rows, int64_t Kp, uint8
     }
     const int64_t live = std::min<int64_t>(kAmxRows, rows - r0);
     for (int64_t m = 0; m < live; ++m)
-      _mm512_storeu_ps(a.y + (r0 + m) * a.N + t * kTile, _mm512_add_ps(_mm512_load_ps(accbuf + m * 16), macc[m]));
+    {
+      const __m512 v = _mm512_add_ps(_mm512_load_ps(accbuf + m * 16), macc[m]);
+      if (a.yb != nullptr) {
+        store_bf16x16(a.yb + (r0 + m) * a.N + t * kTile, v);
+      } else {
+        _mm512_storeu_ps(a.y + (r0 + m) * a.N + t * kTile, v);
+      }
+    }
   }
 }
 
@@ -686,6 +704,19 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   const PreparedX px = prepare_x(x.narrow(0, 0, rows), int8_act, amx ? (rows + 15) / 16 * 16 : 0);
   const int64_t Kp = px.Kp;
   const at::Tensor cc = codes.contiguous(), sc = scale.contiguous(), mc = mins.contiguous();
+#if defined(PAGEDLM_AMX)
+  if (amx && x.scalar_type() == at::kBFloat16 && N % 16 == 0) {
+    // Every tile in a whole pair: the tile path writes bfloat16 itself.
+    at::Tensor yb = at::empty({all_rows, N}, x.options());
+    zero_padding(yb, rows);
+    Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr(), mc.data_ptr(), px.xf, px.xq, px.dx, px.sx, nullptr, N, nb};
+    a.yb = reinterpret_cast<uint16_t*>(yb.data_ptr());
+    at::parallel_for(0, N / 16, 4, [&](int64_t p0, int64_t p1) {
+      half ? int4_many_amx<uint16_t>(a, rows, Kp, p0, p1) : int4_many_amx<float>(a, rows, Kp, p0, p1);
+    });
+    return yb;
+  }
+#endif
   at::Tensor y = at::empty({all_rows, N}, x.options().dtype(at::kFloat));
   zero_padding(y, rows);
   if (int8_act && rows > kMaxRows) {
