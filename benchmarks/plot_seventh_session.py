@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 ROWS = [
     ("prefill 512\nvs llama-bench (24)", 3.89, 4.99, 2.0),
     ("decode b1\nvs llama-bench (24)", 1.31, 1.31, 1.5),
-    ("48 requests warm\nvs transformers (22)", 1.92, 2.66, 3.0),
+    ("48 requests warm\nvs transformers (22)", 1.92, 2.79, 3.0),
     ("48 requests cold\nvs transformers (22)", 1.23, 1.62, 1.5),
     ("serve 1 stream\nvs llama-server (23)", 1.24, 1.58, 1.0),
     ("serve 32 streams\nvs llama-server (23)", 2.79, 3.63, 3.0),
