@@ -395,8 +395,6 @@ inline void amx_configure() {
   _tile_loadconfig(&c);
 }
 
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-
 // 16 floats to bfloat16 as torch rounds them (c10::BFloat16: to nearest even, denormals kept,
 // NaN 0x7FC0), written in place of a float result and its conversion (a pass over y per call).
 inline void store_bf16x16(uint16_t* p, __m512 v) {
@@ -436,7 +434,7 @@ void int4_amx_pair(const Int4Args& a, int64_t t, int64_t rows, int64_t Kp, uint8
     __m512 acc[kAmxRows];
     for (int m = 0; m < kAmxRows; ++m) acc[m] = _mm512_setzero_ps();
     auto epilogue = [&](int64_t b, const int32_t* c) {
-      const __m512 s = load16(sm + b * 16);
+      const __m512 s = _mm512_load_ps(sm + b * 16);
 #pragma GCC unroll 16
       for (int m = 0; m < kAmxRows; ++m) {
         const __m512 d = _mm512_cvtepi32_ps(_mm512_load_si512(c + m * 16));
@@ -471,13 +469,12 @@ void int4_amx_pair(const Int4Args& a, int64_t t, int64_t rows, int64_t Kp, uint8
     __m512 macc[kAmxRows];
     for (int m = 0; m < kAmxRows; ++m) macc[m] = _mm512_setzero_ps();
     for (int64_t b = 0; b < nb; ++b) {
-      const __m512 mn = load16(sm + (nb + b) * 16);
+      const __m512 mn = _mm512_load_ps(sm + (nb + b) * 16);
 #pragma GCC unroll 16
       for (int m = 0; m < kAmxRows; ++m) macc[m] = _mm512_fmadd_ps(mn, _mm512_set1_ps(sx[m * nb + b]), macc[m]);
     }
     const int64_t live = std::min<int64_t>(kAmxRows, rows - r0);
-    for (int64_t m = 0; m < live; ++m)
-    {
+    for (int64_t m = 0; m < live; ++m) {
       const __m512 v = _mm512_add_ps(_mm512_load_ps(accbuf + m * 16), macc[m]);
       if (a.yb != nullptr) {
         store_bf16x16(a.yb + (r0 + m) * a.N + t * kTile, v);
@@ -492,12 +489,11 @@ void int4_amx_pair(const Int4Args& a, int64_t t, int64_t rows, int64_t Kp, uint8
 // odd or partial tile through int4_chunk_i8 (the same results).
 template <typename S>
 void int4_many_amx(const Int4Args& a, int64_t rows, int64_t Kp, int64_t p0, int64_t p1) {
-  thread_local std::vector<uint8_t> bytes;
-  thread_local std::vector<float> floats;
-  bytes.resize(a.nb * 512 + 64);
-  floats.resize(a.nb * 32 + 16);
-  uint8_t* bbuf = bytes.data() + (64 - reinterpret_cast<uintptr_t>(bytes.data()) % 64) % 64;
-  float* sm = floats.data() + (64 - reinterpret_cast<uintptr_t>(floats.data()) % 64) % 64 / sizeof(float);
+  // This thread's scratch, 64-byte aligned: the B tiles (nb * 512 bytes), scales and mins (nb * 32 floats).
+  thread_local std::vector<uint8_t> scratch;
+  scratch.resize(a.nb * (512 + 32 * sizeof(float)) + 64);
+  uint8_t* bbuf = scratch.data() + (64 - reinterpret_cast<uintptr_t>(scratch.data()) % 64) % 64;
+  float* sm = reinterpret_cast<float*>(bbuf + a.nb * 512);
   amx_configure();
   for (int64_t p = p0; p < p1; ++p)
     int4_amx_pair<S>(a, 2 * p, rows, Kp, bbuf, sm, p + 1 < p1 ? a.codes + 2 * (p + 1) * a.nb * 128 : nullptr);
@@ -705,16 +701,24 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   const int64_t Kp = px.Kp;
   const at::Tensor cc = codes.contiguous(), sc = scale.contiguous(), mc = mins.contiguous();
 #if defined(PAGEDLM_AMX)
-  if (amx && x.scalar_type() == at::kBFloat16 && N % 16 == 0) {
-    // Every tile in a whole pair: the tile path writes bfloat16 itself.
-    at::Tensor yb = at::empty({all_rows, N}, x.options());
-    zero_padding(yb, rows);
-    Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr(), mc.data_ptr(), px.xf, px.xq, px.dx, px.sx, nullptr, N, nb};
-    a.yb = reinterpret_cast<uint16_t*>(yb.data_ptr());
-    at::parallel_for(0, N / 16, 4, [&](int64_t p0, int64_t p1) {
-      half ? int4_many_amx<uint16_t>(a, rows, Kp, p0, p1) : int4_many_amx<float>(a, rows, Kp, p0, p1);
+  if (amx) {
+    // Whole pairs of tiles (16 outputs) on the tile unit; a last odd or partial tile after them.
+    // With bfloat16 x and whole pairs only, the tile path writes bfloat16 itself.
+    const int64_t pairs = N / 16;
+    const bool bf16_out = x.scalar_type() == at::kBFloat16 && 2 * pairs == tiles;
+    at::Tensor y = at::empty({all_rows, N}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
+    zero_padding(y, rows);
+    Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr(), mc.data_ptr(), px.xf, px.xq, px.dx, px.sx,
+               bf16_out ? nullptr : y.data_ptr<float>(), N, nb};
+    if (bf16_out) a.yb = reinterpret_cast<uint16_t*>(y.data_ptr());
+    at::parallel_for(0, pairs + (2 * pairs < tiles ? 1 : 0), 4, [&](int64_t p0, int64_t p1) {
+      if (p0 < std::min(p1, pairs)) half ? int4_many_amx<uint16_t>(a, rows, Kp, p0, std::min(p1, pairs))
+           : int4_many_amx<float>(a, rows, Kp, p0, std::min(p1, pairs));
+      if (p1 > pairs) {
+        half ? int4_many_i8<uint16_t>(a, rows, Kp, 2 * pairs, tiles) : int4_many_i8<float>(a, rows, Kp, 2 * pairs, tiles);
+      }
     });
-    return yb;
+    return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
   }
 #endif
   at::Tensor y = at::empty({all_rows, N}, x.options().dtype(at::kFloat));
@@ -722,20 +726,6 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
   if (int8_act && rows > kMaxRows) {
     const Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr(), mc.data_ptr(), px.xf, px.xq, px.dx, px.sx,
                      y.data_ptr<float>(), N, nb};
-#if defined(PAGEDLM_AMX)
-    if (amx) {
-      // Whole pairs of tiles (16 outputs) on the tile unit; a last odd or partial tile after them.
-      const int64_t pairs = N / 16;
-      at::parallel_for(0, pairs + (2 * pairs < tiles ? 1 : 0), 4, [&](int64_t p0, int64_t p1) {
-        if (p0 < std::min(p1, pairs)) half ? int4_many_amx<uint16_t>(a, rows, Kp, p0, std::min(p1, pairs))
-             : int4_many_amx<float>(a, rows, Kp, p0, std::min(p1, pairs));
-        if (p1 > pairs) {
-          half ? int4_many_i8<uint16_t>(a, rows, Kp, 2 * pairs, tiles) : int4_many_i8<float>(a, rows, Kp, 2 * pairs, tiles);
-        }
-      });
-      return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
-    }
-#endif
     at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
       half ? int4_many_i8<uint16_t>(a, rows, Kp, t0, t1) : int4_many_i8<float>(a, rows, Kp, t0, t1);
     });

@@ -467,7 +467,8 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
     the dense GEMV at one row (~550 vs ~30 ms a SmolLM2 step, measured). pagedlm's int4 kernel
     with int8 activations beats float32 GEMM at every size on AVX2 (SmolLM2, 512 rows: 336 vs
     493 ms over 90 layers), so there the kernel multiplies prefill chunks too; a bfloat16 GEMM on
-    AMX wins from some row count (SmolLM2 on a 2-core Sapphire Rapids: ~128), which this finds."""
+    AMX wins from some row count (SmolLM2 on a 2-core Sapphire Rapids, the int4 kernel on the tile
+    unit: ~256-512), which this finds."""
     if not weights:
         return 1 << 30
     t_end = time.thread_time() + budget_s  # CPU time of this thread, as the runs (below)
@@ -493,40 +494,36 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return _bisect_crossover(weights, compute_dtype, candidates, t_end, run)
+        with torch.inference_mode():
+            # Every weight touched both ways first: a prepared model is mapped from its file, and
+            # whichever path reads a page first pays its fault (on an AMX Xeon a start-up measured
+            # "dense from 16 rows" where the kernel is 2x faster, against 64-128 warm).
+            for w in weights:
+                x1 = torch.randn(1, w.dense.shape[1], dtype=compute_dtype)
+                w.dense_mm(x1)
+                w.kernel_mm(x1)
+
+            def dense_wins(rows: int) -> bool:
+                dense = kernel = float("inf")
+                for _ in range(3):  # best of 3 each, alternating
+                    dense, kernel = min(dense, run(rows, True)), min(kernel, run(rows, False))
+                return dense <= kernel
+
+            # The first candidate where the dense GEMM wins, and at the next size too (one hiccup of
+            # the machine during the kernel's runs would otherwise slow every later step), found by
+            # bisection: the dense GEMM gains on the kernel as rows grow. Out of time, the smallest
+            # size known to qualify, or never: the kernel is the safe side (at most ~1.5x slower
+            # at 512 rows, where a wrong "dense" costs up to 2x at 16-32).
+            lo, hi = 0, len(candidates)  # the answer's index lies in [lo, hi]; hi: none qualifies
+            while lo < hi and time.thread_time() < t_end:
+                mid = (lo + hi) // 2
+                if dense_wins(candidates[mid]) and (mid + 1 == len(candidates) or dense_wins(candidates[mid + 1])):
+                    hi = mid
+                else:
+                    lo = mid + 1
+            return candidates[hi] if hi < len(candidates) else 1 << 30
     finally:
         torch.set_num_threads(threads)
-
-
-def _bisect_crossover(weights, compute_dtype, candidates, t_end, run) -> int:
-    with torch.inference_mode():
-        # Every weight touched both ways first: a prepared model is mapped from its file, and
-        # whichever path reads a page first pays its fault (on an AMX Xeon a start-up measured
-        # "dense from 16 rows" where the kernel is 2x faster, against 64-128 warm).
-        for w in weights:
-            x1 = torch.randn(1, w.dense.shape[1], dtype=compute_dtype)
-            w.dense_mm(x1)
-            w.kernel_mm(x1)
-
-        def dense_wins(rows: int) -> bool:
-            dense = kernel = float("inf")
-            for _ in range(3):  # best of 3 each, alternating
-                dense, kernel = min(dense, run(rows, True)), min(kernel, run(rows, False))
-            return dense <= kernel
-
-        # The first candidate where the dense GEMM wins, and at the next size too (one hiccup of
-        # the machine during the kernel's runs would otherwise slow every later step), found by
-        # bisection: the dense GEMM gains on the kernel as rows grow. Out of time, the smallest
-        # size known to qualify, or never: the kernel is the safe side (at most ~1.5x slower
-        # at 512 rows, where a wrong "dense" costs up to 2x at 16-32).
-        lo, hi = 0, len(candidates)  # the answer's index lies in [lo, hi]; hi: none qualifies
-        while lo < hi and time.thread_time() < t_end:
-            mid = (lo + hi) // 2
-            if dense_wins(candidates[mid]) and (mid + 1 == len(candidates) or dense_wins(candidates[mid + 1])):
-                hi = mid
-            else:
-                lo = mid + 1
-        return candidates[hi] if hi < len(candidates) else 1 << 30
 
 
 def finalize_quantization(model: torch.nn.Module, compute_dtype: torch.dtype, qcfg: QuantConfig) -> dict[str, int]:
