@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from pagedlm import kernels
-from pagedlm.model.layers.quant import quantize_int4, quantize_int8, round_activations_int8
+from pagedlm.model.layers.quant import quantize_int4, quantize_int8
+from pagedlm.model.layers.quant import round_activations_int8_torch as round_activations_int8
 
 ops = kernels.ops()
 needs_kernels = pytest.mark.skipif(ops is None, reason="no C++ compiler: pagedlm's kernels are not built here")
@@ -334,3 +335,81 @@ def test_a_row_limit_skips_padding_rows_and_keeps_live_ones_bit_for_bit(live):
     assert torch.equal(y[:-1], want["int8"][:-1]) and y[-1].any()
     with pytest.raises(RuntimeError, match="length"):
         full["attention"]()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 576), (3, 70), (40, 1536), (17, 7)])
+def test_round_act_int8_is_the_torch_rounding_bit_for_bit(shape, dtype):
+    """The one-pass rounding that feeds the dense GEMM in eager mode (prefill chunks past the
+    crossover) and the torch ops that compiled graphs fuse give the same bits: ties to even,
+    zero blocks, tiny and huge blocks, a partial last block, bfloat16 and half rounding."""
+    from pagedlm.model.layers.quant import round_activations_int8 as dispatching
+
+    rows, k = shape
+    g = torch.Generator().manual_seed(rows * k)
+    span = 2 if dtype == torch.float16 else 30  # half: up to 100 (inf past 65504), subnormals below
+    x = torch.randn(rows, k, generator=g) * torch.logspace(-span, span, rows)[:, None]
+    x[:, 0] = 127.0
+    if k >= 9:
+        x[:, 1:9] = torch.tensor([2.5, -3.5, 0.5, -0.5, 1.5, -2.5, 126.5, -126.5])
+    if k >= 64:
+        x[0, 32:64] = 0.0
+    x = x.to(dtype)
+    y = ops.round_act_int8(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert torch.equal(y, round_activations_int8(x))
+    assert torch.equal(dispatching(x), y)
+    assert torch.equal(ops.round_act_int8(x.t().contiguous().t()), y)  # non-contiguous x
+
+
+def _ulps(y: torch.Tensor, ref: torch.Tensor, floor: float) -> float:
+    """Largest error of y against a float64 reference, in units of y's dtype's epsilon relative to
+    the reference (``floor`` keeps values near zero from dividing by nothing)."""
+    eps = torch.finfo(y.dtype).eps
+    return ((y.double() - ref).abs() / (ref.abs() + floor) / eps).max().item()
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [576, 64, 70, 7])
+@pytest.mark.parametrize("offset", [0.0, 1.0])  # 1: Gemma's (1 + w)
+def test_fused_rms_norm_rounds_once(d, dtype, offset):
+    """Eager prefill's one-pass RMSNorm: float32 inside, one rounding to x's dtype, so within an
+    ulp of the float64 norm (torch's composite rounds twice), rows split over threads alike."""
+    g = torch.Generator().manual_seed(d)
+    x = (torch.randn(100, d, generator=g) * torch.logspace(-2, 2, 100)[:, None]).to(dtype)
+    w = (torch.randn(d, generator=g) * 0.5).to(dtype)
+    y = ops.rms_norm(x, w, 1e-6, offset)
+    assert y.dtype == dtype and y.shape == x.shape
+    xd = x.double()
+    ref = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + 1e-6) * (w.double() + offset)
+    assert _ulps(y, ref, 1e-3) <= (8 if dtype == torch.float32 else 1)
+    assert torch.equal(ops.rms_norm(x[7:8], w, 1e-6, offset), y[7:8])  # a row alone: the same bits
+    with pytest.raises(RuntimeError, match="rms_norm"):
+        ops.rms_norm(x, w[:-1], 1e-6, offset)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,d", [(9, 3, 64), (4, 4, 80), (2, 1, 128), (3, 1, 6)])
+def test_fused_rope_on_strided_q_and_k(heads, kv_heads, d, dtype):
+    """Rope on q and k read in place from the QKV projection's output (row stride: q + 2 kv),
+    against the float64 rotation."""
+    from pagedlm.model.layers.basic import RotaryEmbedding
+
+    t = 50
+    g = torch.Generator().manual_seed(d)
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * d, generator=g).to(dtype)
+    q = qkv[:, : heads * d].view(t, heads, d)
+    k = qkv[:, heads * d : (heads + kv_heads) * d].view(t, kv_heads, d)
+    cos, sin = RotaryEmbedding(d, 10000.0, None)(torch.arange(t) * 7, dtype)
+    qo, ko = ops.rope_qk(q, k, cos, sin)
+    assert qo.is_contiguous() and ko.is_contiguous() and qo.dtype == dtype
+    for x, y in ((q, qo), (k, ko)):
+        x1, x2 = x.double().chunk(2, dim=-1)
+        c, s = cos.double()[:, None], sin.double()[:, None]
+        ref = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        size = torch.cat((x1.abs() * c.abs() + x2.abs() * s.abs(),) * 2, dim=-1)  # what cancels
+        bound = torch.finfo(dtype).eps * ref.abs() + 4 * torch.finfo(torch.float32).eps * size
+        assert ((y.double() - ref).abs() <= bound).all()

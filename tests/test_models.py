@@ -130,3 +130,42 @@ def test_bin_rejects_pickled_objects(tmp_path):
     torch.save({"model.embed_tokens.weight": Evil()}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ModelLoadError, match="weights_only"):
         load_model(str(tmp_path), ModelConfig.from_pretrained(str(tmp_path)), torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "gemma3"])
+def test_eager_prefill_uses_the_fused_ops_where_it_can(kind, tmp_path, monkeypatch):
+    """Inference with pagedlm's kernels loaded: the norms and rope take the one-pass kernels
+    (``basic.fused_ops``), with logits as torch's separate ops give them to float32
+    rounding (and transformers' within this file's tolerance, above); with autograd on
+    (training) they do not run."""
+    from pagedlm import kernels
+    from pagedlm.model.layers import basic
+
+    if kernels.ops() is None:
+        pytest.skip("no C++ compiler: pagedlm's kernels are not built here")
+    hf = hf_tiny(kind)
+    hf.save_pretrained(tmp_path)
+    model = load_model(str(tmp_path), ModelConfig.from_pretrained(str(tmp_path)), torch.float32)
+    ids = torch.randint(0, 384, (20,), generator=torch.Generator().manual_seed(5))
+    used = []
+    real = basic.fused_ops
+
+    def watched(x):
+        ops = real(x)
+        used.append(ops is not None)
+        return ops
+
+    monkeypatch.setattr("pagedlm.model.layers.basic.fused_ops", watched)
+    fused = run_pagedlm(model, ids, prefill=20)
+    assert used and all(used)
+    with torch.no_grad():
+        ref = hf(ids[None]).logits[0]
+    assert_close(fused, ref)
+    monkeypatch.setattr("pagedlm.model.layers.basic.fused_ops", lambda x: None)
+    torch.testing.assert_close(fused, run_pagedlm(model, ids, prefill=20), rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr("pagedlm.model.layers.basic.fused_ops", watched)
+    used.clear()
+    meta = AttentionMetadata(slot_mapping=torch.arange(4), block_size=4,
+                             prefills=[PrefillSegment(0, 4, 4, torch.tensor([0, 1]))])
+    model(ids[:4], torch.arange(4), meta).sum().backward()
+    assert used and not any(used)

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <array>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 #include <cmath>
@@ -929,6 +930,7 @@ inline v8f exp8(v8f x) {
   return tiny ? splat8(0.0f) : y * p2;
 }
 
+
 struct AttnArgs {
   const float* q;         // (rows, heads, D), already scaled
   const void* k;          // (slots, kv_heads, D): the cache's K half
@@ -1173,6 +1175,202 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
   return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
 }
 
+// ---- Fused elementwise ops for eager prefill ------------------------------------------------
+// A prefill chunk runs eagerly (its shapes vary), and each of torch's elementwise ops is a pass
+// over memory: SmolLM2's RMSNorm is ~8 of them, rope ~8, rounding x to int8 steps for the dense
+// GEMM ~10. These do one pass each and compute in float32 throughout,
+// rounding once when they store, as inductor's fused code does in the compiled decode steps.
+// Vectors of 16 floats (GCC's vector extensions: AVX-512 registers, or two AVX2 ones).
+
+typedef float v16f __attribute__((vector_size(64)));
+typedef int v16i __attribute__((vector_size(64)));
+typedef unsigned int v16ui __attribute__((vector_size(64)));
+typedef unsigned short v16us __attribute__((vector_size(32)));
+
+// 16 values of x's dtype from p as float; float to 16 of x's dtype at p (bfloat16: nearest even,
+// NaN kept, as torch rounds). float16 goes value by value.
+template <typename T>
+inline v16f ld16(const T* p) {
+  v16f f;
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(&f, p, sizeof f);
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    v16us h;
+    std::memcpy(&h, p, sizeof h);
+    const v16ui u = __builtin_convertvector(h, v16ui) << 16;
+    std::memcpy(&f, &u, sizeof f);
+  } else {
+    for (int j = 0; j < 16; ++j) f[j] = static_cast<float>(p[j]);
+  }
+  return f;
+}
+
+template <typename T>
+inline void st16(T* p, v16f f) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(p, &f, sizeof f);
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    v16ui u;
+    std::memcpy(&u, &f, sizeof u);
+    v16ui r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    r = f != f ? (v16ui{} + 0x7FC0u) : r;
+    const v16us h = __builtin_convertvector(r, v16us);
+    std::memcpy(p, &h, sizeof h);
+  } else {
+    for (int j = 0; j < 16; ++j) p[j] = static_cast<T>(f[j]);
+  }
+}
+
+// The same for n <= 16 values (a row's tail), through a buffer; lanes past n read as 0.
+template <typename T>
+inline v16f ld16n(const T* p, int64_t n) {
+  if (n == 16) return ld16(p);
+  T buf[16] = {};
+  std::copy(p, p + n, buf);
+  return ld16(buf);
+}
+
+template <typename T>
+inline void st16n(T* p, v16f f, int64_t n) {
+  if (n == 16) return st16(p, f);
+  T buf[16];
+  st16(buf, f);
+  std::copy(buf, buf + n, p);
+}
+
+// x (rows, D), w (D): x / sqrt(mean(x^2) + eps) * (offset + w).
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double offset) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 1 && w.size(0) == x.size(1) && w.scalar_type() == x.scalar_type(),
+              "rms_norm: x (rows, D) and w (D) of x's dtype expected, got ", x.sizes(), " ", x.scalar_type(),
+              " and ", w.sizes(), " ", w.scalar_type());
+  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t rows = xc.size(0), D = xc.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "rms_norm", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    const scalar_t* wp = wc.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    std::vector<float> wf((D + 15) / 16 * 16, 0.f);
+    for (int64_t k = 0; k < D; ++k) wf[k] = static_cast<float>(wp[k]) + static_cast<float>(offset);
+    at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const scalar_t* xr = xp + r * D;
+        scalar_t* yr = yp + r * D;
+        v16f acc = v16f{};
+        for (int64_t k = 0; k < D; k += 16) {
+          const v16f v = ld16n(xr + k, std::min<int64_t>(16, D - k));
+          acc += v * v;
+        }
+        float ss = 0.f;
+        for (int j = 0; j < 16; ++j) ss += acc[j];
+        const float rstd = 1.0f / std::sqrt(ss / static_cast<float>(D) + static_cast<float>(eps));
+        for (int64_t k = 0; k < D; k += 16) {
+          v16f wv;
+          std::memcpy(&wv, wf.data() + k, sizeof wv);
+          const int64_t n = std::min<int64_t>(16, D - k);
+          st16n(yr + k, ld16n(xr + k, n) * rstd * wv, n);
+        }
+      }
+    });
+  });
+  return y;
+}
+
+// q (tokens, Hq, D) and k (tokens, Hk, D), any strides with a unit last one (views of the QKV
+// projection); cos, sin (tokens, D / 2): each (x_i, x_{i + D/2}) rotated ("rotate half"), into
+// new contiguous tensors.
+std::tuple<at::Tensor, at::Tensor> rope_qk(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
+                                           const at::Tensor& sin) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && q.size(0) == k.size(0) && q.size(2) == k.size(2) &&
+              q.size(2) % 2 == 0 && q.stride(2) == 1 && k.stride(2) == 1 && q.scalar_type() == k.scalar_type(),
+              "rope_qk: q (tokens, Hq, D) and k (tokens, Hk, D) with unit last strides expected, got ", q.sizes(),
+              " and ", k.sizes());
+  const int64_t T = q.size(0), D = q.size(2), half = D / 2;
+  TORCH_CHECK(cos.dim() == 2 && cos.size(0) == T && cos.size(1) == half && sin.sizes() == cos.sizes() &&
+              cos.scalar_type() == q.scalar_type() && sin.scalar_type() == q.scalar_type(),
+              "rope_qk: cos and sin (tokens, D / 2) of q's dtype expected, got ", cos.sizes());
+  const at::Tensor cc = cos.contiguous(), sc = sin.contiguous();
+  at::Tensor qo = at::empty(q.sizes(), q.options()), ko = at::empty(k.sizes(), k.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rope_qk", [&] {
+    at::parallel_for(0, T, 16, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        const scalar_t* cp = cc.data_ptr<scalar_t>() + t * half;
+        const scalar_t* sp = sc.data_ptr<scalar_t>() + t * half;
+        for (int which = 0; which < 2; ++which) {
+          const at::Tensor& src = which ? k : q;
+          const at::Tensor& dst = which ? ko : qo;
+          for (int64_t h = 0; h < src.size(1); ++h) {
+            const scalar_t* x = src.data_ptr<scalar_t>() + t * src.stride(0) + h * src.stride(1);
+            scalar_t* o = dst.data_ptr<scalar_t>() + (t * src.size(1) + h) * D;
+            for (int64_t i = 0; i < half; i += 16) {
+              const int64_t n = std::min<int64_t>(16, half - i);
+              const v16f c = ld16n(cp + i, n), s = ld16n(sp + i, n), x1 = ld16n(x + i, n);
+              const v16f x2 = ld16n(x + half + i, n);
+              st16n(o + i, x1 * c - x2 * s, n);
+              st16n(o + half + i, x2 * c + x1 * s, n);
+            }
+          }
+        }
+      }
+    });
+  });
+  return {qo, ko};
+}
+
+// x rounded as int4_mm rounds its int8 activations (quantize_block): per block of 32 along each
+// row, nearest-even multiples of absmax / 127, in x's dtype. The dense GEMM multiplies this for
+// many rows, so a prompt's logits do not depend on which side of the crossover its rows fell
+// (quant.round_activations_int8_torch: the same float32 operations as torch ops, which compiled
+// graphs fuse; eager, they are ten passes).
+// No fused multiply-adds here (GCC contracts x * id + c into one by default): the product is
+// rounded to float first, as in quantize_block and torch.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+at::Tensor round_act_int8(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2, "round_act_int8: a 2-d x expected, got ", x.sizes());
+  const at::Tensor xc = x.contiguous();
+  at::Tensor y = at::empty_like(xc);
+  const int64_t rows = xc.size(0), K = xc.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "round_act_int8", [&] {
+    const scalar_t* xp = xc.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
+          const int64_t n = std::min<int64_t>(kBlock, K - k0), n0 = std::min<int64_t>(n, 16), n1 = n - n0;
+          const scalar_t* src = xp + r * K + k0;
+          scalar_t* dst = yp + r * K + k0;
+          const v16f v0 = ld16n(src, n0), v1 = n1 ? ld16n(src + 16, n1) : v16f{};
+          v16ui a0, a1;
+          std::memcpy(&a0, &v0, sizeof a0);
+          std::memcpy(&a1, &v1, sizeof a1);
+          a0 &= 0x7FFFFFFFu;
+          a1 &= 0x7FFFFFFFu;
+          // |finite floats| order as their bits: the largest by a tree of lane swaps.
+          v16ui m = a0 > a1 ? a0 : a1;
+          v16ui t = __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
+          m = m > t ? m : t;
+          t = __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
+          m = m > t ? m : t;
+          t = __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+          m = m > t ? m : t;
+          const uint32_t mb = std::max(m[0], m[1]);
+          float amax;
+          std::memcpy(&amax, &mb, sizeof amax);
+          const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
+          // Nearest even, as cvtps_epi32 in quantize_block: |x id| <= 127, far below 2^22.
+          const auto q = [&](v16f v) { return ((v * id + 12582912.0f) - 12582912.0f) * d; };
+          st16n(dst, q(v0), n0);
+          if (n1) st16n(dst + 16, q(v1), n1);
+        }
+      }
+    });
+  });
+  return y;
+}
+
+#pragma GCC pop_options
+
 std::string isa() { return kIsa; }
 
 // Whether many rows of int4 go through the tile unit (built with AMX and granted by the OS).
@@ -1191,6 +1389,9 @@ TORCH_LIBRARY(pagedlm, m) {
   m.def("int4_mm(Tensor x, Tensor codes, Tensor scale, Tensor mins, bool int8_act, int n) -> Tensor");
   m.def("paged_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor context_lens, float scale, "
         "int window) -> Tensor");
+  m.def("round_act_int8(Tensor x) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps, float offset) -> Tensor");
+  m.def("rope_qk(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   m.def("isa() -> str");
   m.def("amx() -> bool");
   m.def("set_row_limit(int n) -> int");
@@ -1200,6 +1401,9 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
   m.impl("paged_attention", &paged_attention);
+  m.impl("round_act_int8", &round_act_int8);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope_qk", &rope_qk);
 }
 
 TORCH_LIBRARY_IMPL(pagedlm, CompositeExplicitAutograd, m) {

@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from pagedlm.config import ModelConfig
 from pagedlm.model.layers.attention import Attention, AttentionMetadata
-from pagedlm.model.layers.basic import RMSNorm, RotaryEmbedding, act_fn, apply_rope
+from pagedlm.model.layers.basic import RMSNorm, RotaryEmbedding, act_fn, apply_rope_qk
 from pagedlm.model.layers.linear import (
     MergedColumnParallelLinear,
     ParallelLMHead,
@@ -53,8 +53,7 @@ class LlamaAttention(nn.Module):
         k = k.view(-1, self.num_kv_heads, self.head_dim)  # (tokens, kv_heads, head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        # rope on q and k in one pass: (tokens, heads + kv_heads, head_dim)
-        q, k = apply_rope(torch.cat((q, k), dim=1), cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
+        q, k = apply_rope_qk(q, k, cos, sin)
         o = self.attn(q, k, v, meta)  # (tokens, heads * head_dim)
         return self.o_proj(o)
 
