@@ -361,6 +361,24 @@ def test_round_act_int8_is_the_torch_rounding_bit_for_bit(shape, dtype):
     assert torch.equal(y, round_activations_int8(x))
     assert torch.equal(dispatching(x), y)
     assert torch.equal(ops.round_act_int8(x.t().contiguous().t()), y)  # non-contiguous x
+    # split: the rounded x and the rest below it; float32 x is exact and gets no split.
+    both = ops.round_act_int8(x, True)
+    exact = round_activations_int8(x.float())
+    if dtype == torch.float32:
+        assert torch.equal(both, y)
+        return
+    hi, lo = both[:rows], both[rows:]
+    assert torch.equal(hi, y) and torch.equal(lo, (exact - hi.float()).to(dtype))
+    assert torch.equal(dispatching(x, split=True), both)
+    tiny = 2.0 ** -24 if dtype == torch.float16 else 0.0  # float16's rest can be subnormal
+    assert ((hi.double() + lo.double() - exact.double()).abs() <= exact.double().abs() * 2.0 ** -15 + tiny).all()
+    import pagedlm.model.layers.quant as quant
+    torch_side = quant.round_activations_int8  # the torch ops, as a compiled graph runs them
+    try:
+        quant.kernels._state["ops"], saved = None, quant.kernels._state.get("ops")
+        assert torch.equal(torch_side(x, split=True), both)
+    finally:
+        quant.kernels._state["ops"] = saved
 
 
 def _ulps(y: torch.Tensor, ref: torch.Tensor, floor: float) -> float:

@@ -186,17 +186,18 @@ class _TimedWeight:
         self.clock.now += self.dense_s(x.shape[0])
 
 
-@pytest.mark.parametrize("crossover", [1, 16, 128, 512])
+@pytest.mark.parametrize("crossover", [1, 16, 128, 512, 2048])
 def test_measure_crossover_finds_where_the_dense_gemm_wins(monkeypatch, crossover):
     from pagedlm.model.layers import quant
 
     clock = _FakeClock()
     monkeypatch.setattr(quant.time, "perf_counter", clock)
     monkeypatch.setattr(quant.time, "thread_time", clock)
-    # The kernel costs 1 ms a row; the dense GEMM a fixed amount that the kernel reaches at `crossover`.
-    ws = [_TimedWeight(clock, lambda r: 1e-3 * r, lambda r: 1e-3 * crossover) for _ in range(4)]
+    # The kernel costs 1 ms a row; the dense GEMM a fixed amount that the kernel reaches at `crossover`
+    # (a hair below it: an exact tie would depend on the fake clock's float rounding).
+    ws = [_TimedWeight(clock, lambda r: 1e-3 * r, lambda r: 0.999e-3 * crossover) for _ in range(4)]
     assert quant.measure_crossover(ws, torch.float32, budget_s=100.0) == crossover
-    ws = [_TimedWeight(clock, lambda r: 1e-3 * r, lambda r: 1.0) for _ in range(4)]  # dense never wins
+    ws = [_TimedWeight(clock, lambda r: 1e-3 * r, lambda r: 10.0) for _ in range(4)]  # dense never wins
     assert quant.measure_crossover(ws, torch.float32, budget_s=100.0) == 1 << 30
 
 

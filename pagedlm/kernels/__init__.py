@@ -225,8 +225,9 @@ def _register_fakes() -> None:
         return x.new_empty((x.shape[0], n))
 
     @torch.library.register_fake("pagedlm::round_act_int8")
-    def _(x):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+    def _(x, split=False):
+        rows = x.shape[0] * (2 if split and x.dtype != torch.float32 else 1)
+        return x.new_empty((rows, x.shape[1]))
 
     @torch.library.register_fake("pagedlm::paged_attention")
     def _(q, kv_cache, block_tables, context_lens, scale, window):

@@ -85,10 +85,21 @@ class QuantizedWeight:
     def dense_mm(self, x: torch.Tensor) -> torch.Tensor:
         """What ``mm`` runs from ``dense_min_rows`` rows: the dense GEMM. With int8 activations it
         takes x rounded as the kernel rounds it: a prompt's logits then do not depend on which side
-        of the crossover its rows fell."""
+        of the crossover its rows fell. In bfloat16 that x takes two (``split``): rounded to
+        bfloat16 alone, SmolLM2's perplexity rose 0.7% against the kernel's exact products (17.39
+        vs 17.25, benchmarks/perplexity_int4_act.py, every int4 layer dense from 256 rows); with
+        both halves multiplied, 17.30."""
         from pagedlm.model.layers.matmul import linear
 
-        return linear(round_activations_int8(x) if self.int8_act else x, self.dense)
+        if not self.int8_act:
+            return linear(x, self.dense)
+        if x.dtype == torch.float32 or x.dim() != 2 or self.dense.dtype != x.dtype:
+            return linear(round_activations_int8(x), self.dense)
+        rows = x.shape[0]
+        # One GEMM of twice the rows; the halves' products added in float32 and rounded once
+        # (accumulating the second into the first with addmm_ lost the gain: 17.39).
+        y = linear(round_activations_int8(x, split=True), self.dense)
+        return torch.add(y[:rows], y[rows:])
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (rows, in) -> (rows, out), in x's dtype."""
@@ -153,17 +164,22 @@ def int8_activations(q: torch.Tensor) -> bool:
     return INT8_INT8_ACTIVATIONS and q.shape[1] % GROUP == 0
 
 
-def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
+def round_activations_int8(x: torch.Tensor, split: bool = False) -> torch.Tensor:
     """x rounded as the int4 kernel's int8 activations: per block of 32 along the last dimension,
-    to multiples of absmax / 127. Eager, with the kernels loaded, their one-pass
+    to multiples of absmax / 127. ``split`` (2-d bfloat16 or float16 x): (2 rows, in), that rounded
+    x in x's dtype and below it the rest (exact value minus it), rounded again: a value of the int8
+    grid needs more bits than bfloat16 has. Eager, with the kernels loaded, their one-pass
     ``round_act_int8``; otherwise (compiled graphs, where inductor fuses them) the same float32
-    operations as torch ops, ``round_activations_int8_torch``. Both give the same bits: ten eager
-    ops cost more than the GEMM they feed (SmolLM2, 2048 rows over its 120 int4 layers: ~340 ms
-    of ~600)."""
+    operations as torch ops. Both give the same bits: ten eager ops cost more than the GEMM they
+    feed (SmolLM2, 2048 rows over its 120 int4 layers: ~340 ms of ~600)."""
     ops = kernels.loaded()
     if ops is not None and x.dim() == 2 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-        return ops.round_act_int8(x)
-    return round_activations_int8_torch(x)
+        return ops.round_act_int8(x, split)
+    if not split or x.dtype == torch.float32:
+        return round_activations_int8_torch(x)
+    exact = round_activations_int8_torch(x.float())
+    hi = exact.to(x.dtype)
+    return torch.cat((hi, (exact - hi.float()).to(x.dtype)))
 
 
 def round_activations_int8_torch(x: torch.Tensor) -> torch.Tensor:
@@ -474,7 +490,8 @@ def current_weight_dtype() -> torch.dtype:
 
 
 def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype,
-                      candidates=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), budget_s: float = 2.0) -> int:
+                      candidates=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048),
+                      budget_s: float = 2.0) -> int:
     """Smallest row count at which the dense GEMM over these weights is at least as fast as the
     weight-only kernel (measured here, over the model's own layers so weights stream from memory
     as in a real step); never (``1 << 30``) if the kernel still wins at the largest candidate.
@@ -483,7 +500,8 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
     with int8 activations beats float32 GEMM at every size on AVX2 (SmolLM2, 512 rows: 336 vs
     493 ms over 90 layers), so there the kernel multiplies prefill chunks too; a bfloat16 GEMM on
     AMX wins from some row count (SmolLM2 on a 2-core Sapphire Rapids, the int4 kernel on the tile
-    unit: ~256-512), which this finds."""
+    unit, x split in two for the GEMM (``dense_mm``): ~1024; prefill chunks are up to 2048 rows by
+    default), which this finds."""
     if not weights:
         return 1 << 30
     t_end = time.thread_time() + budget_s  # CPU time of this thread, as the runs (below)
