@@ -7,6 +7,15 @@ int8 activations), or float.
 
 Every argument after the first is ``pagedlm perplexity``'s. float gives the numerics before
 issue 24 (dense GEMM over the dequantised weights, float activations in the kernels).
+
+``--dense-from N`` (before the ``pagedlm perplexity`` arguments) sends every int4 layer's
+products of N rows or more to the dense GEMM whatever the measured crossover (``perplexity``'s
+512-row windows otherwise stay on the kernel where the crossover is higher), and
+``--dense-single`` multiplies only the bfloat16-rounded x there (the dense path before the
+eighth session) instead of its two halves:
+
+    python benchmarks/perplexity_int4_act.py int8 --dense-from 256 [--dense-single] \
+        --file tests/data/public_domain_en.txt --quantization auto
 """
 
 from __future__ import annotations
@@ -24,7 +33,30 @@ def main() -> int:
 
     quant.INT4_INT8_ACTIVATIONS = sys.argv[1] in ("int8", "int4-only")
     quant.INT8_INT8_ACTIVATIONS = sys.argv[1] == "int8"
-    return cli(["perplexity", *sys.argv[2:]])
+    args = sys.argv[2:]
+    dense_from, single = None, False
+    while args and args[0] in ("--dense-from", "--dense-single"):
+        if args[0] == "--dense-single":
+            single, args = True, args[1:]
+        else:
+            dense_from, args = int(args[1]), args[2:]
+    if dense_from is not None:
+        plain_mm, plain_dense = quant.QuantizedWeight.mm, quant.QuantizedWeight.dense_mm
+
+        def dense_mm(self, x):
+            if single and self.int8_act:
+                from pagedlm.model.layers.matmul import linear
+
+                return linear(quant.round_activations_int8(x), self.dense)
+            return plain_dense(self, x)
+
+        def mm(self, x):
+            if self.kind == "int4":
+                return dense_mm(self, x) if x.shape[0] >= dense_from else self.kernel_mm(x)
+            return plain_mm(self, x)
+
+        quant.QuantizedWeight.mm = mm
+    return cli(["perplexity", *args])
 
 
 if __name__ == "__main__":
