@@ -431,3 +431,21 @@ def test_fused_rope_on_strided_q_and_k(heads, kv_heads, d, dtype):
         size = torch.cat((x1.abs() * c.abs() + x2.abs() * s.abs(),) * 2, dim=-1)  # what cancels
         bound = torch.finfo(dtype).eps * ref.abs() + 4 * torch.finfo(torch.float32).eps * size
         assert ((y.double() - ref).abs() <= bound).all()
+
+
+@needs_kernels
+def test_dense_gemm_multiplies_both_halves_of_bf16_x():
+    """Past the crossover an int4 layer in bfloat16 multiplies x on the int8 grid in two halves,
+    so its products match the kernel's exact ones to the output's rounding; x rounded to bf16
+    alone adds its own rounding (~2^-9 a value) to the output's: measurably more, over 150k
+    products."""
+    torch.manual_seed(0)
+    qw = quantize_int4((torch.randn(512, 576) * 0.05).bfloat16(), torch.bfloat16)
+    assert qw.int8_act and qw.kernel is not None
+    x = torch.randn(300, 576).bfloat16()
+    exact = round_activations_int8(x.float()).double() @ qw.dense.double().t()
+    kernel_err = (qw.kernel_mm(x).double() - exact).norm()
+    dense_err = (qw.dense_mm(x).double() - exact).norm()
+    single = torch.nn.functional.linear(round_activations_int8(x), qw.dense).double()
+    assert dense_err <= 1.2 * kernel_err, (dense_err, kernel_err)
+    assert (single - exact).norm() > 1.08 * dense_err
