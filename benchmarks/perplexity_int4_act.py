@@ -28,22 +28,28 @@ sys.path.insert(0, __file__.rsplit("/benchmarks/", 1)[0])
 def main() -> int:
     if len(sys.argv) < 2 or sys.argv[1] not in ("int8", "int4-only", "float"):
         raise SystemExit(__doc__)
+    import torch
+
     from pagedlm.cli import main as cli
     from pagedlm.model.layers import quant
 
     quant.INT4_INT8_ACTIVATIONS = sys.argv[1] in ("int8", "int4-only")
     quant.INT8_INT8_ACTIVATIONS = sys.argv[1] == "int8"
     args = sys.argv[2:]
-    dense_from, single = None, False
-    while args and args[0] in ("--dense-from", "--dense-single"):
+    dense_from, single, plain = None, False, False
+    while args and args[0] in ("--dense-from", "--dense-single", "--dense-plain"):
         if args[0] == "--dense-single":
             single, args = True, args[1:]
+        elif args[0] == "--dense-plain":
+            plain, args = True, args[1:]
         else:
             dense_from, args = int(args[1]), args[2:]
     if dense_from is not None:
         plain_mm, plain_dense = quant.QuantizedWeight.mm, quant.QuantizedWeight.dense_mm
 
         def dense_mm(self, x):
+            if plain:
+                return torch.nn.functional.linear(x, self.dense)
             if single and self.int8_act:
                 from pagedlm.model.layers.matmul import linear
 

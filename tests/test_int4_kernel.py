@@ -340,8 +340,8 @@ print("ok")
 @needs_kernels
 @pytest.mark.parametrize("k", [64, 70, 576])
 def test_int8_activations_round_as_in_the_kernel(k):
-    """The dense GEMM's view of int8 activations (many rows) equals the kernel's (few rows)."""
-    from pagedlm.model.layers.quant import round_activations_int8_torch as round_activations_int8
+    """The kernel's products are those of x rounded by round_activations_int8 (the reference)."""
+    from pagedlm.model.layers.quant import round_activations_int8
 
     codes, scale, mins, w = _random_int4(50, k, seed=k)
     x = torch.randn(6, k) * torch.logspace(-3, 1, 6)[:, None]

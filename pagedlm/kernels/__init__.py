@@ -224,11 +224,6 @@ def _register_fakes() -> None:
     def _(x, codes, scale, mins, int8_act, n):
         return x.new_empty((x.shape[0], n))
 
-    @torch.library.register_fake("pagedlm::round_act_int8")
-    def _(x, split=False):
-        rows = x.shape[0] * (2 if split and x.dtype != torch.float32 else 1)
-        return x.new_empty((rows, x.shape[1]))
-
     @torch.library.register_fake("pagedlm::paged_attention")
     def _(q, kv_cache, block_tables, context_lens, scale, window):
         return torch.empty_like(q, memory_format=torch.contiguous_format)

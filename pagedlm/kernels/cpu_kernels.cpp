@@ -656,8 +656,7 @@ PreparedX prepare_x(const at::Tensor& x, bool int8_act, int64_t pad_rows = 0) {
           const float* v = xfw + i * kBlock;
           if (int8_act) {
             // The min term sums the rounded x too: the product is then exactly that of the
-            // rounded activations (which the dense GEMM reproduces for many rows,
-            // quant.round_activations_int8).
+            // rounded activations (quant.round_activations_int8, the tests' reference).
             const int32_t qs = quantize_block(v, xqp + i * kBlock, dxp + i);
             sxp[i] = dxp[i] * static_cast<float>(qs);
           } else {
@@ -882,6 +881,8 @@ typedef int v8i __attribute__((vector_size(32)));
 typedef float v8fu __attribute__((vector_size(32), aligned(4)));
 typedef unsigned short v8us __attribute__((vector_size(16), aligned(2)));
 typedef unsigned int v8ui __attribute__((vector_size(32)));
+typedef unsigned int v16ui __attribute__((vector_size(64)));
+typedef unsigned short v16us __attribute__((vector_size(32)));
 
 constexpr int64_t kAttnChunk = 256;
 constexpr int64_t kAttnHeads = 3;  // query heads per pass over the values (their sums stay in registers)
@@ -932,7 +933,9 @@ inline v8f exp8(v8f x) {
 
 
 struct AttnArgs {
-  const float* q;         // (rows, heads, D), already scaled
+  const float* q;         // (rows, heads, D), already scaled (attn_chunk)
+  const uint16_t* qb;     // (rows, heads, D) bfloat16, unscaled (attn_chunk_dpbf16)
+  float scale;
   const void* k;          // (slots, kv_heads, D): the cache's K half
   const void* v;          // (slots, kv_heads, D)
   const int64_t* tables;  // row r's table at tables + r * table_stride
@@ -1047,6 +1050,133 @@ void attn_chunk(const AttnArgs& a, int64_t r, int64_t h0, int64_t h1, int64_t t0
   }
 }
 
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512VL__)
+#define PAGEDLM_ATTN_DPBF16 1
+// attn_chunk for a bfloat16 query over a bfloat16 cache, head size a multiple of 32, with
+// AVX512-BF16: a score is the query's and the key's bfloat16 pairs multiplied exactly and summed
+// in float32 by vdpbf16ps (no conversion of the keys), times the scale; four keys' sums reduced
+// together (one shuffle tree for four instead of a horizontal sum each). The values are weighted
+// in float32 16 dims at a time. The same per-(row, key) operations whatever the batch: rows stay
+// bit-identical alone or batched. Measured on an AMX Xeon (2 threads, 48 rows x 180 keys,
+// benchmarks/bench_attention.py): see docs/benchmarks.md.
+inline __m128 reduce4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+  // Each key's 16 lanes summed by the same tree whatever its position: within 128-bit lanes by
+  // unpacks, then across them.
+  const __m512 b0 = _mm512_add_ps(_mm512_unpacklo_ps(a0, a1), _mm512_unpackhi_ps(a0, a1));
+  const __m512 b1 = _mm512_add_ps(_mm512_unpacklo_ps(a2, a3), _mm512_unpackhi_ps(a2, a3));
+  const __m512 c = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(b0), _mm512_castps_pd(b1))),
+                                 _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(b0), _mm512_castps_pd(b1))));
+  const __m256 d = _mm256_add_ps(_mm512_castps512_ps256(c), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(c), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(d), _mm256_extractf128_ps(d, 1));
+}
+
+inline v16f bf16x16(const uint16_t* p) {
+  v16us h;
+  std::memcpy(&h, p, sizeof h);
+  const v16ui u = __builtin_convertvector(h, v16ui) << 16;
+  v16f f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+void attn_chunk_dpbf16(const AttnArgs& a, int64_t r, int64_t h0, int64_t h1, int64_t t0, int64_t t1, float* out) {
+  constexpr int64_t kAhead = 6;  // keys prefetched ahead
+  constexpr int64_t CB = 4;      // vectors of 16 dims held in registers per pass over the values
+  const int64_t g = a.heads / a.kv_heads, D = a.D, nc = D / 32, nv = D / 16, n = t1 - t0, nh = h1 - h0;
+  const int64_t np = (n + 7) / 8 * 8, slot = a.kv_heads * D, stride = 2 * g + g * D;
+  const int64_t row_bytes = nh * D * 2;
+  thread_local std::vector<float> sbuf;
+  sbuf.resize(nh * g * kAttnChunk);
+  float* s = sbuf.data();  // as in attn_chunk
+  int64_t rowsbuf[kAttnChunk + kAhead + 4];
+  const int64_t* table = a.tables + r * a.table_stride;
+  for (int64_t t = t0; t < t1;) {
+    const int64_t blk = t / a.block_size, off = t % a.block_size;
+    const int64_t stop = std::min(t1, t + a.block_size - off);
+    const int64_t base = (table[blk] * a.block_size + off) * slot;
+    for (int64_t u = t; u < stop; ++u) rowsbuf[u - t0] = base + (u - t) * slot;
+    t = stop;
+  }
+  // Past the chunk's last key: that key again (read, never used).
+  for (int64_t t = n; t < n + kAhead + 4; ++t) rowsbuf[t] = rowsbuf[n - 1];
+  const uint16_t* kb = static_cast<const uint16_t*>(a.k);
+  const uint16_t* vb = static_cast<const uint16_t*>(a.v);
+  auto prefetch = [&](const uint16_t* base, int64_t t) {
+    const char* p = reinterpret_cast<const char*>(base + rowsbuf[t] + h0 * D);
+    for (int64_t o = 0; o < row_bytes; o += 64) _mm_prefetch(p + o, _MM_HINT_T0);
+  };
+  for (int64_t t = 0; t < std::min(n, kAhead); ++t) prefetch(kb, t);
+  const __m128 sc = _mm_set1_ps(a.scale);
+  for (int64_t t = 0; t < n; t += 4) {
+    for (int64_t u = t; u < t + 4; ++u) prefetch(kb, u + kAhead);
+    for (int64_t h = h0; h < h1; ++h) {
+      const uint16_t* k0 = kb + rowsbuf[t] + h * D;
+      const uint16_t* k1 = kb + rowsbuf[t + 1] + h * D;
+      const uint16_t* k2 = kb + rowsbuf[t + 2] + h * D;
+      const uint16_t* k3 = kb + rowsbuf[t + 3] + h * D;
+      const uint16_t* q = a.qb + (r * a.heads + h * g) * D;
+      for (int64_t j = 0; j < g; ++j) {
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t c = 0; c < nc; ++c) {
+          const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + j * D + 32 * c);
+          a0 = _mm512_dpbf16_ps(a0, qv, (__m512bh)_mm512_loadu_si512(k0 + 32 * c));
+          a1 = _mm512_dpbf16_ps(a1, qv, (__m512bh)_mm512_loadu_si512(k1 + 32 * c));
+          a2 = _mm512_dpbf16_ps(a2, qv, (__m512bh)_mm512_loadu_si512(k2 + 32 * c));
+          a3 = _mm512_dpbf16_ps(a3, qv, (__m512bh)_mm512_loadu_si512(k3 + 32 * c));
+        }
+        // Up to 3 lanes past the chunk's end land in the score buffer's slack (never read).
+        _mm_storeu_ps(s + ((h - h0) * g + j) * kAttnChunk + t, _mm_mul_ps(reduce4(a0, a1, a2, a3), sc));
+      }
+    }
+  }
+  for (int64_t t = 0; t < std::min(n, kAhead); ++t) prefetch(vb, t);
+  for (int64_t h = h0; h < h1; ++h) {
+    float* o = out + (h - h0) * stride;
+    float* maxima = o;
+    float* sums = o + g;
+    float* acc = o + 2 * g;
+    float* sh = s + (h - h0) * g * kAttnChunk;
+    for (int64_t j = 0; j < g; ++j) {  // softmax of the chunk, as attn_chunk
+      float* sj = sh + j * kAttnChunk;
+      float m = sj[0];
+      for (int64_t t = 1; t < n; ++t) m = std::max(m, sj[t]);
+      v8f sum = splat8(0.0f);
+      for (int64_t t = 0; t < np; t += 8) {
+        v8f p = exp8(*reinterpret_cast<const v8fu*>(sj + t) - m);
+        if (t + 8 > n) {
+          for (int64_t l = n - t; l < 8; ++l) p[l] = 0.0f;
+        }
+        *reinterpret_cast<v8fu*>(sj + t) = p;
+        sum += p;
+      }
+      maxima[j] = m;
+      sums[j] = hsum8v(sum);
+    }
+    for (int64_t j0 = 0; j0 < g; j0 += kAttnHeads) {
+      const int64_t gn = std::min<int64_t>(kAttnHeads, g - j0);
+      for (int64_t c0 = 0; c0 < nv; c0 += CB) {
+        const int64_t cn = std::min(CB, nv - c0);
+        v16f ar[kAttnHeads][CB];
+        for (int64_t jj = 0; jj < gn; ++jj)
+          for (int64_t c = 0; c < cn; ++c) ar[jj][c] = v16f{};
+        for (int64_t t = 0; t < n; ++t) {
+          if (h == h0 && j0 == 0 && c0 == 0) prefetch(vb, t + kAhead);
+          const uint16_t* vp = vb + rowsbuf[t] + h * D + 16 * c0;
+          v16f vr[CB];
+          for (int64_t c = 0; c < cn; ++c) vr[c] = bf16x16(vp + 16 * c);
+          for (int64_t jj = 0; jj < gn; ++jj) {
+            const float pj = sh[(j0 + jj) * kAttnChunk + t];
+            for (int64_t c = 0; c < cn; ++c) ar[jj][c] += pj * vr[c];
+          }
+        }
+        for (int64_t jj = 0; jj < gn; ++jj)
+          for (int64_t c = 0; c < cn; ++c) std::memcpy(acc + (j0 + jj) * D + 16 * (c0 + c), &ar[jj][c], sizeof(v16f));
+      }
+    }
+  }
+}
+#endif
+
 // q (rows, heads, D) float32 / bfloat16 / float16; kv_cache (2, blocks, block_size, kv_heads, D)
 // float32 or bfloat16; block_tables (rows, width) int64 (rows may be strided); context_lens (rows,)
 // int64, each >= 1, keys [0, len) visible (the last window of them when window > 0).
@@ -1068,11 +1198,18 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
               "with unit column stride expected");
   const at::Tensor lens = context_lens.to(at::kLong).contiguous();
   TORCH_CHECK(lens.numel() == all_rows, "paged_attention: ", all_rows, " rows but ", lens.numel(), " lengths");
-  // q in float32, times the scale (as `q.to(float32) * scale` rounds it), in this thread's buffer.
+  const bool bf16 = kv_cache.scalar_type() == at::kBFloat16;
+  // q in float32, times the scale (as `q.to(float32) * scale` rounds it), in this thread's buffer;
+  // or, for attn_chunk_dpbf16, q itself.
   thread_local std::vector<float> qbuf, partbuf;
-  qbuf.resize(rows * heads * D);
-  {
-    const at::Tensor qc = q.narrow(0, 0, rows).contiguous();
+  const at::Tensor qc = q.narrow(0, 0, rows).contiguous();
+#if defined(PAGEDLM_ATTN_DPBF16)
+  const bool dpbf16 = bf16 && qc.scalar_type() == at::kBFloat16 && D % 32 == 0;
+#else
+  const bool dpbf16 = false;
+#endif
+  qbuf.resize(dpbf16 ? 0 : rows * heads * D);
+  if (!dpbf16) {
     const float sc = static_cast<float>(scale);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, qc.scalar_type(), "paged_attention_q", [&] {
       const scalar_t* qp = qc.data_ptr<scalar_t>();
@@ -1100,10 +1237,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
   float* op = out.data_ptr<float>();
   const int64_t half = kv_cache.stride(0);
   const char* base = static_cast<const char*>(kv_cache.data_ptr());
-  const AttnArgs a{qbuf.data(), base, base + half * kv_cache.element_size(),
+  const AttnArgs a{qbuf.data(), dpbf16 ? static_cast<const uint16_t*>(qc.data_ptr()) : nullptr,
+                   static_cast<float>(scale), base, base + half * kv_cache.element_size(),
                    block_tables.data_ptr<int64_t>(), block_tables.stride(0), bs, heads, kvh, D,
                    partbuf.data()};
-  const bool bf16 = kv_cache.scalar_type() == at::kBFloat16;
   // Little work (a decode row at a short context) runs on this thread: a fork costs more.
   int64_t keys = 0;
   for (int64_t r = 0; r < rows; ++r) keys += lp[r] - lo[r];
@@ -1130,7 +1267,11 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
       const int64_t r = std::upper_bound(first.begin(), first.end(), task) - first.begin() - 1;
       const int64_t t0 = lo[r] + (task - first[r]) * kAttnChunk, t1 = std::min(lp[r], t0 + kAttnChunk);
       float* o = single ? scratch.data() : a.part + (task * kvh + h0) * stride;
-      if (bf16) {
+      if (dpbf16) {
+#if defined(PAGEDLM_ATTN_DPBF16)
+        attn_chunk_dpbf16(a, r, h0, h0 + hs, t0, t1, o);
+#endif
+      } else if (bf16) {
         attn_chunk<uint16_t>(a, r, h0, h0 + hs, t0, t1, o);
       } else {
         attn_chunk<float>(a, r, h0, h0 + hs, t0, t1, o);
@@ -1177,8 +1318,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
 
 // ---- Fused elementwise ops for eager prefill ------------------------------------------------
 // A prefill chunk runs eagerly (its shapes vary), and each of torch's elementwise ops is a pass
-// over memory: SmolLM2's RMSNorm is ~8 of them, rope ~8, rounding x to int8 steps for the dense
-// GEMM ~10. These do one pass each and compute in float32 throughout,
+// over memory: SmolLM2's RMSNorm is ~8 of them, rope ~8. These do one pass each and compute in
+// float32 throughout,
 // rounding once when they store, as inductor's fused code does in the compiled decode steps.
 // Vectors of 16 floats (GCC's vector extensions: AVX-512 registers, or two AVX2 ones).
 
@@ -1317,71 +1458,6 @@ std::tuple<at::Tensor, at::Tensor> rope_qk(const at::Tensor& q, const at::Tensor
   return {qo, ko};
 }
 
-// x rounded as int4_mm rounds its int8 activations (quantize_block): per block of 32 along each
-// row, nearest-even multiples of absmax / 127, in x's dtype. The dense GEMM multiplies this for
-// many rows, so a prompt's logits do not depend on which side of the crossover its rows fell
-// (quant.round_activations_int8_torch: the same float32 operations as torch ops, which compiled
-// graphs fuse; eager, they are ten passes).
-// No fused multiply-adds here (GCC contracts x * id + c into one by default): the product is
-// rounded to float first, as in quantize_block and torch.
-#pragma GCC push_options
-#pragma GCC optimize("fp-contract=off")
-// split (bfloat16, float16): (2 rows, K), x rounded as above and then the rest, x' - that, rounded
-// again: a value on the int8 grid (7 bits times a float scale) does not fit bfloat16's 8, and
-// the dense GEMM multiplying both halves (hi and lo) loses nothing there (SmolLM2's perplexity:
-// +0.7% with the rounded x alone, within noise of the kernel's with the split).
-at::Tensor round_act_int8(const at::Tensor& x, bool split) {
-  TORCH_CHECK(x.dim() == 2, "round_act_int8: a 2-d x expected, got ", x.sizes());
-  const at::Tensor xc = x.contiguous();
-  split = split && xc.scalar_type() != at::kFloat;
-  at::Tensor y = at::empty({split ? 2 * xc.size(0) : xc.size(0), xc.size(1)}, xc.options());
-  const int64_t rows = xc.size(0), K = xc.size(1);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, xc.scalar_type(), "round_act_int8", [&] {
-    const scalar_t* xp = xc.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t k0 = 0; k0 < K; k0 += kBlock) {
-          const int64_t n = std::min<int64_t>(kBlock, K - k0), n0 = std::min<int64_t>(n, 16), n1 = n - n0;
-          const scalar_t* src = xp + r * K + k0;
-          scalar_t* dst = yp + r * K + k0;
-          const v16f v0 = ld16n(src, n0), v1 = n1 ? ld16n(src + 16, n1) : v16f{};
-          v16ui a0, a1;
-          std::memcpy(&a0, &v0, sizeof a0);
-          std::memcpy(&a1, &v1, sizeof a1);
-          a0 &= 0x7FFFFFFFu;
-          a1 &= 0x7FFFFFFFu;
-          // |finite floats| order as their bits: the largest by a tree of lane swaps.
-          v16ui m = a0 > a1 ? a0 : a1;
-          v16ui t = __builtin_shufflevector(m, m, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7);
-          m = m > t ? m : t;
-          t = __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11);
-          m = m > t ? m : t;
-          t = __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-          m = m > t ? m : t;
-          const uint32_t mb = std::max(m[0], m[1]);
-          float amax;
-          std::memcpy(&amax, &mb, sizeof amax);
-          const float d = amax / 127.f, id = amax > 0.f ? 127.f / amax : 0.f;
-          // Nearest even, as cvtps_epi32 in quantize_block: |x id| <= 127, far below 2^22.
-          const auto q = [&](v16f v) { return ((v * id + 12582912.0f) - 12582912.0f) * d; };
-          const v16f q0 = q(v0), q1 = q(v1);
-          st16n(dst, q0, n0);
-          if (n1) st16n(dst + 16, q1, n1);
-          if (split) {  // the rest, below the rounded value's last bit
-            scalar_t* lo = dst + rows * K;
-            st16n(lo, q0 - ld16n(dst, n0), n0);
-            if (n1) st16n(lo + 16, q1 - ld16n(dst + 16, n1), n1);
-          }
-        }
-      }
-    });
-  });
-  return y;
-}
-
-#pragma GCC pop_options
-
 std::string isa() { return kIsa; }
 
 // Whether many rows of int4 go through the tile unit (built with AMX and granted by the OS).
@@ -1400,7 +1476,6 @@ TORCH_LIBRARY(pagedlm, m) {
   m.def("int4_mm(Tensor x, Tensor codes, Tensor scale, Tensor mins, bool int8_act, int n) -> Tensor");
   m.def("paged_attention(Tensor q, Tensor kv_cache, Tensor block_tables, Tensor context_lens, float scale, "
         "int window) -> Tensor");
-  m.def("round_act_int8(Tensor x, bool split=False) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps, float offset) -> Tensor");
   m.def("rope_qk(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor, Tensor)");
   m.def("isa() -> str");
@@ -1412,7 +1487,6 @@ TORCH_LIBRARY_IMPL(pagedlm, CPU, m) {
   m.impl("int8_mm", &int8_mm);
   m.impl("int4_mm", &int4_mm);
   m.impl("paged_attention", &paged_attention);
-  m.impl("round_act_int8", &round_act_int8);
   m.impl("rms_norm", &rms_norm);
   m.impl("rope_qk", &rope_qk);
 }

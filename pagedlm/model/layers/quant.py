@@ -20,8 +20,8 @@ replaced by the exact dequantization of the quantized weight, so both kernels mu
   int8 per block of 32, as llama.cpp), else torch's ``_weight_int4pack_mm_for_cpu`` /
   ``_weight_int8pack_mm``;
 * many rows (prefill, large decode batches): pagedlm's int4 kernel with int8 activations where
-  it is faster than the dense GEMM (AVX2: at every size), else the dense GEMM (for int4 with
-  int8 activations over x rounded as the kernel rounds it: the same products).
+  it is faster than the dense GEMM (AVX2: at every size), else the dense GEMM over x as it is
+  (in bfloat16 more exact than the kernel's int8-rounded x; ``QuantizedWeight.dense_mm``).
 
 The row count where the dense GEMM starts to win is measured on this machine at start-up over
 the model's own layers (``measure_crossover``), not taken from a constant.
@@ -83,27 +83,17 @@ class QuantizedWeight:
     pending_kernel: object = None
 
     def dense_mm(self, x: torch.Tensor) -> torch.Tensor:
-        """What ``mm`` runs from ``dense_min_rows`` rows: the dense GEMM. With int8 activations it
-        takes x rounded as the kernel rounds it: a prompt's logits then do not depend on which side
-        of the crossover its rows fell. In bfloat16 that x takes two (``split``): rounded to
-        bfloat16 alone, SmolLM2's perplexity rose 0.7% against the kernel's exact products (17.39
-        vs 17.25, benchmarks/perplexity_int4_act.py, every int4 layer dense from 256 rows); with
-        both halves multiplied, 17.30."""
+        """What ``mm`` runs from ``dense_min_rows`` rows: the dense GEMM over x as it is, in x's
+        dtype. Not x rounded to the kernel's int8 grid (the seventh and eighth sessions' choice,
+        so that a prompt's logits would not depend on which side of the crossover its rows fell:
+        int8 rounding costs that batch invariance anyway, docs/architecture.md). Rounding x cost
+        a pass, and in bfloat16 a value of the int8 grid needs two (``split`` then: twice the GEMM
+        and an add). SmolLM2's perplexity with every int4 layer dense from 256 rows
+        (benchmarks/perplexity_int4_act.py): x as it is 17.2706, the int8 grid in two bfloat16
+        halves 17.3023, rounded to the grid and then to bfloat16 17.3933; on the kernel 17.2527."""
         from pagedlm.model.layers.matmul import linear
 
-        if not self.int8_act:
-            return linear(x, self.dense)
-        if self.kind != "int4" or x.dtype == torch.float32 or x.dim() != 2 or self.dense.dtype != x.dtype:
-            # The int8 head: its split measured no different (17.2527 vs 17.2511) and doubles
-            # the rows of every decode step past its crossover.
-            return linear(round_activations_int8(x), self.dense)
-        rows = x.shape[0]
-        # One GEMM of twice the rows; the halves' products added in float32 and rounded once
-        # (accumulating the second into the first with addmm_ lost the gain: 17.39). F.linear
-        # itself: ``linear``'s choice by row count would put a guard at 2 x rows in a graph with a
-        # dynamic batch.
-        y = torch.nn.functional.linear(round_activations_int8(x, split=True), self.dense)
-        return torch.add(y[:rows], y[rows:])
+        return linear(x, self.dense)
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """x (rows, in) -> (rows, out), in x's dtype."""
@@ -168,26 +158,10 @@ def int8_activations(q: torch.Tensor) -> bool:
     return INT8_INT8_ACTIVATIONS and q.shape[1] % GROUP == 0
 
 
-def round_activations_int8(x: torch.Tensor, split: bool = False) -> torch.Tensor:
-    """x rounded as the int4 kernel's int8 activations: per block of 32 along the last dimension,
-    to multiples of absmax / 127. ``split`` (2-d bfloat16 or float16 x): (2 rows, in), that rounded
-    x in x's dtype and below it the rest (exact value minus it), rounded again: a value of the int8
-    grid needs more bits than bfloat16 has. Eager, with the kernels loaded, their one-pass
-    ``round_act_int8``; otherwise (compiled graphs, where inductor fuses them) the same float32
-    operations as torch ops. Both give the same bits: ten eager ops cost more than the GEMM they
-    feed (SmolLM2, 2048 rows over its 120 int4 layers: ~340 ms of ~600)."""
-    ops = kernels.loaded()
-    if ops is not None and x.dim() == 2 and x.device.type == "cpu" and not torch.compiler.is_compiling():
-        return ops.round_act_int8(x, split)
-    if not split or x.dtype == torch.float32:
-        return round_activations_int8_torch(x)
-    exact = round_activations_int8_torch(x.float())
-    hi = exact.to(x.dtype)
-    return torch.cat((hi, (exact - hi.float()).to(x.dtype)))
-
-
-def round_activations_int8_torch(x: torch.Tensor) -> torch.Tensor:
-    """``round_activations_int8`` as torch ops: the float32 operations of ``pagedlm::int4_mm``."""
+def round_activations_int8(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the kernels' int8 activations, per block of 32 along the last dimension, to
+    multiples of absmax / 127: the float32 operations of ``pagedlm::int4_mm`` as torch ops (the
+    tests' reference: the kernels' products are exactly those of this x)."""
     k = x.shape[-1]
     nb = -(-k // GROUP)
     xb = torch.nn.functional.pad(x.float(), (0, nb * GROUP - k)).reshape(*x.shape[:-1], nb, GROUP)
