@@ -154,6 +154,89 @@ int64_t set_row_limit(int64_t n) {
   tRowLimit = n;
   return old;
 }
+
+typedef int v16i __attribute__((vector_size(64)));
+typedef unsigned int v16ui __attribute__((vector_size(64)));
+typedef unsigned short v16us __attribute__((vector_size(32)));
+
+// 16 values of x's dtype from p as float; float to 16 of x's dtype at p (bfloat16: nearest even,
+// NaN kept, as torch rounds). float16 goes value by value.
+template <typename T>
+inline v16f ld16(const T* p) {
+  v16f f;
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(&f, p, sizeof f);
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    v16us h;
+    std::memcpy(&h, p, sizeof h);
+    const v16ui u = __builtin_convertvector(h, v16ui) << 16;
+    std::memcpy(&f, &u, sizeof f);
+  } else {
+    for (int j = 0; j < 16; ++j) f[j] = static_cast<float>(p[j]);
+  }
+  return f;
+}
+
+template <typename T>
+inline void st16(T* p, v16f f) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(p, &f, sizeof f);
+  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
+    v16ui u;
+    std::memcpy(&u, &f, sizeof u);
+    v16ui r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    r = f != f ? (v16ui{} + 0x7FC0u) : r;
+    const v16us h = __builtin_convertvector(r, v16us);
+    std::memcpy(p, &h, sizeof h);
+  } else {
+    for (int j = 0; j < 16; ++j) p[j] = static_cast<T>(f[j]);
+  }
+}
+
+// The same for n <= 16 values (a row's tail), through a buffer; lanes past n read as 0.
+template <typename T>
+inline v16f ld16n(const T* p, int64_t n) {
+  if (n == 16) return ld16(p);
+  T buf[16] = {};
+  std::copy(p, p + n, buf);
+  return ld16(buf);
+}
+
+template <typename T>
+inline void st16n(T* p, v16f f, int64_t n) {
+  if (n == 16) return st16(p, f);
+  T buf[16];
+  st16(buf, f);
+  std::copy(buf, buf + n, p);
+}
+
+// A kernel's float32 result (live rows x n at y) into out (its first rows, contiguous) in out's
+// dtype: one pass here instead of at::Tensor::to's dispatch, allocation and copy (~5 us a call,
+// and a decode step makes ~150 such calls). bfloat16 rounded as torch rounds it.
+inline void store_rows(const float* y, at::Tensor& out, int64_t rows, int64_t n) {
+  const int64_t total = rows * n;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "store_rows", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, (total + 15) / 16, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0 * 16; i < std::min(total, i1 * 16); i += 16) {
+        st16n(o + i, ld16n(y + i, std::min<int64_t>(16, total - i)), std::min<int64_t>(16, total - i));
+      }
+    });
+  });
+}
+
+// Where a kernel writes its float32 result: out itself when it is float32, else this thread's
+// buffer (then store_rows).
+inline float* float_rows(at::Tensor& out, int64_t rows, int64_t n) {
+  if (out.scalar_type() == at::kFloat) return out.data_ptr<float>();
+  thread_local std::vector<float> buf;
+  buf.resize(rows * n);
+  return buf.data();
+}
+
+inline void finish_rows(const float* y, at::Tensor& out, int64_t rows, int64_t n) {
+  if (out.scalar_type() != at::kFloat) store_rows(y, out, rows, n);
+}
 constexpr int kTile = 8;  // output rows per tile of the int4 layout
 constexpr int kChunk = 32;  // rows per pass of the many-rows int4 path
 
@@ -697,19 +780,19 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
 #else
   const bool amx = false;
 #endif
-  const PreparedX px = prepare_x(x.narrow(0, 0, rows), int8_act, amx ? (rows + 15) / 16 * 16 : 0);
+  const PreparedX px = prepare_x(rows == all_rows ? x : x.narrow(0, 0, rows), int8_act, amx ? (rows + 15) / 16 * 16 : 0);
   const int64_t Kp = px.Kp;
   const at::Tensor cc = codes.contiguous(), sc = scale.contiguous(), mc = mins.contiguous();
+  at::Tensor y = at::empty({all_rows, N}, x.options());
+  zero_padding(y, rows);
 #if defined(PAGEDLM_AMX)
   if (amx) {
     // Whole pairs of tiles (16 outputs) on the tile unit; a last odd or partial tile after them.
     // With bfloat16 x and whole pairs only, the tile path writes bfloat16 itself.
     const int64_t pairs = N / 16;
     const bool bf16_out = x.scalar_type() == at::kBFloat16 && 2 * pairs == tiles;
-    at::Tensor y = at::empty({all_rows, N}, x.options().dtype(bf16_out ? at::kBFloat16 : at::kFloat));
-    zero_padding(y, rows);
-    Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr(), mc.data_ptr(), px.xf, px.xq, px.dx, px.sx,
-               bf16_out ? nullptr : y.data_ptr<float>(), N, nb};
+    float* yf = bf16_out ? nullptr : float_rows(y, rows, N);
+    Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr(), mc.data_ptr(), px.xf, px.xq, px.dx, px.sx, yf, N, nb};
     if (bf16_out) a.yb = reinterpret_cast<uint16_t*>(y.data_ptr());
     at::parallel_for(0, pairs + (2 * pairs < tiles ? 1 : 0), 4, [&](int64_t p0, int64_t p1) {
       if (p0 < std::min(p1, pairs)) half ? int4_many_amx<uint16_t>(a, rows, Kp, p0, std::min(p1, pairs))
@@ -718,29 +801,30 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& codes, const at::Tenso
         half ? int4_many_i8<uint16_t>(a, rows, Kp, 2 * pairs, tiles) : int4_many_i8<float>(a, rows, Kp, 2 * pairs, tiles);
       }
     });
-    return y.scalar_type() == x.scalar_type() ? y : y.to(x.scalar_type());
+    if (!bf16_out) finish_rows(yf, y, rows, N);
+    return y;
   }
 #endif
-  at::Tensor y = at::empty({all_rows, N}, x.options().dtype(at::kFloat));
-  zero_padding(y, rows);
+  float* yf = float_rows(y, rows, N);
   if (int8_act && rows > kMaxRows) {
-    const Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr(), mc.data_ptr(), px.xf, px.xq, px.dx, px.sx,
-                     y.data_ptr<float>(), N, nb};
+    const Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr(), mc.data_ptr(), px.xf, px.xq, px.dx, px.sx, yf, N, nb};
     at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) {
       half ? int4_many_i8<uint16_t>(a, rows, Kp, t0, t1) : int4_many_i8<float>(a, rows, Kp, t0, t1);
     });
-    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+    finish_rows(yf, y, rows, N);
+    return y;
   }
   for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
     const int64_t m = std::min<int64_t>(kMaxRows, rows - r0);
     const Int4Args a{cc.data_ptr<uint8_t>(), sc.data_ptr(), mc.data_ptr(),
                      px.xf + r0 * Kp, px.xq ? px.xq + r0 * Kp : nullptr, px.dx ? px.dx + r0 * nb : nullptr,
-                     px.sx + r0 * nb, y.data_ptr<float>() + r0 * N, N, nb};
+                     px.sx + r0 * nb, yf + r0 * N, N, nb};
     const Int4Fn fn = kInt4[half ? 1 : 0][int8_act ? 1 : 0][m];
     // At least 8 tiles (64 outputs) per thread: a fork costs more than a few tiles.
     at::parallel_for(0, tiles, 8, [&](int64_t t0, int64_t t1) { fn(a, t0, t1); });
   }
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  finish_rows(yf, y, rows, N);
+  return y;
 }
 
 // ---- int8 with int8 activations: w (N, K) int8 per output row, x int8 per block of 32 -------------
@@ -834,14 +918,15 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   TORCH_CHECK(K % (int8_act ? kBlock : 16) == 0, "int8_mm: the input size must be a multiple of ",
               int8_act ? kBlock : 16, ", got ", K);
   const at::Tensor wc = w.contiguous(), sc = scale.contiguous();
-  at::Tensor y = at::empty({rows, N}, x.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({rows, N}, x.options());
+  const int64_t all_rows = rows;
   zero_padding(y, live_rows(rows));
   rows = live_rows(rows);
   const int8_t* wp = wc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  float* yp = float_rows(y, rows, N);
   if (int8_act) {
-    const PreparedX px = prepare_x(x.narrow(0, 0, rows), true);
+    const PreparedX px = prepare_x(rows == all_rows ? x : x.narrow(0, 0, rows), true);
     for (int64_t r0 = 0; r0 < rows; r0 += kMaxRows) {
       const int64_t m = std::min<int64_t>(kMaxRows, rows - r0);
       const Int8Args a{wp, sp, px.xq + r0 * px.Kp, px.dx + r0 * px.nb, yp + r0 * N, N, K, px.nb};
@@ -862,7 +947,8 @@ at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
       });
     }
   }
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  finish_rows(yp, y, rows, N);
+  return y;
 }
 
 
@@ -881,8 +967,6 @@ typedef int v8i __attribute__((vector_size(32)));
 typedef float v8fu __attribute__((vector_size(32), aligned(4)));
 typedef unsigned short v8us __attribute__((vector_size(16), aligned(2)));
 typedef unsigned int v8ui __attribute__((vector_size(32)));
-typedef unsigned int v16ui __attribute__((vector_size(64)));
-typedef unsigned short v16us __attribute__((vector_size(32)));
 
 constexpr int64_t kAttnChunk = 256;
 constexpr int64_t kAttnHeads = 3;  // query heads per pass over the values (their sums stay in registers)
@@ -1196,13 +1280,14 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
   TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == all_rows && block_tables.stride(1) == 1 &&
               block_tables.scalar_type() == at::kLong, "paged_attention: int64 block tables (rows, width) "
               "with unit column stride expected");
-  const at::Tensor lens = context_lens.to(at::kLong).contiguous();
+  const at::Tensor lens = context_lens.scalar_type() == at::kLong && context_lens.is_contiguous()
+                              ? context_lens : context_lens.to(at::kLong).contiguous();
   TORCH_CHECK(lens.numel() == all_rows, "paged_attention: ", all_rows, " rows but ", lens.numel(), " lengths");
   const bool bf16 = kv_cache.scalar_type() == at::kBFloat16;
   // q in float32, times the scale (as `q.to(float32) * scale` rounds it), in this thread's buffer;
   // or, for attn_chunk_dpbf16, q itself.
   thread_local std::vector<float> qbuf, partbuf;
-  const at::Tensor qc = q.narrow(0, 0, rows).contiguous();
+  const at::Tensor qc = (rows == all_rows ? q : q.narrow(0, 0, rows)).contiguous();
 #if defined(PAGEDLM_ATTN_DPBF16)
   const bool dpbf16 = bf16 && qc.scalar_type() == at::kBFloat16 && D % 32 == 0;
 #else
@@ -1232,9 +1317,9 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
   // outputs itself, with the merge's operations for one chunk (weight exp(0) = 1).
   const bool single = first[rows] == rows;
   partbuf.resize(single ? 0 : first[rows] * kvh * stride);
-  at::Tensor out = at::empty({all_rows, heads, D}, q.options().dtype(at::kFloat));
+  at::Tensor out = at::empty({all_rows, heads, D}, q.options());
   zero_padding(out, rows);
-  float* op = out.data_ptr<float>();
+  float* op = float_rows(out, rows, heads * D);
   const int64_t half = kv_cache.stride(0);
   const char* base = static_cast<const char*>(kv_cache.data_ptr());
   const AttnArgs a{qbuf.data(), dpbf16 ? static_cast<const uint16_t*>(qc.data_ptr()) : nullptr,
@@ -1288,7 +1373,10 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
       }
     }
   });
-  if (single) return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+  if (single) {
+    finish_rows(op, out, rows, heads * D);
+    return out;
+  }
   // Merge each row's chunks in order.
   at::parallel_for(0, rows * kvh, 1, [&](int64_t i0, int64_t i1) {
     std::vector<float> w(64);
@@ -1313,7 +1401,8 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
       }
     }
   });
-  return q.scalar_type() == at::kFloat ? out : out.to(q.scalar_type());
+  finish_rows(op, out, rows, heads * D);
+  return out;
 }
 
 // ---- Fused elementwise ops for eager prefill ------------------------------------------------
@@ -1322,62 +1411,6 @@ at::Tensor paged_attention(const at::Tensor& q, const at::Tensor& kv_cache, cons
 // float32 throughout,
 // rounding once when they store, as inductor's fused code does in the compiled decode steps.
 // Vectors of 16 floats (GCC's vector extensions: AVX-512 registers, or two AVX2 ones).
-
-typedef float v16f __attribute__((vector_size(64)));
-typedef int v16i __attribute__((vector_size(64)));
-typedef unsigned int v16ui __attribute__((vector_size(64)));
-typedef unsigned short v16us __attribute__((vector_size(32)));
-
-// 16 values of x's dtype from p as float; float to 16 of x's dtype at p (bfloat16: nearest even,
-// NaN kept, as torch rounds). float16 goes value by value.
-template <typename T>
-inline v16f ld16(const T* p) {
-  v16f f;
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(&f, p, sizeof f);
-  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-    v16us h;
-    std::memcpy(&h, p, sizeof h);
-    const v16ui u = __builtin_convertvector(h, v16ui) << 16;
-    std::memcpy(&f, &u, sizeof f);
-  } else {
-    for (int j = 0; j < 16; ++j) f[j] = static_cast<float>(p[j]);
-  }
-  return f;
-}
-
-template <typename T>
-inline void st16(T* p, v16f f) {
-  if constexpr (std::is_same_v<T, float>) {
-    std::memcpy(p, &f, sizeof f);
-  } else if constexpr (std::is_same_v<T, at::BFloat16>) {
-    v16ui u;
-    std::memcpy(&u, &f, sizeof u);
-    v16ui r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-    r = f != f ? (v16ui{} + 0x7FC0u) : r;
-    const v16us h = __builtin_convertvector(r, v16us);
-    std::memcpy(p, &h, sizeof h);
-  } else {
-    for (int j = 0; j < 16; ++j) p[j] = static_cast<T>(f[j]);
-  }
-}
-
-// The same for n <= 16 values (a row's tail), through a buffer; lanes past n read as 0.
-template <typename T>
-inline v16f ld16n(const T* p, int64_t n) {
-  if (n == 16) return ld16(p);
-  T buf[16] = {};
-  std::copy(p, p + n, buf);
-  return ld16(buf);
-}
-
-template <typename T>
-inline void st16n(T* p, v16f f, int64_t n) {
-  if (n == 16) return st16(p, f);
-  T buf[16];
-  st16(buf, f);
-  std::copy(buf, buf + n, p);
-}
 
 // x (rows, D), w (D): x / sqrt(mean(x^2) + eps) * (offset + w).
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps, double offset) {
