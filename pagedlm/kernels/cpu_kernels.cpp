@@ -1027,6 +1027,40 @@ struct AttnArgs {
   float* part;            // per task: g maxima, g sums, g x D weighted values
 };
 
+// The cache slot (offset of its head 0, in elements) of each key of row r in [t0, t1), block by
+// block (no division per key), at slots[0..n); then `pad` more copies of the last one (read
+// ahead, never used).
+inline void chunk_slots(const AttnArgs& a, int64_t r, int64_t t0, int64_t t1, int64_t pad, int64_t* slots) {
+  const int64_t* table = a.tables + r * a.table_stride;
+  const int64_t slot = a.kv_heads * a.D;
+  for (int64_t t = t0; t < t1;) {
+    const int64_t blk = t / a.block_size, off = t % a.block_size;
+    const int64_t stop = std::min(t1, t + a.block_size - off);
+    const int64_t base = (table[blk] * a.block_size + off) * slot;
+    for (int64_t u = t; u < stop; ++u) slots[u - t0] = base + (u - t) * slot;
+    t = stop;
+  }
+  for (int64_t t = t1 - t0; t < t1 - t0 + pad; ++t) slots[t] = slots[t1 - t0 - 1];
+}
+
+// The chunk's softmax for one query head: its n scores at sj (then zeros up to a multiple of 8)
+// become exp(score - max); *m gets the max, the return value the sum.
+inline float chunk_softmax(float* sj, int64_t n, float* m_out) {
+  float m = sj[0];
+  for (int64_t t = 1; t < n; ++t) m = std::max(m, sj[t]);
+  v8f sum = splat8(0.0f);
+  for (int64_t t = 0; t < n; t += 8) {
+    v8f p = exp8(*reinterpret_cast<const v8fu*>(sj + t) - m);
+    if (t + 8 > n) {
+      for (int64_t l = n - t; l < 8; ++l) p[l] = 0.0f;
+    }
+    *reinterpret_cast<v8fu*>(sj + t) = p;
+    sum += p;
+  }
+  *m_out = m;
+  return hsum8v(sum);
+}
+
 // One chunk [t0, t1) of row r's keys for KV head h: the partial softmax of its g query heads.
 // Each query head in turn keeps its query (scores) or its weighted sum (values) in registers
 // while it runs over the chunk's keys: the chunk's K and V come from memory once and then from
@@ -1040,22 +1074,14 @@ void attn_chunk(const AttnArgs& a, int64_t r, int64_t h0, int64_t h1, int64_t t0
   constexpr int64_t CB = 8;  // vectors of 8 dims held in registers per pass (64 dims)
   constexpr int64_t kAhead = 6;  // keys prefetched ahead
   const int64_t g = a.heads / a.kv_heads, D = a.D, nv = D / 8, n = t1 - t0, nh = h1 - h0;
-  const int64_t np = (n + 7) / 8 * 8, slot = a.kv_heads * D, stride = 2 * g + g * D;
+  const int64_t stride = 2 * g + g * D;
   const int64_t row_bytes = nh * D * static_cast<int64_t>(sizeof(KT));
   thread_local std::vector<float> sbuf;
   sbuf.resize(nh * g * kAttnChunk);
   float* s = sbuf.data();  // score of (head h - h0, query j) and key t at s[((h - h0) * g + j) * kAttnChunk + t]
-  // Each key's slot (head 0) in the K / V halves, block by block (no division per key).
+  // Each key's slot (head 0) in the K / V halves.
   int64_t rowsbuf[kAttnChunk + kAhead];
-  const int64_t* table = a.tables + r * a.table_stride;
-  for (int64_t t = t0; t < t1;) {
-    const int64_t blk = t / a.block_size, off = t % a.block_size;
-    const int64_t stop = std::min(t1, t + a.block_size - off);
-    const int64_t base = (table[blk] * a.block_size + off) * slot;
-    for (int64_t u = t; u < stop; ++u) rowsbuf[u - t0] = base + (u - t) * slot;
-    t = stop;
-  }
-  for (int64_t t = n; t < n + kAhead; ++t) rowsbuf[t] = rowsbuf[n - 1];
+  chunk_slots(a, r, t0, t1, kAhead, rowsbuf);
   const KT* kb = static_cast<const KT*>(a.k);
   const KT* vb = static_cast<const KT*>(a.v);
   auto prefetch = [&](const KT* base, int64_t t) {
@@ -1091,23 +1117,8 @@ void attn_chunk(const AttnArgs& a, int64_t r, int64_t h0, int64_t h1, int64_t t0
     float* maxima = o;
     float* sums = o + g;
     float* acc = o + 2 * g;
-    const float* sh = s + (h - h0) * g * kAttnChunk;
-    for (int64_t j = 0; j < g; ++j) {
-      float* sj = const_cast<float*>(sh) + j * kAttnChunk;
-      float m = sj[0];
-      for (int64_t t = 1; t < n; ++t) m = std::max(m, sj[t]);
-      v8f sum = splat8(0.0f);
-      for (int64_t t = 0; t < np; t += 8) {
-        v8f p = exp8(*reinterpret_cast<const v8fu*>(sj + t) - m);
-        if (t + 8 > n) {
-          for (int64_t l = n - t; l < 8; ++l) p[l] = 0.0f;
-        }
-        *reinterpret_cast<v8fu*>(sj + t) = p;
-        sum += p;
-      }
-      maxima[j] = m;
-      sums[j] = hsum8v(sum);
-    }
+    float* sh = s + (h - h0) * g * kAttnChunk;
+    for (int64_t j = 0; j < g; ++j) sums[j] = chunk_softmax(sh + j * kAttnChunk, n, maxima + j);
     // Weighted values: each value's slice converted once for up to kAttnHeads heads at a time
     // (the first head's pass prefetches the slots of all heads of the task).
     for (int64_t j0 = 0; j0 < g; j0 += kAttnHeads) {
@@ -1167,22 +1178,13 @@ void attn_chunk_dpbf16(const AttnArgs& a, int64_t r, int64_t h0, int64_t h1, int
   constexpr int64_t kAhead = 6;  // keys prefetched ahead
   constexpr int64_t CB = 4;      // vectors of 16 dims held in registers per pass over the values
   const int64_t g = a.heads / a.kv_heads, D = a.D, nc = D / 32, nv = D / 16, n = t1 - t0, nh = h1 - h0;
-  const int64_t np = (n + 7) / 8 * 8, slot = a.kv_heads * D, stride = 2 * g + g * D;
+  const int64_t stride = 2 * g + g * D;
   const int64_t row_bytes = nh * D * 2;
   thread_local std::vector<float> sbuf;
   sbuf.resize(nh * g * kAttnChunk);
   float* s = sbuf.data();  // as in attn_chunk
-  int64_t rowsbuf[kAttnChunk + kAhead + 4];
-  const int64_t* table = a.tables + r * a.table_stride;
-  for (int64_t t = t0; t < t1;) {
-    const int64_t blk = t / a.block_size, off = t % a.block_size;
-    const int64_t stop = std::min(t1, t + a.block_size - off);
-    const int64_t base = (table[blk] * a.block_size + off) * slot;
-    for (int64_t u = t; u < stop; ++u) rowsbuf[u - t0] = base + (u - t) * slot;
-    t = stop;
-  }
-  // Past the chunk's last key: that key again (read, never used).
-  for (int64_t t = n; t < n + kAhead + 4; ++t) rowsbuf[t] = rowsbuf[n - 1];
+  int64_t rowsbuf[kAttnChunk + kAhead + 4];  // + the 4-key groups' reads past the end
+  chunk_slots(a, r, t0, t1, kAhead + 4, rowsbuf);
   const uint16_t* kb = static_cast<const uint16_t*>(a.k);
   const uint16_t* vb = static_cast<const uint16_t*>(a.v);
   auto prefetch = [&](const uint16_t* base, int64_t t) {
@@ -1220,22 +1222,7 @@ void attn_chunk_dpbf16(const AttnArgs& a, int64_t r, int64_t h0, int64_t h1, int
     float* sums = o + g;
     float* acc = o + 2 * g;
     float* sh = s + (h - h0) * g * kAttnChunk;
-    for (int64_t j = 0; j < g; ++j) {  // softmax of the chunk, as attn_chunk
-      float* sj = sh + j * kAttnChunk;
-      float m = sj[0];
-      for (int64_t t = 1; t < n; ++t) m = std::max(m, sj[t]);
-      v8f sum = splat8(0.0f);
-      for (int64_t t = 0; t < np; t += 8) {
-        v8f p = exp8(*reinterpret_cast<const v8fu*>(sj + t) - m);
-        if (t + 8 > n) {
-          for (int64_t l = n - t; l < 8; ++l) p[l] = 0.0f;
-        }
-        *reinterpret_cast<v8fu*>(sj + t) = p;
-        sum += p;
-      }
-      maxima[j] = m;
-      sums[j] = hsum8v(sum);
-    }
+    for (int64_t j = 0; j < g; ++j) sums[j] = chunk_softmax(sh + j * kAttnChunk, n, maxima + j);
     for (int64_t j0 = 0; j0 < g; j0 += kAttnHeads) {
       const int64_t gn = std::min<int64_t>(kAttnHeads, g - j0);
       for (int64_t c0 = 0; c0 < nv; c0 += CB) {
