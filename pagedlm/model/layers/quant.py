@@ -478,8 +478,8 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
     with int8 activations beats float32 GEMM at every size on AVX2 (SmolLM2, 512 rows: 336 vs
     493 ms over 90 layers), so there the kernel multiplies prefill chunks too; a bfloat16 GEMM on
     AMX wins from some row count (SmolLM2 on a 2-core Sapphire Rapids, the int4 kernel on the tile
-    unit, x split in two for the GEMM (``dense_mm``): ~1024; prefill chunks are up to 2048 rows by
-    default), which this finds."""
+    unit against the GEMM over x as it is: ~128; with torch's kernels while pagedlm's build: int4
+    16, int8 8), which this finds."""
     if not weights:
         return 1 << 30
     t_end = time.thread_time() + budget_s  # CPU time of this thread, as the runs (below)
