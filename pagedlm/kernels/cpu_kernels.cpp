@@ -155,7 +155,6 @@ int64_t set_row_limit(int64_t n) {
   return old;
 }
 
-typedef int v16i __attribute__((vector_size(64)));
 typedef unsigned int v16ui __attribute__((vector_size(64)));
 typedef unsigned short v16us __attribute__((vector_size(32)));
 
