@@ -210,6 +210,22 @@ def test_measure_crossover_finds_where_the_dense_gemm_wins(monkeypatch, crossove
     assert quant.measure_crossover(ws, torch.float32, budget_s=100.0) == 1 << 30
 
 
+@pytest.mark.parametrize("kernel_wins", [True, False])
+def test_provisional_crossover_keeps_torchs_kernel_for_few_rows_where_it_wins_at_one(monkeypatch, kernel_wins):
+    """While pagedlm's kernels build: torch's kernel up to KERNEL_ROWS rows where it beats the dense
+    GEMV at one row (an AMX Xeon), else the dense GEMM from 1 row (AVX2, where torch's int4 kernel
+    is ~20x slower)."""
+    from pagedlm.model.layers import quant
+
+    clock = _FakeClock()
+    monkeypatch.setattr(quant.time, "thread_time", clock)
+    kernel_s = 1e-3 if kernel_wins else 5e-3
+    ws = [_TimedWeight(clock, lambda r: kernel_s * r, lambda r: 2e-3) for _ in range(3)]
+    threads = torch.get_num_threads()
+    assert quant.provisional_crossover(ws, torch.float32) == (quant.KERNEL_ROWS + 1 if kernel_wins else 1)
+    assert torch.get_num_threads() == threads
+
+
 def test_measure_crossover_out_of_time_keeps_the_kernel(monkeypatch):
     """Out of budget before any size qualified: never dense (the kernel is the safe side)."""
     from pagedlm.model.layers import quant

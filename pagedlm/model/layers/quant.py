@@ -277,8 +277,8 @@ def kernels_coming() -> bool:
 def use_kernels(weights: list[QuantizedWeight], compute_dtype: torch.dtype | None = None) -> int:
     """Switch the weights quantized while the kernels were building to pagedlm's kernels (between
     steps: the next step multiplies with them). They then equal weights quantized with the kernels
-    from the start, crossover included: the one measured while they waited was torch's kernels'
-    against the dense GEMM (dense from 1 row), so with ``compute_dtype`` it is measured again,
+    from the start, crossover included: the one set while they waited was torch's kernels'
+    against the dense GEMM (``provisional_crossover``), so with ``compute_dtype`` it is measured,
     per kind, with the kernels (~1 s, once; without it, every row count up to the largest a
     kernel's caller may verify stays on the kernels and the rest keeps the old crossover).
     Returns how many switched; 0 when the kernels do not load."""
@@ -537,6 +537,33 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
         torch.set_num_threads(threads)
 
 
+def provisional_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype) -> int:
+    """The dense crossover while torch's kernels stand in for pagedlm's (a minute, while those
+    build): one row through every layer both ways, timed on the second pass (the first faults the
+    pages in); torch's kernel up to ``KERNEL_ROWS`` rows where it wins at one row, else the dense
+    GEMM from 1 row. ~0.1 s where ``measure_crossover`` took ~2 s of a first process's ~9
+    (SmolLM2, 2-core Xeon); what it finds there: 1 row on AVX2, where torch's int4 kernel is ~20x
+    slower than the dense GEMV, and 8-16 on an AMX Xeon, where the dense GEMV over bfloat16
+    weights made a first process decode at 18 tok/s against 45 with torch's kernel."""
+    xs = {k: torch.randn(1, k, dtype=compute_dtype) for k in {w.dense.shape[1] for w in weights}}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # CPU time of this thread, as measure_crossover (see there)
+    try:
+        with torch.inference_mode():
+            for _ in range(2):
+                t = time.thread_time()
+                for w in weights:
+                    w.dense_mm(xs[w.dense.shape[1]])
+                dense = time.thread_time() - t
+                t = time.thread_time()
+                for w in weights:
+                    w.kernel_mm(xs[w.dense.shape[1]])
+                kernel = time.thread_time() - t
+    finally:
+        torch.set_num_threads(threads)
+    return KERNEL_ROWS + 1 if kernel < dense else 1
+
+
 def finalize_quantization(model: torch.nn.Module, compute_dtype: torch.dtype, qcfg: QuantConfig) -> dict[str, int]:
     """After loading: quantize every layer whose method asks for it, point the dense weights at the
     exact dequantization, set the dense crossover. Returns layer counts per method."""
@@ -557,7 +584,14 @@ def finalize_quantization(model: torch.nn.Module, compute_dtype: torch.dtype, qc
         # An int for every kind, or {kind: rows}: the values another process measured (the
         # compiled step's builder reproduces the engine's model exactly).
         rows = qcfg.dense_min_rows.get(kind) if isinstance(qcfg.dense_min_rows, dict) else qcfg.dense_min_rows
-        if rows is None:
+        if rows is None and all(w.pending_kernel is not None for w in ws):
+            # pagedlm's kernels are building: torch's kernels stand in for a minute, and the
+            # crossover is measured once the kernels load (``use_kernels``).
+            rows = provisional_crossover(ws, compute_dtype)
+            log.info("%s weights: dense GEMM from %d rows until pagedlm's kernels load", kind, rows)
+            for w in ws:
+                w.dense_min_rows = rows
+        elif rows is None:
             _measure_and_set_crossover(kind, ws, compute_dtype)
         else:
             for w in ws:
