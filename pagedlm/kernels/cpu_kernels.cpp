@@ -42,6 +42,21 @@ typedef float v4f __attribute__((vector_size(16)));
 
 constexpr int kMaxRows = 8;  // rows per pass over the weight; more rows take more passes
 
+// An int8 weight (N, K) is read a few rows at a time, a block of each row in turn: short strides
+// across rows that the hardware prefetchers follow late. Asking for the same bytes of the rows
+// ~8 KB ahead (every other block: a 64-byte line holds two) measured 17 -> 24.6 GB/s for
+// SmolLM2's 28 MB head streamed from memory on 2 cores of a Sapphire Rapids Xeon (8.4 -> 12.4 on
+// one), where a plain sum of floats reads at ~12 a core. Prefetches never fault, past the end
+// included.
+inline int64_t int8_prefetch_rows(int64_t K, int nb_rows) {
+  return std::max<int64_t>(nb_rows, 8192 / std::max<int64_t>(K, 1));
+}
+
+inline void prefetch_rows(const int8_t* w, int64_t K, int64_t n, int nb_rows, int64_t ahead, int64_t k) {
+  for (int j = 0; j < nb_rows; ++j)
+    _mm_prefetch(reinterpret_cast<const char*>(w + (n + j + ahead) * K + k), _MM_HINT_T0);
+}
+
 // 16 int8 weights as floats. GCC scalarises __builtin_convertvector from int8, hence intrinsics.
 inline v16f load16(const int8_t* p) {
 #if defined(__AVX512F__)
@@ -80,7 +95,9 @@ inline void int8_block(const float* x, const int8_t* w, const float* scale, floa
   v16f acc[NB][M];
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < M; ++m) acc[j][m] = v16f{};
+  const int64_t ahead = int8_prefetch_rows(K, NB);
   for (int64_t k = 0; k < K; k += 16) {
+    if (k % 64 == 0) prefetch_rows(w, K, n, NB, ahead, k);
     v16f wf[NB];
     for (int j = 0; j < NB; ++j) wf[j] = load16(w + (n + j) * K + k);
     for (int m = 0; m < M; ++m) {
@@ -860,7 +877,9 @@ inline void int8_block_i8(const Int8Args& a, int64_t n) {
   __m256 acc[NB][M];
   for (int j = 0; j < NB; ++j)
     for (int m = 0; m < M; ++m) acc[j][m] = _mm256_setzero_ps();
+  const int64_t ahead = int8_prefetch_rows(a.K, NB);
   for (int64_t b = 0; b < a.nb; ++b) {
+    if (b % 2 == 0) prefetch_rows(a.w, a.K, n, NB, ahead, b * kBlock);
     __m256i wv[NB];
     for (int j = 0; j < NB; ++j)
       wv[j] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.w + (n + j) * a.K + b * kBlock));
