@@ -323,3 +323,23 @@ def test_streamed_deltas_never_show_a_stop_string(tiny_llama_dir):
                     final = o.outputs[0].text
         assert streamed == final
         assert final == (full[: full.index(stop)] if stop in full else full)
+
+
+def test_greedy_tokens_are_argmax_ties_and_non_finite_included():
+    """The greedy path takes ``max(dim=-1).indices`` (faster than torch's CPU argmax): the same
+    index as ``argmax`` on every row, the first of tied maxima, inf and NaN as argmax treats them."""
+    import torch
+
+    from pagedlm.model.layers.sampler import greedy_tokens
+
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 3, 64):
+        x = torch.randint(0, 4, (rows, 2000), generator=g).float()  # many ties
+        assert torch.equal(greedy_tokens(x), x.argmax(dim=-1))
+        y = torch.randn(rows, 49152, generator=g)
+        assert torch.equal(greedy_tokens(y), y.argmax(dim=-1))
+    z = torch.randn(3, 100, generator=g)
+    z[0, [7, 9]] = float("inf")
+    z[1, [5, 8]] = float("nan")
+    z[2, :] = -float("inf")
+    assert greedy_tokens(z).tolist() == z.argmax(dim=-1).tolist() == [7, 5, 0]

@@ -40,7 +40,8 @@ import torch
 from pagedlm.engine.block_manager import BlockManager
 from pagedlm.engine.scheduler import SchedulerOutput
 from pagedlm.engine.sequence import Sequence
-from pagedlm.model.layers.sampler import SamplingRow, adjust_logits, draw, sampling_probs, token_logprobs
+from pagedlm.model.layers.sampler import (SamplingRow, adjust_logits, draw, greedy_tokens, sampling_probs,
+                                         token_logprobs)
 from pagedlm.outputs import SpecDecodeStats
 
 log = logging.getLogger(__name__)
@@ -290,7 +291,7 @@ class DraftModelProposer:
         logits = adjust_logits(logits, rows)
         sampled = [i for i, (seq, _) in enumerate(batch) if not seq.params.greedy]
         dist = sampling_probs(logits[sampled], [batch[i][0].params for i in sampled]) if sampled else None
-        choice = logits.argmax(dim=-1).tolist()
+        choice = greedy_tokens(logits).tolist()
         for j, i in enumerate(sampled):
             seq = batch[i][0]
             choice[i] = draw(dist[j], engine.generator_of(seq))
@@ -311,7 +312,7 @@ def verify(logits: torch.Tensor, seq: Sequence, proposal: list[int], q: torch.Te
                         engine.banned_ids(seq, i), None if masks is None else masks[i]) for i in range(k + 1)]
     logits = adjust_logits(logits, rows)
     if seq.params.greedy:
-        target = logits.argmax(dim=-1).tolist()
+        target = greedy_tokens(logits).tolist()
         a = next((i for i in range(k) if target[i] != proposal[i]), k)
         return proposal[:a] + [target[a]], a
     p = sampling_probs(logits, [seq.params] * (k + 1))
