@@ -48,6 +48,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -712,8 +713,9 @@ class CompiledDecode:
                 logits = eager
             elif batch.sched is not None:
                 self.checked.add(key)
-        elif not bool(torch.isfinite(logits[:n].sum())):
-            # One sum per step: NaN or inf in any real row makes it non-finite.
+        elif not math.isfinite((logits if n == logits.shape[0] else logits[:n]).sum().item()):
+            # One sum per step: NaN or inf in any real row makes it non-finite. (As few ops as
+            # possible: the first ones after a step run on cold caches, ~50 us each here.)
             self._to_eager(key, "it computed non-finite logits")
             return None  # the runner recomputes the whole step eagerly (same K/V slots)
         if not first:
@@ -724,7 +726,8 @@ class CompiledDecode:
                     self.governor.record(f"compiled batch-{batch.bucket}", elapsed)
             self.num_steps += 1
             self.last_step_seconds = elapsed
-        logits = logits[: batch.num_rows]
+        if batch.num_rows != logits.shape[0]:
+            logits = logits[: batch.num_rows]
         return logits if batch.rows is None else logits[batch.rows]
 
 
