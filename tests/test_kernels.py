@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from pagedlm import kernels
-from pagedlm.model.layers.quant import quantize_int4, quantize_int8
-from pagedlm.model.layers.quant import round_activations_int8
+from pagedlm.model.layers.quant import quantize_int4, quantize_int8, round_activations_int8
 
 ops = kernels.ops()
 needs_kernels = pytest.mark.skipif(ops is None, reason="no C++ compiler: pagedlm's kernels are not built here")

@@ -40,8 +40,14 @@ import torch
 from pagedlm.engine.block_manager import BlockManager
 from pagedlm.engine.scheduler import SchedulerOutput
 from pagedlm.engine.sequence import Sequence
-from pagedlm.model.layers.sampler import (SamplingRow, adjust_logits, draw, greedy_tokens, sampling_probs,
-                                         token_logprobs)
+from pagedlm.model.layers.sampler import (
+    SamplingRow,
+    adjust_logits,
+    draw,
+    greedy_tokens,
+    sampling_probs,
+    token_logprobs,
+)
 from pagedlm.outputs import SpecDecodeStats
 
 log = logging.getLogger(__name__)
