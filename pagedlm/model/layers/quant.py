@@ -490,51 +490,41 @@ def measure_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype
         # kernel and the GEMM do not cross over at the same size for each shape; SmolLM2 on an AMX
         # Xeon: its 576 x 1536 down projections alone never, the model's mix from 256 rows).
         layers = weights[:max(8, len(weights) * 16 // rows)]
-        xs = {k: torch.randn(rows, k, dtype=compute_dtype) for k in {w.dense.shape[1] for w in layers}}
-        t = time.thread_time()
-        for w in layers:
-            x = xs[w.dense.shape[1]]
-            w.dense_mm(x) if dense else w.kernel_mm(x)
-        return time.thread_time() - t
+        return _timed_pass(layers, _inputs(layers, rows, compute_dtype), dense)
 
     # On one thread, timed by its CPU time: a start-up measures while other work may run (the
     # compiled steps' builder, a kernel build, other processes), and its answer is kept with the
     # prepared model. Wall time over two threads, with another process busy on one core, gave
     # SmolLM2's int8 head anything from 4 rows to never (dense wins from 9 when quiet); preemption
     # does not count in a thread's CPU time, and both paths split over threads alike.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            # Every weight touched both ways first: a prepared model is mapped from its file, and
-            # whichever path reads a page first pays its fault (on an AMX Xeon a start-up measured
-            # "dense from 16 rows" where the kernel is 2x faster, against 64-128 warm).
-            for w in weights:
-                x1 = torch.randn(1, w.dense.shape[1], dtype=compute_dtype)
-                w.dense_mm(x1)
-                w.kernel_mm(x1)
+    with _on_one_thread():
+        # Every weight touched both ways first: a prepared model is mapped from its file, and
+        # whichever path reads a page first pays its fault (on an AMX Xeon a start-up measured
+        # "dense from 16 rows" where the kernel is 2x faster, against 64-128 warm).
+        for w in weights:
+            x1 = torch.randn(1, w.dense.shape[1], dtype=compute_dtype)
+            w.dense_mm(x1)
+            w.kernel_mm(x1)
 
-            def dense_wins(rows: int) -> bool:
-                dense = kernel = float("inf")
-                for _ in range(3):  # best of 3 each, alternating
-                    dense, kernel = min(dense, run(rows, True)), min(kernel, run(rows, False))
-                return dense <= kernel
+        def dense_wins(rows: int) -> bool:
+            dense = kernel = float("inf")
+            for _ in range(3):  # best of 3 each, alternating
+                dense, kernel = min(dense, run(rows, True)), min(kernel, run(rows, False))
+            return dense <= kernel
 
-            # The first candidate where the dense GEMM wins, and at the next size too (one hiccup of
-            # the machine during the kernel's runs would otherwise slow every later step), found by
-            # bisection: the dense GEMM gains on the kernel as rows grow. Out of time, the smallest
-            # size known to qualify, or never: the kernel is the safe side (at most ~1.5x slower
-            # at 512 rows, where a wrong "dense" costs up to 2x at 16-32).
-            lo, hi = 0, len(candidates)  # the answer's index lies in [lo, hi]; hi: none qualifies
-            while lo < hi and time.thread_time() < t_end:
-                mid = (lo + hi) // 2
-                if dense_wins(candidates[mid]) and (mid + 1 == len(candidates) or dense_wins(candidates[mid + 1])):
-                    hi = mid
-                else:
-                    lo = mid + 1
-            return candidates[hi] if hi < len(candidates) else 1 << 30
-    finally:
-        torch.set_num_threads(threads)
+        # The first candidate where the dense GEMM wins, and at the next size too (one hiccup of
+        # the machine during the kernel's runs would otherwise slow every later step), found by
+        # bisection: the dense GEMM gains on the kernel as rows grow. Out of time, the smallest
+        # size known to qualify, or never: the kernel is the safe side (at most ~1.5x slower
+        # at 512 rows, where a wrong "dense" costs up to 2x at 16-32).
+        lo, hi = 0, len(candidates)  # the answer's index lies in [lo, hi]; hi: none qualifies
+        while lo < hi and time.thread_time() < t_end:
+            mid = (lo + hi) // 2
+            if dense_wins(candidates[mid]) and (mid + 1 == len(candidates) or dense_wins(candidates[mid + 1])):
+                hi = mid
+            else:
+                lo = mid + 1
+        return candidates[hi] if hi < len(candidates) else 1 << 30
 
 
 def provisional_crossover(weights: list[QuantizedWeight], compute_dtype: torch.dtype) -> int:
@@ -545,23 +535,37 @@ def provisional_crossover(weights: list[QuantizedWeight], compute_dtype: torch.d
     (SmolLM2, 2-core Xeon); what it finds there: 1 row on AVX2, where torch's int4 kernel is ~20x
     slower than the dense GEMV, and 8-16 on an AMX Xeon, where the dense GEMV over bfloat16
     weights made a first process decode at 18 tok/s against 45 with torch's kernel."""
-    xs = {k: torch.randn(1, k, dtype=compute_dtype) for k in {w.dense.shape[1] for w in weights}}
+    xs = _inputs(weights, 1, compute_dtype)
+    with _on_one_thread():  # CPU time of this thread, as measure_crossover (see there)
+        for _ in range(2):
+            dense, kernel = _timed_pass(weights, xs, True), _timed_pass(weights, xs, False)
+    return KERNEL_ROWS + 1 if kernel < dense else 1
+
+
+@contextlib.contextmanager
+def _on_one_thread():
+    """Torch on one thread, in inference mode, for a crossover measurement."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # CPU time of this thread, as measure_crossover (see there)
+    torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            for _ in range(2):
-                t = time.thread_time()
-                for w in weights:
-                    w.dense_mm(xs[w.dense.shape[1]])
-                dense = time.thread_time() - t
-                t = time.thread_time()
-                for w in weights:
-                    w.kernel_mm(xs[w.dense.shape[1]])
-                kernel = time.thread_time() - t
+            yield
     finally:
         torch.set_num_threads(threads)
-    return KERNEL_ROWS + 1 if kernel < dense else 1
+
+
+def _inputs(weights, rows: int, dtype: torch.dtype) -> dict[int, torch.Tensor]:
+    """Random x of ``rows`` rows for each input size among the weights."""
+    return {k: torch.randn(rows, k, dtype=dtype) for k in {w.dense.shape[1] for w in weights}}
+
+
+def _timed_pass(weights, xs: dict[int, torch.Tensor], dense: bool) -> float:
+    """This thread's CPU time for one pass of x through the weights: dense GEMM or kernel."""
+    t = time.thread_time()
+    for w in weights:
+        x = xs[w.dense.shape[1]]
+        w.dense_mm(x) if dense else w.kernel_mm(x)
+    return time.thread_time() - t
 
 
 def finalize_quantization(model: torch.nn.Module, compute_dtype: torch.dtype, qcfg: QuantConfig) -> dict[str, int]:
@@ -589,9 +593,7 @@ def finalize_quantization(model: torch.nn.Module, compute_dtype: torch.dtype, qc
             # crossover is measured once the kernels load (``use_kernels``).
             rows = provisional_crossover(ws, compute_dtype)
             log.info("%s weights: dense GEMM from %d rows until pagedlm's kernels load", kind, rows)
-            for w in ws:
-                w.dense_min_rows = rows
-        elif rows is None:
+        if rows is None:
             _measure_and_set_crossover(kind, ws, compute_dtype)
         else:
             for w in ws:
